@@ -1,0 +1,206 @@
+"""Configuration: one pydantic model per concern, loaded from YAML, overridden by `--set`.
+
+    cfg = load_config("jobs/demo.yaml", ["dpo.beta=0.2", "em.max_iterations=3"])
+
+Unknown keys and bad values fail here, before any Ray worker starts, with the key path.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid. `str()` names the key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    max_prompt_tokens: int = Field(64, gt=0, description=(
+        "Prompts longer than this many tokens keep their last tokens (the part next to the "
+        "response); truncations are counted in the log."))
+    max_response_tokens: int = Field(64, gt=0, description=(
+        "Responses longer than this many tokens keep their first tokens (plus end-of-text)."))
+
+
+class LoraSettings(_Section):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "LoRA dropout. Must be 0 for the batched multi-adapter path (PEFT only mixes adapters "
+        "per row in eval mode)."))
+    target_modules: list[str] | str = Field("all-linear", description=(
+        "Module names to adapt, or 'all-linear'."))
+
+
+class TinyModelSettings(_Section):
+    vocab_size: int = Field(512, ge=300, description="BPE vocabulary trained on the records.")
+    hidden_size: int = Field(48, gt=0, description="Hidden width of the default tiny Llama.")
+    intermediate_size: int = Field(96, gt=0, description="MLP width of the tiny Llama.")
+    num_hidden_layers: int = Field(2, gt=0, description="Layers of the tiny Llama.")
+    num_attention_heads: int = Field(4, gt=0, description="Attention heads of the tiny Llama.")
+    num_key_value_heads: int = Field(2, gt=0, description="KV heads of the tiny Llama.")
+
+
+class ModelConfig(_Section):
+    name_or_path: str | None = Field(None, description=(
+        "Hugging Face id or local directory of the base (reference) model. None builds a tiny "
+        "Llama and a byte-level BPE from the training records, inside the run directory."))
+    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path.")
+    finetune: Literal["lora", "full"] = Field("lora", description=(
+        "'lora': K adapters on one shared base (reference = adapters disabled). "
+        "'full': K full copies plus a frozen reference."))
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    tiny: TinyModelSettings = Field(default_factory=TinyModelSettings)
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
+        "'auto' is float32 on CPU and bfloat16 on GPU."))
+
+
+class DPOConfig(_Section):
+    beta: float = Field(0.1, gt=0, description="KL strength: reward = beta * log(pi/pi_ref).")
+    learning_rate: float = Field(5e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    epochs: float = Field(2.0, gt=0, description="Passes over the records per M-step.")
+    batch_size: int = Field(32, gt=0, description="Records per optimizer step per worker.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    sft_weight: float = Field(0.0, ge=0, description=(
+        "Adds sft_weight * NLL of the top-ranked response (per token) to the loss."))
+
+
+class EMConfig(_Section):
+    max_iterations: int = Field(3, ge=1, description="EM iterations (M-step + E-step each).")
+    init: Literal["kmeans", "random", "labels"] = Field("kmeans", description=(
+        "'kmeans': k-means on per-user preference embeddings; 'random': random hard "
+        "assignments, best of em.restarts by log-likelihood; 'labels': from true_type."))
+    init_refine_iterations: int = Field(20, ge=0, description=(
+        "After k-means, EM iterations of a linear Plackett-Luce mixture on the same "
+        "bag-of-tokens features (cheap, no language model); 0 keeps plain k-means."))
+    restarts: int = Field(3, ge=1, description="Random starts tried by init=random.")
+    init_smoothing: float = Field(0.05, ge=0, lt=1, description=(
+        "Initial posteriors are (1 - s) on the assigned type and s spread over the others."))
+    tol_loglik: float = Field(1e-4, ge=0, description=(
+        "Stop when |delta log-likelihood| / |log-likelihood| falls below this ..."))
+    tol_posterior: float = Field(1e-3, ge=0, description="... and max |delta gamma| below this.")
+    warm_start: bool = Field(True, description=(
+        "Start each M-step from the previous iteration's policies (else from the base)."))
+    cross_fit: bool = Field(True, description=(
+        "Score each user with policies trained without that user (two folds), so a policy "
+        "cannot simply confirm the users it was trained on. Doubles adapters, not fits."))
+
+
+class MMRAConfig(_Section):
+    num_prompts: int = Field(16, gt=0, description="Held-out prompts used to estimate L.")
+    samples_per_prompt: int = Field(2, gt=0, description="Generations per prompt and policy.")
+    max_new_tokens: int = Field(32, gt=0, description="Length of each generation.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for L.")
+    type_weights: list[float] | None = Field(None, description="Per-type regret weights c_i.")
+    single_dpo_baseline: bool = Field(False, description=(
+        "Also train one DPO policy on all data without types, as a baseline in mmra.json."))
+    enabled: bool = Field(True, description="Run MMRA at the end of `emdpo-ray train`.")
+
+
+class ServeConfig(_Section):
+    known_users: Literal["map", "sample"] = Field("map", description=(
+        "Known users go to their MAP type, or to a type sampled from their posterior."))
+    max_tokens_limit: int = Field(256, gt=0, description="Largest max_tokens a request may ask.")
+    api_key: str | None = Field(None, description="Bearer token (or env EMDPO_API_KEY).")
+    min_confidence: float = Field(0.5, ge=0, description=(
+        "A user whose posterior entropy (nats) is above this keeps MMRA routing."))
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description=(
+        "Ray cluster address; None joins RAY_ADDRESS if set, else starts a local Ray."))
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per M-step.")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker.")
+    use_gpu: bool = Field(False, description="One GPU per worker; NCCL + bf16 when on.")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    storage_path: str | None = Field(None, description=(
+        "Ray Train storage (checkpoints). None: <run_dir>/ray_results."))
+
+
+class Config(_Section):
+    seed: int = Field(0, description="Seeds data order, initialisation and training.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    em: EMConfig = Field(default_factory=EMConfig)
+    mmra: MMRAConfig = Field(default_factory=MMRAConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "Config":
+        if self.model.finetune == "lora" and self.model.lora.dropout > 0:
+            raise ValueError(
+                "model.lora.dropout must be 0: the K adapters are trained and scored in one "
+                "batched forward (PEFT adapter_names per row), which PEFT only allows without "
+                "dropout. Set model.lora.dropout=0.")
+        if self.model.gguf_file and not self.model.name_or_path:
+            raise ValueError("model.gguf_file needs model.name_or_path (the folder holding it)")
+        return self
+
+
+def _parse_scalar(text: str):
+    # YAML gives the natural types: 3 -> int, 0.1 -> float, true -> bool, null -> None.
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = _parse_scalar(value)
+
+
+def _format_errors(e: ValidationError, origin: str) -> str:
+    lines = []
+    for err in e.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{origin}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    tree: dict = {}
+    origin = path or "config"
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        tree = loaded or {}
+    for a in overrides or []:
+        apply_override(tree, a)
+    if overrides:
+        origin = f"{origin} (with --set)"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

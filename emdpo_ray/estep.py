@@ -1,0 +1,69 @@
+"""E-step: posteriors over latent user types, in log space (pure functions).
+
+    log gamma_uk = log eta_k + sum_{records of u} log P_k(sigma|x) - logsumexp_k'(...)
+    eta_k        = mean_u gamma_uk
+    loglik       = sum_u logsumexp_k (log eta_k + sum log P_k)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import logsumexp
+
+
+@dataclass
+class EStep:
+    log_gamma: np.ndarray  # [U, K]
+    eta: np.ndarray        # [K]
+    loglik: float
+
+    @property
+    def gamma(self) -> np.ndarray:
+        return np.exp(self.log_gamma)
+
+
+def user_loglik(record_scores: np.ndarray, user_index: np.ndarray, num_users: int) -> np.ndarray:
+    """[U, K]: sum over each user's records of log P_k(sigma|x)."""
+    out = np.zeros((num_users, record_scores.shape[1]))
+    np.add.at(out, user_index, record_scores)
+    return out
+
+
+def e_step(record_scores: np.ndarray, user_index: np.ndarray, num_users: int,
+           eta: np.ndarray) -> EStep:
+    """Posteriors from per-record log-likelihoods [N, K] and the prior mixing weights [K]."""
+    with np.errstate(divide="ignore"):
+        log_eta = np.log(np.asarray(eta, dtype=float))
+    joint = log_eta[None, :] + user_loglik(record_scores, user_index, num_users)
+    ll_u = logsumexp(joint, axis=1)
+    log_gamma = joint - ll_u[:, None]
+    return EStep(log_gamma, np.exp(log_gamma).mean(0), float(ll_u.sum()))
+
+
+def bayes_update(log_prior: np.ndarray, record_scores: np.ndarray) -> np.ndarray:
+    """Log posterior of one user after records with log-likelihoods [n, K] (online routing)."""
+    joint = np.asarray(log_prior, float) + np.asarray(record_scores, float).reshape(-1,
+                                                                                    len(log_prior)).sum(0)
+    return joint - logsumexp(joint)
+
+
+def smoothed_onehot(labels: np.ndarray, k: int, smoothing: float) -> np.ndarray:
+    """Posteriors (1 - s) on the given type and s spread over the others."""
+    g = np.full((len(labels), k), smoothing / max(k - 1, 1))
+    g[np.arange(len(labels)), labels] = 1.0 - smoothing if k > 1 else 1.0
+    return g
+
+
+def converged(prev: EStep | None, cur: EStep, tol_loglik: float, tol_posterior: float) -> bool:
+    if prev is None:
+        return False
+    d_ll = abs(cur.loglik - prev.loglik) / max(abs(cur.loglik), 1e-12)
+    d_g = float(np.abs(cur.gamma - prev.gamma).max())
+    return d_ll < tol_loglik and d_g < tol_posterior
+
+
+def entropy(log_p: np.ndarray) -> np.ndarray:
+    p = np.exp(log_p)
+    return -(p * np.where(p > 0, log_p, 0.0)).sum(-1)

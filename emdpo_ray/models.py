@@ -1,0 +1,184 @@
+"""Base models and the K policies on top of them.
+
+The default base (no `model.name_or_path`) is a tiny Llama from config with a byte-level BPE
+trained on the records' own text, seeded, and saved in Hugging Face format in the run
+directory, so every worker and the server load the very same files without any hub.
+
+`PolicyBank` owns the K policies and the reference: with LoRA, K adapters on one base
+(reference = adapters off, the `"__base__"` row name); with full fine-tuning, K copies and a
+frozen reference. Its `logps` scores any mix of (row, policy) pairs in one batched forward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from emdpo_ray.config import ModelConfig
+from emdpo_ray.utils import atomic_write_json
+
+SPECIALS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
+REFERENCE = -1  # policy index meaning "the reference model"
+
+
+def adapter_name(k: int) -> str:
+    return f"type_{k}"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE trained in-process; deterministic for the same texts in the same order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIALS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+
+
+def build_tiny_model(texts: list[str], out_dir: str, cfg: ModelConfig, seed: int) -> str:
+    """Tokenizer + tiny Llama saved to `out_dir` (safetensors). Returns `out_dir`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t = cfg.tiny
+    tokenizer = train_tokenizer(texts, t.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+        max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    tmp = out_dir.rstrip("/") + ".partial"
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_json(os.path.join(tmp, "emdpo_tiny.json"), {"seed": seed, **t.model_dump()})
+    os.replace(tmp, out_dir)  # the folder appears whole or not at all
+    return out_dir
+
+
+def load_tokenizer(path: str, cfg: ModelConfig | None = None):
+    from transformers import AutoTokenizer
+
+    kw = {}
+    if cfg is not None:
+        kw = {"trust_remote_code": cfg.trust_remote_code}
+        if cfg.gguf_file:
+            kw["gguf_file"] = cfg.gguf_file
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(path: str, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    kw = {"trust_remote_code": cfg.trust_remote_code, "dtype": dtype}
+    if cfg.gguf_file:
+        kw["gguf_file"] = cfg.gguf_file
+    else:
+        kw["use_safetensors"] = True
+    return AutoModelForCausalLM.from_pretrained(path, **kw)
+
+
+def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   loss_mask: torch.Tensor, **forward_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of response-token log-probs per row, all rows in one forward pass.
+
+    `loss_mask[b, t]` is 1 where token t belongs to the response; prompt and padding are 0.
+    Token t is predicted from the logits at t-1, so the mask is shifted by one.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).logits
+    logits = logits[:, :-1].float()
+    labels = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].to(logits.dtype)
+    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+class PolicyBank(nn.Module):
+    """K policies plus the reference, scored per row in one batched forward."""
+
+    def __init__(self, base: nn.Module, cfg: ModelConfig, names: list[str],
+                 init_from: str | None = None):
+        """`names` are the policies (PEFT adapter names); `init_from` is a folder holding a
+        subfolder per name to warm-start from (names missing there start fresh)."""
+        super().__init__()
+        self.kind = cfg.finetune
+        self.names = list(names)
+
+        def warm(name: str) -> str | None:
+            path = os.path.join(init_from, name) if init_from else None
+            return path if path and os.path.isdir(path) else None
+
+        if self.kind == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                            lora_dropout=cfg.lora.dropout,
+                            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+            model = get_peft_model(base, lc, adapter_name=self.names[0])
+            for name in self.names[1:]:
+                model.add_adapter(name, lc)
+            for name in self.names:
+                if warm(name):
+                    from peft.utils import set_peft_model_state_dict
+                    from safetensors.torch import load_file
+
+                    sd = load_file(os.path.join(warm(name), "adapter_model.safetensors"))
+                    set_peft_model_state_dict(model, sd, adapter_name=name)
+            # PEFT marks only the active adapter trainable; here every adapter trains at once.
+            for n, p in model.named_parameters():
+                p.requires_grad = "lora_" in n
+            self.model = model
+        else:
+            import copy
+
+            from transformers import AutoModelForCausalLM
+
+            policies = []
+            for name in self.names:
+                if warm(name):
+                    m = AutoModelForCausalLM.from_pretrained(warm(name), dtype=base.dtype)
+                else:
+                    m = copy.deepcopy(base)
+                policies.append(m)
+            self.policies = nn.ModuleList(policies)
+            self.reference = base.requires_grad_(False)
+
+    def logps(self, input_ids, attention_mask, loss_mask, policy: torch.Tensor):
+        """Per-row summed response log-probs; `policy[b]` is a type index or REFERENCE."""
+        if self.kind == "lora":
+            names = [self.names[k] if k >= 0 else "__base__" for k in policy.tolist()]
+            # PEFT mixes adapters per row only in eval mode; dropout is 0 so nothing changes.
+            self.model.eval()
+            return sequence_logps(self.model, input_ids, attention_mask, loss_mask,
+                                  adapter_names=names)
+        total = torch.zeros(len(policy), device=input_ids.device)
+        count = torch.zeros(len(policy), device=input_ids.device)
+        for k in policy.unique().tolist():
+            rows = (policy == k).nonzero(as_tuple=True)[0]
+            m = self.reference if k < 0 else self.policies[k]
+            s, c = sequence_logps(m, input_ids[rows], attention_mask[rows], loss_mask[rows])
+            total = total.index_put((rows,), s.to(total.dtype))
+            count = count.index_put((rows,), c.to(count.dtype))
+        return total, count
+
+    def save(self, out_dir: str) -> None:
+        """One folder per policy name: a PEFT adapter or a full model, safetensors."""
+        os.makedirs(out_dir, exist_ok=True)
+        if self.kind == "lora":
+            self.model.save_pretrained(out_dir, selected_adapters=self.names,
+                                       safe_serialization=True)
+        else:
+            for name, m in zip(self.names, self.policies):
+                m.save_pretrained(os.path.join(out_dir, name), safe_serialization=True)
