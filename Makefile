@@ -21,10 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# synth -> train (EM-DPO on the embedded local Ray, then MMRA) -> eval
 demo: setup
-	$(BIN)/python -m emdpo_ray demo --out runs/demo
+	$(BIN)/emdpo-ray synth --out runs/demo/data.jsonl --users 90 --types 3 --rankings-per-user 8 --seed 0
+	$(BIN)/emdpo-ray train --data runs/demo/data.jsonl --types 3 --out runs/demo/run --config jobs/demo.yaml --overwrite
+	$(BIN)/emdpo-ray eval --run runs/demo/run --data runs/demo/data.jsonl
 
 lint: setup
 	$(BIN)/ruff check emdpo_ray tests

@@ -64,10 +64,10 @@ class ModelConfig(_Section):
 
 
 class DPOConfig(_Section):
-    beta: float = Field(0.1, gt=0, description="KL strength: reward = beta * log(pi/pi_ref).")
+    beta: float = Field(1.0, gt=0, description="KL strength: reward = beta * log(pi/pi_ref).")
     learning_rate: float = Field(5e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    epochs: float = Field(2.0, gt=0, description="Passes over the records per M-step.")
+    epochs: float = Field(4.0, gt=0, description="Passes over the records per M-step.")
     batch_size: int = Field(32, gt=0, description="Records per optimizer step per worker.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     sft_weight: float = Field(0.0, ge=0, description=(
@@ -90,9 +90,10 @@ class EMConfig(_Section):
     tol_posterior: float = Field(1e-3, ge=0, description="... and max |delta gamma| below this.")
     warm_start: bool = Field(True, description=(
         "Start each M-step from the previous iteration's policies (else from the base)."))
-    cross_fit: bool = Field(True, description=(
+    cross_fit: bool = Field(False, description=(
         "Score each user with policies trained without that user (two folds), so a policy "
-        "cannot simply confirm the users it was trained on. Doubles adapters, not fits."))
+        "cannot simply confirm the users it was trained on. Doubles compute, not fits; pays "
+        "off when each type has enough records for its policy to generalise."))
 
 
 class MMRAConfig(_Section):

@@ -109,15 +109,19 @@ class PolicyBank(nn.Module):
     """K policies plus the reference, scored per row in one batched forward."""
 
     def __init__(self, base: nn.Module, cfg: ModelConfig, names: list[str],
-                 init_from: str | None = None):
-        """`names` are the policies (PEFT adapter names); `init_from` is a folder holding a
-        subfolder per name to warm-start from (names missing there start fresh)."""
+                 init_from: str | dict[str, str] | None = None):
+        """`names` are the policies (PEFT adapter names). `init_from` is a folder holding a
+        subfolder per name, or a {name: folder} map, to load or warm-start from; names not
+        found there start fresh (LoRA B = 0, i.e. equal to the reference)."""
         super().__init__()
         self.kind = cfg.finetune
         self.names = list(names)
 
         def warm(name: str) -> str | None:
-            path = os.path.join(init_from, name) if init_from else None
+            if isinstance(init_from, dict):
+                path = init_from.get(name)
+            else:
+                path = os.path.join(init_from, name) if init_from else None
             return path if path and os.path.isdir(path) else None
 
         if self.kind == "lora":
@@ -182,3 +186,74 @@ class PolicyBank(nn.Module):
         else:
             for name, m in zip(self.names, self.policies):
                 m.save_pretrained(os.path.join(out_dir, name), safe_serialization=True)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 policy: list[int], **gen_kwargs) -> torch.Tensor:
+        """Left-padded prompts [B, T] -> [B, T + new] tokens, row b sampled from policy[b]."""
+        if self.kind == "lora":
+            self.model.eval()
+            names = [self.names[k] if k >= 0 else "__base__" for k in policy]
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                       adapter_names=names, **gen_kwargs)
+        pad = gen_kwargs.get("pad_token_id", 0)
+        outs: dict[int, torch.Tensor] = {}
+        pol = torch.as_tensor(policy)
+        for k in pol.unique().tolist():
+            rows = (pol == k).nonzero(as_tuple=True)[0]
+            m = self.reference if k < 0 else self.policies[k]
+            outs[k] = (rows, m.generate(input_ids=input_ids[rows],
+                                        attention_mask=attention_mask[rows], **gen_kwargs))
+        width = max(o.shape[1] for _, o in outs.values())
+        result = torch.full((len(policy), width), pad, dtype=input_ids.dtype)
+        for rows, o in outs.values():
+            result[rows, :o.shape[1]] = o
+        return result
+
+
+def prompt_token_ids(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
+    """Prompt tokens exactly as training sees them: bos + the last max_prompt_tokens."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return [bos + p[-max_prompt_tokens:] for p in ids]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.as_tensor(r)
+        att[i, width - len(r):] = 1
+    return ids, att
+
+
+def continuation_arrays(prompts: list[list[int]], continuations: list[list[int]],
+                        pad_id: int) -> dict:
+    """Arrays in the training layout ([n, 1, T]) for scoring prompt + continuation."""
+    import numpy as np
+
+    seqs = [p + c for p, c in zip(prompts, continuations)]
+    t = max(len(s) for s in seqs)
+    n = len(seqs)
+    ids = np.full((n, 1, t), pad_id, dtype=np.int64)
+    att = np.zeros((n, 1, t), dtype=np.int8)
+    lm = np.zeros((n, 1, t), dtype=np.int8)
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        ids[i, 0, :len(s)] = s
+        att[i, 0, :len(s)] = 1
+        lm[i, 0, len(p):len(s)] = 1
+    return {"input_ids": ids, "attention_mask": att, "loss_mask": lm,
+            "resp_mask": np.ones((n, 1), dtype=bool)}
+
+
+def strip_generation(tokens: list[int], eos_id: int, pad_id: int) -> list[int]:
+    """Generated ids up to and including the first end-of-text; padding dropped."""
+    out = []
+    for t in tokens:
+        out.append(t)
+        if t == eos_id:
+            break
+    while out and out[-1] == pad_id and pad_id != eos_id:
+        out.pop()
+    return out

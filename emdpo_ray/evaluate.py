@@ -1,0 +1,146 @@
+"""`emdpo-ray eval --run RUN_DIR --data PATH`: how well a run recovered and serves the types.
+
+Prints JSON with
+- `ari`: adjusted Rand index of MAP types vs `true_type` (when records carry it);
+- `type_accuracy`: per true type, the matched policy's accuracy on adjacent ranked pairs of
+  that type's users (types matched by the Hungarian method on posterior mass);
+- `eta` vs `true_shares` (matched order);
+- `true_regret` (synthetic data with its `.meta.json`): each type's regret under the true
+  reward, for MMRA and every baseline, from the generations stored by MMRA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from emdpo_ray.config import load_config
+from emdpo_ray.records import load_records
+from emdpo_ray.utils import read_json
+
+
+def match_types(true_types: np.ndarray, gamma: np.ndarray, k_true: int) -> np.ndarray:
+    """match[t] = learned type serving true type t (maximises shared posterior mass)."""
+    from scipy.optimize import linear_sum_assignment
+
+    conf = np.zeros((k_true, gamma.shape[1]))
+    np.add.at(conf, true_types, gamma)
+    rows, cols = linear_sum_assignment(-conf)
+    match = np.full(k_true, -1)
+    match[rows] = cols
+    return match
+
+
+def policy_rewards(run_dir: str, cfg, records, k: int) -> np.ndarray:
+    """Implicit rewards [N, m, K] of every response (ranked order) under every policy."""
+    import torch
+
+    from emdpo_ray.data import encode
+    from emdpo_ray.mmra_run import base_path_of, run_policy_dirs
+    from emdpo_ray.models import PolicyBank, load_base, load_tokenizer
+    from emdpo_ray.mstep import pair_logps
+
+    base_path = base_path_of(run_dir, cfg)
+    tok = load_tokenizer(base_path, cfg.model)
+    enc = encode(records, tok, cfg.data)
+    dirs = {n: d for n, d in run_policy_dirs(run_dir, k).items() if n.startswith("type_")}
+    bank = PolicyBank(load_base(base_path, cfg.model), cfg.model, list(dirs), init_from=dirs).eval()
+    arrays = enc.arrays()
+    n, m = enc.resp_mask.shape
+    out = np.zeros((n, m, k))
+    per = max(1, 256 // (m * (k + 1)))
+    with torch.no_grad():
+        for s in range(0, n, per):
+            idx = np.arange(s, min(n, s + per))
+            pairs = np.array([(i, j) for i in idx for j in list(range(k)) + [-1]])
+            lp, _, _ = pair_logps(bank.logps, arrays, pairs, torch.device("cpu"))
+            lp = lp.double().numpy().reshape(len(idx), k + 1, m)
+            out[idx] = cfg.dpo.beta * (lp[:, :k] - lp[:, k:]).transpose(0, 2, 1)
+    return out, enc.resp_mask
+
+
+def true_regret(run_dir: str, data_path: str, match: np.ndarray, k: int) -> dict | None:
+    """Regret of each true type under the true reward, for MMRA and the baselines."""
+    from emdpo_ray import synth
+
+    meta_file = synth.meta_path(data_path)
+    samples_file = os.path.join(run_dir, "mmra_samples.jsonl")
+    if not (os.path.exists(meta_file) and os.path.exists(samples_file)):
+        return None
+    meta = read_json(meta_file)
+    theta = np.asarray(meta["theta"])
+    samples = [json.loads(line) for line in open(samples_file, encoding="utf-8")]
+    names = sorted({s["policy"] for s in samples}, key=lambda n: (n != n.replace("type_", ""), n))
+    names = [f"type_{j}" for j in range(k)] + [n for n in names if not n.startswith("type_")]
+    # R[t, g]: mean true reward of type t over policy g's generations
+    R = np.zeros((len(theta), len(names)))
+    for g, name in enumerate(names):
+        texts = [s["text"] for s in samples if s["policy"] == name]
+        R[:, g] = synth.type_rewards(theta, meta["reward_scale"], texts).mean(1)
+    best = R[:, :k].max(1)
+    mm = read_json(os.path.join(run_dir, "mmra.json"))
+    mixtures = {"mmra": np.asarray(mm["weights"]), "uniform": np.full(k, 1.0 / k)}
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    mixtures["eta"] = np.asarray(summary["mixing_weights"])
+    for j in range(k):
+        mixtures[f"policy_{j}"] = np.eye(k)[j]
+    out = {}
+    for label, w in mixtures.items():
+        reg = best - R[:, :k] @ w
+        out[label] = {"regret": reg.tolist(), "max_regret": float(reg.max())}
+    if "single_dpo" in names:
+        reg = best - R[:, names.index("single_dpo")]
+        out["single_dpo"] = {"regret": reg.tolist(), "max_regret": float(reg.max())}
+    return out
+
+
+def evaluate_run(run_dir: str, data_path: str) -> dict:
+    from sklearn.metrics import adjusted_rand_score
+
+    from emdpo_ray.mmra import MatrixError
+
+    run_dir = os.path.abspath(run_dir)
+    if not os.path.exists(os.path.join(run_dir, "posteriors.jsonl")):
+        raise MatrixError(f"{run_dir}: no posteriors.jsonl: not a finished emdpo-ray run")
+    records = load_records(data_path)
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    post = {}
+    for line in open(os.path.join(run_dir, "posteriors.jsonl"), encoding="utf-8"):
+        row = json.loads(line)
+        post[row["user_id"]] = np.asarray(row["posterior"])
+    k = len(next(iter(post.values())))
+    out: dict = {"records": len(records), "types": k}
+    known = [r for r in records if r.user_id in post]
+    out["unknown_users"] = len({r.user_id for r in records} - set(post))
+    if not known or any(r.true_type is None for r in known):
+        return out
+    users = sorted({r.user_id for r in known})
+    tt = {r.user_id: r.true_type for r in known}
+    true_types = np.array([tt[u] for u in users])
+    gamma = np.stack([post[u] for u in users])
+    out["ari"] = float(adjusted_rand_score(true_types, gamma.argmax(1)))
+    k_true = int(true_types.max()) + 1
+    match = match_types(true_types, gamma, k_true)
+    rewards, mask = policy_rewards(run_dir, cfg, known, k)
+    acc = []
+    for t in range(k_true):
+        rows = [i for i, r in enumerate(known) if r.true_type == t]
+        if match[t] < 0 or not rows:
+            acc.append(None)
+            continue
+        r = rewards[rows, :, match[t]]
+        pairs = mask[rows][:, 1:]
+        right = (r[:, :-1] > r[:, 1:]) & pairs
+        acc.append(float(right.sum() / max(pairs.sum(), 1)))
+    out["type_accuracy"] = acc
+    out["match"] = match.tolist()
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    eta = np.asarray(summary["mixing_weights"])
+    out["eta"] = [float(eta[j]) if j >= 0 else 0.0 for j in match]
+    out["true_shares"] = (np.bincount(true_types, minlength=k_true) / len(users)).tolist()
+    tr = true_regret(run_dir, data_path, match, k)
+    if tr is not None:
+        out["true_regret"] = tr
+    return out

@@ -1,0 +1,51 @@
+"""PNG plots of a run: log-likelihood and mixing weights per iteration, type confusion."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def plot_run(run_dir: str, history: list[dict], gamma: np.ndarray, true_types=None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = os.path.join(run_dir, "plots")
+    os.makedirs(out, exist_ok=True)
+    if history:
+        its = [h["iteration"] for h in history]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+        a.plot(its, [h["log_likelihood"] for h in history], marker="o")
+        a.set(xlabel="EM iteration", ylabel="observed-data log-likelihood")
+        eta = np.array([h["mixing_weights"] for h in history])
+        for j in range(eta.shape[1]):
+            b.plot(its, eta[:, j], marker="o", label=f"type {j}")
+        b.set(xlabel="EM iteration", ylabel="mixing weight")
+        b.legend(fontsize=7)
+        fig.tight_layout()
+        _save(fig, os.path.join(out, "em.png"))
+    if true_types is not None:
+        k = gamma.shape[1]
+        kt = int(true_types.max()) + 1
+        conf = np.zeros((kt, k))
+        np.add.at(conf, true_types, gamma)
+        fig, ax = plt.subplots(figsize=(3.6, 3.2))
+        ax.imshow(conf, cmap="Blues")
+        for i in range(kt):
+            for j in range(k):
+                ax.text(j, i, f"{conf[i, j]:.0f}", ha="center", va="center", fontsize=8)
+        ax.set(xlabel="learned type (posterior mass)", ylabel="true type")
+        fig.tight_layout()
+        _save(fig, os.path.join(out, "confusion.png"))
+
+
+def _save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path + ".partial.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

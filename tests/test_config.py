@@ -1,0 +1,37 @@
+import pytest
+
+from emdpo_ray.config import ConfigError, load_config
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 3\ndpo:\n  beta: 0.5\nem:\n  max_iterations: 2\n")
+    cfg = load_config(str(f), ["dpo.beta=0.25", "em.warm_start=false", "model.lora.r=4"])
+    assert (cfg.seed, cfg.dpo.beta, cfg.em.max_iterations) == (3, 0.25, 2)
+    assert cfg.em.warm_start is False and cfg.model.lora.r == 4
+
+
+@pytest.mark.parametrize("sets,expect", [
+    (["dpo.betta=1"], "dpo.betta: unknown key"),
+    (["dpo.beta=-1"], "dpo.beta: Input should be greater than 0"),
+    (["em.init=spectral"], "em.init: Input should be 'kmeans', 'random' or 'labels'"),
+    (["ray.zero_stage=4"], "ray.zero_stage"),
+    (["model.lora.dropout=0.1"], "model.lora.dropout must be 0"),
+    (["nonsense"], "expected dotted.key=value"),
+])
+def test_bad_values_name_the_key(sets, expect):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, sets)
+    assert expect in str(e.value)
+
+
+def test_bad_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("dpo: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(f))
+    f.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(f))
+    with pytest.raises(ConfigError, match="no such config"):
+        load_config(str(tmp_path / "missing.yaml"))

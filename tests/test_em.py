@@ -1,0 +1,177 @@
+"""EM-DPO end to end on a real local Ray with real DeepSpeed (CPU, gloo)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from emdpo_ray.config import load_config
+from emdpo_ray.em import prepare_data, reference_cache, train
+from emdpo_ray.records import load_records
+
+FAST = ["em.max_iterations=2", "mmra.num_prompts=4", "mmra.max_new_tokens=12",
+        "mmra.single_dpo_baseline=true"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_local, synth_data, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("runs") / "em")
+    msgs = []
+    summary = train(load_config(None, FAST), synth_data, 3, run, progress=msgs.append)
+    return run, summary, msgs
+
+
+def test_recovers_three_types(finished_run):
+    run, summary, msgs = finished_run
+    assert summary["ari"] >= 0.9, msgs
+    assert summary["iterations"] == 2
+
+
+def test_run_directory_contract(finished_run):
+    run, summary, _ = finished_run
+    post = [json.loads(line) for line in open(os.path.join(run, "posteriors.jsonl"))]
+    assert len(post) == 60
+    for p in post:
+        assert set(p) == {"user_id", "posterior", "type"}
+        assert len(p["posterior"]) == 3 and abs(sum(p["posterior"]) - 1) < 1e-6
+        assert p["type"] == int(np.argmax(p["posterior"]))
+    hist = json.load(open(os.path.join(run, "history.json")))
+    assert [h["iteration"] for h in hist] == [1, 2]
+    for h in hist:
+        assert np.isfinite(h["log_likelihood"]) and len(h["mixing_weights"]) == 3
+        assert {"startup_s", "train_s", "score_s", "estep_s", "fit_wall_s"} <= set(h["timings"])
+        assert "type_0/rewards/accuracies" in h["metrics"]
+    assert os.path.exists(os.path.join(run, "config.yaml"))
+    assert os.path.exists(os.path.join(run, "plots", "em.png"))
+    assert os.path.exists(os.path.join(run, "plots", "confusion.png"))
+    assert not [f for f in os.listdir(run) if ".partial" in f or f.startswith(".tmp")]
+
+
+def test_policies_load_with_plain_peft(finished_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run, _, _ = finished_run
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(run, "base_model"))
+    ids = torch.randint(3, 100, (1, 8))
+    ref = base(input_ids=ids).logits.detach().clone()
+    outs = []
+    for k in range(3):
+        d = os.path.join(run, "policies", f"type_{k}")
+        assert os.path.exists(os.path.join(d, "adapter_model.safetensors"))
+        cfg = json.load(open(os.path.join(d, "adapter_config.json")))
+        assert cfg["base_model_name_or_path"].endswith("base_model")
+        m = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(os.path.join(run, "base_model")), d)
+        outs.append(m(input_ids=ids).logits.detach())
+    assert not torch.allclose(outs[0], ref)          # trained away from the reference
+    assert not torch.allclose(outs[0], outs[1])      # and differently per type
+
+
+def test_mmra_json_from_a_real_run(finished_run):
+    run, summary, _ = finished_run
+    mm = json.load(open(os.path.join(run, "mmra.json")))
+    assert {"L", "regret", "weights", "max_regret", "baselines"} <= set(mm)
+    L = np.asarray(mm["L"])
+    assert L.shape == (3, 3) and np.isfinite(L).all()
+    assert abs(sum(mm["weights"]) - 1) < 1e-6
+    assert {"uniform", "eta", "policy_0", "single_dpo"} <= set(mm["baselines"])
+    assert mm["max_regret"] <= mm["baselines"]["uniform"]["max_regret"] + 1e-6
+    assert summary["mmra"]["weights"] == mm["weights"]
+
+
+def test_eval_reports_ari_accuracy_and_true_regret(finished_run, synth_data):
+    from emdpo_ray.evaluate import evaluate_run
+
+    run, summary, _ = finished_run
+    out = evaluate_run(run, synth_data)
+    assert out["ari"] == pytest.approx(summary["ari"])
+    assert len(out["type_accuracy"]) == 3 and min(out["type_accuracy"]) > 0.6
+    assert sorted(out["match"]) == [0, 1, 2]
+    assert abs(sum(out["eta"]) - 1) < 1e-6 and abs(sum(out["true_shares"]) - 1) < 1e-6
+    tr = out["true_regret"]
+    assert {"mmra", "uniform", "eta", "policy_0", "single_dpo"} <= set(tr)
+    assert all(len(v["regret"]) == 3 for v in tr.values())
+
+
+def test_reference_cache_hit_and_invalidation(finished_run, synth_data, tmp_path):
+    run, _, _ = finished_run
+    cfg = load_config(None, FAST)
+    msgs = []
+    prepare_data(cfg, load_records(synth_data), run, False, msgs.append)
+    assert "cache hit" in msgs[0]  # the reference model did not run again
+    calls = []
+    arr, hit = reference_cache(run, "another-key", lambda: calls.append(1) or np.zeros((2, 2)))
+    assert not hit and calls == [1]
+    arr, hit = reference_cache(run, "another-key", lambda: calls.append(1) or np.zeros((2, 2)))
+    assert hit and calls == [1]
+
+
+def test_fingerprint_changes_with_data_and_model(finished_run, synth_data):
+    from emdpo_ray.data import fingerprint
+    from emdpo_ray.models import load_tokenizer
+
+    run, _, _ = finished_run
+    cfg = load_config(None, FAST)
+    recs = load_records(synth_data)
+    tok = load_tokenizer(os.path.join(run, "base_model"))
+    key = fingerprint(recs, "m", tok, cfg.data)
+    assert key == fingerprint(recs, "m", tok, cfg.data)
+    assert key != fingerprint(recs[1:], "m", tok, cfg.data)
+    assert key != fingerprint(recs, "other-model", tok, cfg.data)
+    assert key != fingerprint(recs, "m", tok, cfg.data.model_copy(update={"max_prompt_tokens": 9}))
+
+
+def test_different_config_on_existing_run_is_refused(finished_run, synth_data):
+    from emdpo_ray.em import RunDirError
+
+    run, _, _ = finished_run
+    with pytest.raises(RunDirError, match="different config"):
+        train(load_config(None, FAST + ["dpo.beta=0.3"]), synth_data, 3, run)
+
+
+def _cli_train(data, out, extra=()):
+    cmd = [sys.executable, "-m", "emdpo_ray", "train", "--data", data, "--types", "2",
+           "--out", out, "--set", "em.max_iterations=2", "--set", "dpo.epochs=2",
+           "--set", "mmra.enabled=false", "--set", "em.tol_posterior=0", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    from emdpo_ray import synth
+
+    data = str(tmp_path / "d.jsonl")
+    synth.write(data, *synth.generate(users=24, types=2, rankings_per_user=6, seed=5))
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    p = _cli_train(data, full)
+    assert p.wait(timeout=900) == 0, p.stderr.read().decode()[-3000:]
+
+    p = _cli_train(data, cut)
+    state = os.path.join(cut, "state.json")
+    deadline = time.time() + 900
+    while not os.path.exists(state) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    assert p.poll() is None, "finished before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    p.wait()
+    assert json.load(open(state))["iteration"] == 1
+    assert not os.path.exists(os.path.join(cut, "posteriors.jsonl"))
+
+    p = _cli_train(data, cut)
+    assert p.wait(timeout=900) == 0, p.stderr.read().decode()[-3000:]
+    assert "resuming after iteration 1" in p.stderr.read().decode()
+
+    def posteriors(run):
+        return {r["user_id"]: r["posterior"] for r in map(json.loads, open(f"{run}/posteriors.jsonl"))}
+
+    a, b = posteriors(full), posteriors(cut)
+    assert a.keys() == b.keys()
+    assert max(abs(x - y) for u in a for x, y in zip(a[u], b[u])) < 1e-3

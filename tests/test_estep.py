@@ -1,0 +1,53 @@
+"""E-step: hand-worked posteriors, mixing weights and log-likelihood."""
+
+import math
+
+import numpy as np
+import pytest
+
+from emdpo_ray.estep import bayes_update, converged, e_step, entropy, smoothed_onehot
+
+
+def test_two_users_two_types_hand_worked():
+    """User 0 has records with log P = [-1, -3] and [-2, -2] -> sums [-3, -5];
+    user 1 has one record [-4, -1]. eta = [0.5, 0.5].
+    gamma_0 = softmax([-3, -5]) = [0.8808, 0.1192]; gamma_1 = softmax([-4, -1]) = [0.0474, 0.9526]
+    eta' = [0.4641, 0.5359]
+    loglik = log(.5 e^-3 + .5 e^-5) + log(.5 e^-4 + .5 e^-1) = -3.5662 + -1.6445 = -5.2107
+    """
+    scores = np.array([[-1.0, -3.0], [-2.0, -2.0], [-4.0, -1.0]])
+    es = e_step(scores, np.array([0, 0, 1]), 2, np.array([0.5, 0.5]))
+    np.testing.assert_allclose(es.gamma, [[0.8808, 0.1192], [0.0474, 0.9526]], atol=1e-4)
+    np.testing.assert_allclose(es.eta, [0.4641, 0.5359], atol=1e-4)
+    assert es.loglik == pytest.approx(-5.2107, abs=1e-4)
+
+
+def test_prior_matters_and_log_space_is_stable():
+    """Scores of -1e4 would underflow in probability space; log space keeps them."""
+    scores = np.array([[-10000.0, -10002.0]])
+    es = e_step(scores, np.array([0]), 1, np.array([0.1, 0.9]))
+    # posterior ~ [0.1 e^2, 0.9] / Z = [0.7389, 0.9] / 1.6389
+    np.testing.assert_allclose(es.gamma[0], [0.4508, 0.5492], atol=1e-4)
+    assert np.isfinite(es.loglik)
+
+
+def test_zero_mixing_weight_gives_zero_posterior():
+    es = e_step(np.array([[0.0, 5.0]]), np.array([0]), 1, np.array([1.0, 0.0]))
+    np.testing.assert_allclose(es.gamma, [[1.0, 0.0]])
+
+
+def test_bayes_update_matches_e_step():
+    prior = np.log(np.array([0.25, 0.75]))
+    recs = np.array([[-1.0, -2.0], [-0.5, -3.0]])
+    post = bayes_update(prior, recs)
+    es = e_step(recs, np.array([0, 0]), 1, np.exp(prior))
+    np.testing.assert_allclose(np.exp(post), es.gamma[0])
+
+
+def test_smoothing_entropy_and_convergence():
+    g = smoothed_onehot(np.array([1, 0]), 3, 0.1)
+    np.testing.assert_allclose(g, [[0.05, 0.9, 0.05], [0.9, 0.05, 0.05]])
+    assert entropy(np.log(np.full(4, 0.25))) == pytest.approx(math.log(4))
+    a = e_step(np.array([[-1.0, -2.0]]), np.array([0]), 1, np.array([0.5, 0.5]))
+    assert not converged(None, a, 1e-4, 1e-3)
+    assert converged(a, a, 1e-4, 1e-3)
