@@ -107,13 +107,33 @@ class MMRAConfig(_Section):
     enabled: bool = Field(True, description="Run MMRA at the end of `emdpo-ray train`.")
 
 
+class DeploymentSettings(_Section):
+    num_replicas: int | None = Field(None, ge=1, description=(
+        "Fixed replica count; None uses autoscaling_config."))
+    autoscaling_config: dict = Field(
+        default_factory=lambda: {"min_replicas": 1, "max_replicas": 2,
+                                 "target_ongoing_requests": 8},
+        description="Ray Serve autoscaling_config (ignored when num_replicas is set).")
+    ray_actor_options: dict = Field(default_factory=lambda: {"num_cpus": 1}, description=(
+        "Ray Serve ray_actor_options, e.g. {num_cpus: 2} or {num_gpus: 1}."))
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests queued per replica.")
+
+
 class ServeConfig(_Section):
     known_users: Literal["map", "sample"] = Field("map", description=(
         "Known users go to their MAP type, or to a type sampled from their posterior."))
     max_tokens_limit: int = Field(256, gt=0, description="Largest max_tokens a request may ask.")
+    default_max_tokens: int = Field(32, gt=0, description="max_tokens when a request omits it.")
+    max_body_bytes: int = Field(65536, gt=0, description="Larger request bodies get 413.")
     api_key: str | None = Field(None, description="Bearer token (or env EMDPO_API_KEY).")
     min_confidence: float = Field(0.5, ge=0, description=(
         "A user whose posterior entropy (nats) is above this keeps MMRA routing."))
+    max_batch_size: int = Field(16, ge=1, description=(
+        "Requests for any mix of types decoded together in one batched forward."))
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="Wait to fill a batch.")
+    policy: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    router: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(
+        ray_actor_options={"num_cpus": 0.1}))
 
 
 class RayConfig(_Section):

@@ -28,3 +28,19 @@ def synth_data(tmp_path_factory):
     records, meta = synth.generate(users=60, types=3, rankings_per_user=8, responses=3, seed=0)
     synth.write(path, records, meta)
     return path
+
+
+FAST = ["em.max_iterations=2", "mmra.num_prompts=4", "mmra.max_new_tokens=12",
+        "mmra.single_dpo_baseline=true"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_local, synth_data, tmp_path_factory):
+    """One real EM-DPO run (Ray Train + DeepSpeed on CPU) shared by the EM and serving tests."""
+    from emdpo_ray.config import load_config
+    from emdpo_ray.em import train
+
+    run = str(tmp_path_factory.mktemp("runs") / "em")
+    msgs = []
+    summary = train(load_config(None, FAST), synth_data, 3, run, progress=msgs.append)
+    return run, summary, msgs

@@ -14,16 +14,12 @@ from emdpo_ray.config import load_config
 from emdpo_ray.em import prepare_data, reference_cache, train
 from emdpo_ray.records import load_records
 
-FAST = ["em.max_iterations=2", "mmra.num_prompts=4", "mmra.max_new_tokens=12",
-        "mmra.single_dpo_baseline=true"]
+from conftest import FAST
 
 
 @pytest.fixture(scope="module")
-def finished_run(ray_local, synth_data, tmp_path_factory):
-    run = str(tmp_path_factory.mktemp("runs") / "em")
-    msgs = []
-    summary = train(load_config(None, FAST), synth_data, 3, run, progress=msgs.append)
-    return run, summary, msgs
+def finished_run(trained_run):
+    return trained_run
 
 
 def test_recovers_three_types(finished_run):
