@@ -70,6 +70,22 @@ def generate_batch(forward, tokenizer, reqs: list[GenRequest], names_of=None,
     policies = [r.policy for r in reqs]
     cache = None
     step_ids, pos = ids, (att.cumsum(-1) - 1).clamp_min(0)
+    emitted = [0] * b
+    holdback = [max((len(x) for x in r.stop), default=1) - 1 for r in reqs]
+
+    def flush(i: int, final: bool) -> None:
+        # Stream only text that can no longer change: not a partial UTF-8 character and
+        # not the possible start of a stop string.
+        if on_token is None:
+            return
+        safe = len(texts[i]) if final else len(texts[i]) - holdback[i]
+        bad = texts[i].find("\ufffd", emitted[i])
+        if bad >= 0 and not final:
+            safe = min(safe, bad)
+        if safe > emitted[i]:
+            on_token(i, texts[i][emitted[i]:safe])
+            emitted[i] = safe
+
     for _ in range(max(r.max_tokens for r in reqs)):
         logits, cache = forward(step_ids, att, pos, cache, policies)
         logits = logits.float() / temps[:, None]
@@ -88,17 +104,15 @@ def generate_batch(forward, tokenizer, reqs: list[GenRequest], names_of=None,
             t = int(nxt[i])
             if t == eos:
                 done[i], reason[i] = True, "stop"
-                continue
-            out[i].append(t)
-            text = tokenizer.decode(out[i], skip_special_tokens=True)
-            text, stopped = _apply_stop(text, r.stop)
-            if on_token is not None and len(text) > len(texts[i]):
-                on_token(i, text[len(texts[i]):])
-            texts[i] = text
-            if stopped:
-                done[i], reason[i] = True, "stop"
-            elif len(out[i]) >= r.max_tokens:
-                done[i] = True
+            else:
+                out[i].append(t)
+                text = tokenizer.decode(out[i], skip_special_tokens=True)
+                texts[i], stopped = _apply_stop(text, r.stop)
+                if stopped:
+                    done[i], reason[i] = True, "stop"
+                elif len(out[i]) >= r.max_tokens:
+                    done[i] = True
+            flush(i, done[i])
         if all(done):
             break
         step_ids = nxt[:, None]
@@ -107,14 +121,19 @@ def generate_batch(forward, tokenizer, reqs: list[GenRequest], names_of=None,
     return [GenResult(o, t, f) for o, t, f in zip(out, texts, reason)]
 
 
+def _cache(out):
+    # transformers 5 names the KV cache `cache` (formerly `past_key_values`)
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def peft_forward(model, names: list[str]):
     """`forward` for generate_batch over a PEFT model holding the adapters `names`."""
 
     def fwd(input_ids, attention_mask, position_ids, cache, policies):
         o = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  past_key_values=cache, use_cache=True,
+                  cache=cache, use_cache=True,
                   adapter_names=[names[p] if p >= 0 else "__base__" for p in policies])
-        return o.logits[:, -1], o.past_key_values
+        return o.logits[:, -1], _cache(o)
 
     return fwd
 
@@ -122,7 +141,7 @@ def peft_forward(model, names: list[str]):
 def plain_forward(model):
     def fwd(input_ids, attention_mask, position_ids, cache, policies):
         o = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  past_key_values=cache, use_cache=True)
-        return o.logits[:, -1], o.past_key_values
+                  cache=cache, use_cache=True)
+        return o.logits[:, -1], _cache(o)
 
     return fwd

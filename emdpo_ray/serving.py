@@ -10,7 +10,7 @@ concurrent requests for any mix of types in one batched forward (`@serve.batch`,
 `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/healthz`.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI must see real types through serve.ingress.
 
 import asyncio
 import json
