@@ -23,11 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-# synth -> train (EM-DPO on the embedded local Ray, then MMRA) -> eval
+# synth -> train (EM-DPO on the embedded local Ray, then MMRA) -> eval -> serve + requests
 demo: setup
 	$(BIN)/emdpo-ray synth --out runs/demo/data.jsonl --users 90 --types 3 --rankings-per-user 8 --seed 0
 	$(BIN)/emdpo-ray train --data runs/demo/data.jsonl --types 3 --out runs/demo/run --config jobs/demo.yaml --overwrite
 	$(BIN)/emdpo-ray eval --run runs/demo/run --data runs/demo/data.jsonl
+	$(BIN)/python -m emdpo_ray.demo --run runs/demo/run
 
 lint: setup
 	$(BIN)/ruff check emdpo_ray tests

@@ -80,7 +80,7 @@ def _mmra(a) -> int:
 def _eval(a) -> int:
     from emdpo_ray.evaluate import evaluate_run
 
-    print(json.dumps(evaluate_run(a.run, a.data), indent=2))
+    print(json.dumps(evaluate_run(a.run, a.data, online=a.online), indent=2))
     return 0
 
 
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "main knobs (--set key=value):\n"
                            "  em.max_iterations=3   em.init=kmeans|random|labels\n"
                            "  em.warm_start=true    em.cross_fit=true\n"
-                           "  dpo.beta=0.1  dpo.learning_rate=5e-3  dpo.epochs=2  "
+                           "  dpo.beta=0.1  dpo.learning_rate=5e-3  dpo.epochs=2  dpo.min_steps=60  em.warm_epochs=1  "
                            "dpo.batch_size=32\n"
                            "  model.name_or_path=DIR|HF_ID  model.finetune=lora|full  "
                            "model.lora.r=8\n"
@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="metrics of a run on records (JSON)")
     e.add_argument("--run", required=True)
     e.add_argument("--data", required=True)
+    e.add_argument("--online", action="store_true", help=(
+        "also simulate new users giving feedback: how many rankings (ternary vs binary) "
+        "until they are routed to their true type"))
     e.set_defaults(fn=_eval)
 
     v = sub.add_parser("serve", help="serve the K policies behind the MMRA router")
@@ -159,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_ray_logs()
         warnings.filterwarnings("ignore")
+    if args.command in ("train", "mmra", "eval", "serve"):
+        import torch
+
+        if not torch.cuda.is_available():  # skip DeepSpeed's accelerator probe and its warning
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from emdpo_ray.config import ConfigError
     from emdpo_ray.em import RunDirError
     from emdpo_ray.mmra import MatrixError

@@ -67,7 +67,9 @@ class DPOConfig(_Section):
     beta: float = Field(1.0, gt=0, description="KL strength: reward = beta * log(pi/pi_ref).")
     learning_rate: float = Field(5e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    epochs: float = Field(4.0, gt=0, description="Passes over the records per M-step.")
+    epochs: float = Field(2.0, gt=0, description="Passes over the records in the first M-step.")
+    min_steps: int = Field(60, ge=1, description=(
+        "Lower bound on optimizer steps per M-step, so small datasets still train enough."))
     batch_size: int = Field(32, gt=0, description="Records per optimizer step per worker.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     sft_weight: float = Field(0.0, ge=0, description=(
@@ -90,6 +92,8 @@ class EMConfig(_Section):
     tol_posterior: float = Field(1e-3, ge=0, description="... and max |delta gamma| below this.")
     warm_start: bool = Field(True, description=(
         "Start each M-step from the previous iteration's policies (else from the base)."))
+    warm_epochs: float = Field(1.0, gt=0, description=(
+        "Passes over the records in warm-started M-steps (after the first)."))
     cross_fit: bool = Field(False, description=(
         "Score each user with policies trained without that user (two folds), so a policy "
         "cannot simply confirm the users it was trained on. Doubles compute, not fits; pays "
@@ -128,6 +132,13 @@ class ServeConfig(_Section):
     api_key: str | None = Field(None, description="Bearer token (or env EMDPO_API_KEY).")
     min_confidence: float = Field(0.5, ge=0, description=(
         "A user whose posterior entropy (nats) is above this keeps MMRA routing."))
+    max_online_users: int = Field(100_000, ge=1, description=(
+        "Users whose posterior is learned online; the least recently updated are evicted."))
+    max_feedback_history: int = Field(32, ge=1, description=(
+        "Recent feedback records kept per user (older ones are dropped)."))
+    snapshot_every: int = Field(100, ge=1, description=(
+        "Online updates between atomic snapshots of the user state (a write-ahead log "
+        "keeps every acknowledged update in between)."))
     max_batch_size: int = Field(16, ge=1, description=(
         "Requests for any mix of types decoded together in one batched forward."))
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="Wait to fill a batch.")

@@ -272,7 +272,8 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
         return run_mstep(cfg, names=names, num_types=k, base_path=base_path,
                          shard_refs=shard_refs, shard_sizes=sizes, weights=w, score_mask=need,
                          storage_path=storage, run_name=f"{tag}-{it:03d}-{time.time_ns()}",
-                         seed=cfg.seed * 100003 + it, init_from=init_from, threads=threads)
+                         seed=cfg.seed * 100003 + it, init_from=init_from, threads=threads,
+                         epochs=cfg.em.warm_epochs if init_from is not None else cfg.dpo.epochs)
 
     from emdpo_ray.mstep import run_mstep
 

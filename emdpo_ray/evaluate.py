@@ -61,7 +61,7 @@ def policy_rewards(run_dir: str, cfg, records, k: int) -> np.ndarray:
     return out, enc.resp_mask
 
 
-def true_regret(run_dir: str, data_path: str, match: np.ndarray, k: int) -> dict | None:
+def true_regret(run_dir: str, data_path: str, k: int) -> dict | None:
     """Regret of each true type under the true reward, for MMRA and the baselines."""
     from emdpo_ray import synth
 
@@ -96,7 +96,68 @@ def true_regret(run_dir: str, data_path: str, match: np.ndarray, k: int) -> dict
     return out
 
 
-def evaluate_run(run_dir: str, data_path: str) -> dict:
+def online_eval(run_dir: str, data_path: str, match: np.ndarray, users_per_type: int = 12,
+                max_feedbacks: int = 12) -> dict | None:
+    """Feedbacks a new user needs before being routed to their true type, per type,
+    for ternary rankings and for binary comparisons (synthetic data with its meta file).
+
+    Each simulated user sends rankings sampled from their true type's reward; after each,
+    the posterior is updated by Bayes' rule from eta (as the server does). The count is the
+    first n from which the user is routed (MAP, confident) to the matched learned type;
+    `max_feedbacks + 1` when that never happens.
+    """
+    import torch
+
+    from emdpo_ray import synth
+    from emdpo_ray.estep import bayes_update, entropy
+    from emdpo_ray.losses import plackett_luce_logp
+    from emdpo_ray.records import parse_record
+
+    meta_file = synth.meta_path(data_path)
+    if not os.path.exists(meta_file):
+        return None
+    meta = read_json(meta_file)
+    theta = np.asarray(meta["theta"])
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    log_eta = np.log(np.clip(np.asarray(summary["mixing_weights"]), 1e-300, None))
+    k = len(log_eta)
+    rng = np.random.default_rng(cfg.seed + 555)
+    out = {}
+    for label, m in (("ternary", 3), ("binary", 2)):
+        per_type = []
+        for t in range(len(theta)):
+            if match[t] < 0:
+                per_type.append(None)
+                continue
+            recs = []
+            for u in range(users_per_type):
+                recs += synth.user_records(rng, theta, meta["reward_scale"], t, f"sim{u}",
+                                           max_feedbacks, m)
+            parsed = [parse_record(r, f"sim:{i}") for i, r in enumerate(recs)]
+            rewards, mask = policy_rewards(run_dir, cfg, parsed, k)
+            ll = torch.stack([plackett_luce_logp(torch.as_tensor(rewards[:, :, j]),
+                                                 torch.as_tensor(mask)) for j in range(k)], 1)
+            ll = ll.double().numpy().reshape(users_per_type, max_feedbacks, k)
+            needed = []
+            for u in range(users_per_type):
+                post, first = log_eta, max_feedbacks + 1
+                for n in range(max_feedbacks):
+                    post = bayes_update(post, ll[u, n])
+                    routed = (np.argmax(post) == match[t]
+                              and entropy(post) <= cfg.serve.min_confidence)
+                    if routed and first > max_feedbacks:
+                        first = n + 1
+                    elif not routed:
+                        first = max_feedbacks + 1
+                needed.append(first)
+            per_type.append(float(np.mean(needed)))
+        out[label] = {"feedbacks_to_true_type": per_type}
+    out["max_feedbacks"] = max_feedbacks
+    return out
+
+
+def evaluate_run(run_dir: str, data_path: str, online: bool = False) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     from emdpo_ray.mmra import MatrixError
@@ -140,7 +201,11 @@ def evaluate_run(run_dir: str, data_path: str) -> dict:
     eta = np.asarray(summary["mixing_weights"])
     out["eta"] = [float(eta[j]) if j >= 0 else 0.0 for j in match]
     out["true_shares"] = (np.bincount(true_types, minlength=k_true) / len(users)).tolist()
-    tr = true_regret(run_dir, data_path, match, k)
+    tr = true_regret(run_dir, data_path, k)
     if tr is not None:
         out["true_regret"] = tr
+    if online:
+        on = online_eval(run_dir, data_path, match)
+        if on is not None:
+            out["online"] = on
     return out

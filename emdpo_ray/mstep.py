@@ -146,7 +146,8 @@ def _train_loop(config: dict) -> None:
     # Every worker takes the same number of steps (collectives must line up); shorter
     # shards wrap around their own shuffled order.
     n = len(weights)
-    steps = max(1, math.ceil(cfg.dpo.epochs * math.ceil(config["max_shard"] / bs)))
+    steps = max(cfg.dpo.min_steps,
+                math.ceil(config["epochs"] * math.ceil(config["max_shard"] / bs)))
     rng = np.random.default_rng(seed * 1000 + rank)
     order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(steps * bs / n) + 1)])
     norm = torch.as_tensor(config["weight_means"], dtype=torch.float32) * bs
@@ -209,7 +210,7 @@ class MStepResult:
 def run_mstep(cfg: Config, *, names: list[str], num_types: int, base_path: str,
               shard_refs: list, shard_sizes: list[int], weights: np.ndarray,
               score_mask: np.ndarray, storage_path: str, run_name: str, seed: int,
-              init_from=None, threads: int = 1) -> MStepResult:
+              init_from=None, threads: int = 1, epochs: float | None = None) -> MStepResult:
     """One fit(): train the policies `names` on `weights` [N, A] and score `score_mask`."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -227,11 +228,15 @@ def run_mstep(cfg: Config, *, names: list[str], num_types: int, base_path: str,
             "score_masks": [ray.put(score_mask[c]) for c in cuts],
             "weight_means": weights.mean(0).tolist(), "max_shard": max(shard_sizes),
             "init_from": init_from, "threads": threads,
+            "epochs": cfg.dpo.epochs if epochs is None else epochs,
         },
         scaling_config=ScalingConfig(num_workers=len(shard_refs), use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": threads}),
-        run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu
+                                             else "cpu"}}),
     )
     result = trainer.fit()
     if result.error:

@@ -70,6 +70,10 @@ class ChatRequest(_Req):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
+class _AnyObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
 class HTTPError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
                  kind: str = "invalid_request_error"):
@@ -118,6 +122,7 @@ class PolicyServer:
 
         lay = run_layout(run_dir)
         cfg: Config = lay["cfg"]
+        self.cfg = cfg
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.tok = load_tokenizer(lay["base_path"], cfg.model)
         dirs = {n: lay["policy_dirs"][n] for n in names}
@@ -163,6 +168,23 @@ class PolicyServer:
                 break
         await task
 
+    def score(self, record: dict) -> list[float]:
+        """Plackett-Luce log-likelihood of a feedback ranking under each policy here."""
+        import torch
+
+        from emdpo_ray.data import encode
+        from emdpo_ray.losses import plackett_luce_logp
+        from emdpo_ray.mstep import pair_logps
+        from emdpo_ray.records import parse_record
+
+        enc = encode([parse_record(record, "feedback")], self.tok, self.cfg.data)
+        n = len(self.bank.names)
+        pairs = np.array([(0, j) for j in range(n)] + [(0, -1)])
+        with torch.no_grad():
+            lp, _, mask = pair_logps(self.bank.logps, enc.arrays(), pairs, torch.device("cpu"))
+        rewards = self.cfg.dpo.beta * (lp[:n] - lp[n:])
+        return plackett_luce_logp(rewards, mask[:n]).double().tolist()
+
     def batch_sizes(self) -> list[int]:
         return list(self.batches)
 
@@ -193,9 +215,15 @@ class Router:
         self.handles, self.type_map = handles, type_map
         w = np.clip(np.asarray(lay["weights"], float), 0, None)
         self.weights = w / w.sum()
-        with np.errstate(divide="ignore"):
-            self.log_post = {u: np.log(np.asarray(p, float)) for u, p in lay["posteriors"].items()}
         self.rng = np.random.default_rng()
+        from emdpo_ray import online
+        from emdpo_ray.utils import read_json
+
+        sv = self.cfg.serve
+        eta = read_json(os.path.join(run_dir, "summary.json"))["mixing_weights"]
+        self.state = online.actor(run_dir, eta, lay["posteriors"], max_users=sv.max_online_users,
+                                  max_history=sv.max_feedback_history,
+                                  snapshot_every=sv.snapshot_every)
         self.api_key = self.cfg.serve.api_key or os.environ.get(API_KEY_ENV) or None
         self.requests = metrics.Counter(
             "emdpo_requests", description="Requests answered, per type and route reason.",
@@ -229,14 +257,17 @@ class Router:
             param = ".".join(str(p) for p in err["loc"])
             raise HTTPError(400, f"{param}: {err['msg']}", param=param) from None
 
-    def _route(self, req: _Req) -> tuple[int, str]:
+    async def _route(self, req: _Req) -> tuple[int, str]:
         try:
             pinned = pinned_type(req.model, self.k)
         except UnknownModel as e:
             raise HTTPError(404, str(e), param="model", kind="not_found_error") from None
+        log_post = None
+        if req.user and pinned is None:
+            lp = await self.state.log_posterior.remote(req.user)
+            log_post = None if lp is None else np.asarray(lp)
         return choose_type(k=self.k, weights=self.weights, rng=self.rng, pinned=pinned,
-                           log_posterior=self.log_post.get(req.user) if req.user else None,
-                           mode=self.cfg.serve.known_users,
+                           log_posterior=log_post, mode=self.cfg.serve.known_users,
                            min_confidence=self.cfg.serve.min_confidence)
 
     def _gen_request(self, req: _Req, prompt: str, k: int) -> GenRequest:
@@ -261,7 +292,7 @@ class Router:
                 prompt = self._chat_prompt(req.messages)
             else:
                 prompt = req.prompt
-            k, reason = self._route(req)
+            k, reason = await self._route(req)
             gen = self._gen_request(req, prompt, k)
         except HTTPError as e:
             return e.response()
@@ -342,6 +373,54 @@ class Router:
             {"id": f"type-{j}", "object": "model", "created": self.started,
              "owned_by": "emdpo-ray", "mmra_weight": float(self.weights[j])}
             for j in range(self.k)]}
+
+    @app.post("/v1/feedback")
+    async def feedback(self, request: Request):
+        """A ranking (record contract, `user` for `user_id`) that updates the user's type."""
+        from emdpo_ray.records import RecordError, parse_record
+
+        try:
+            obj = await self._body(request, _AnyObject)
+            obj = dict(obj.model_extra or {})
+            if "user" in obj:
+                obj.setdefault("user_id", obj.pop("user"))
+            if "user_id" not in obj:
+                raise HTTPError(400, "user: missing", param="user")
+            try:
+                rec = parse_record(obj, "feedback")
+            except RecordError as e:
+                msg = str(e).removeprefix("feedback: ")
+                field = msg.split(":")[0] if ":" in msg else None
+                raise HTTPError(400, msg, param="user" if field == "user_id" else field) from None
+        except HTTPError as e:
+            return e.response()
+        record = rec.to_json()
+        scores = np.zeros(self.k)
+        for hi in sorted({h for h, _ in self.type_map}):
+            got = await self.handles[hi].score.remote(record)
+            for local, t in enumerate(self._types_on(hi)):
+                scores[t] = got[local]
+        state = await self.state.update.remote(rec.user_id, scores.tolist(), record)
+        return JSONResponse(self._user_view(state))
+
+    @app.get("/v1/users/{user_id}")
+    async def user(self, user_id: str, request: Request):
+        try:
+            self._auth(request)
+        except HTTPError as e:
+            return e.response()
+        return JSONResponse(self._user_view(await self.state.get.remote(user_id)))
+
+    def _types_on(self, hi: int) -> list[int]:
+        on = [(local, t) for t, (h, local) in enumerate(self.type_map) if h == hi]
+        return [t for _, t in sorted(on)]
+
+    def _user_view(self, state: dict) -> dict:
+        known = state["source"] != "prior" and state["entropy"] <= self.cfg.serve.min_confidence
+        return {"user": state["user"], "posterior": state["posterior"],
+                "type": int(np.argmax(state["posterior"])), "feedbacks": state["feedbacks"],
+                "entropy": state["entropy"], "source": state["source"],
+                "routing": (f"known_user ({self.cfg.serve.known_users})" if known else "mmra")}
 
     @app.get("/healthz")
     async def healthz(self):

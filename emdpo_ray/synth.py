@@ -76,6 +76,25 @@ def _response(rng: np.random.Generator, topic: str) -> str:
     return ("\n" if as_list else " ").join(sents)
 
 
+def user_records(rng: np.random.Generator, theta: np.ndarray, reward_scale: float, k: int,
+                 user_id: str, n: int, responses: int) -> list[dict]:
+    """n rankings by one user of type k: Plackett-Luce samples (Gumbel-max) of its reward."""
+    out = []
+    for _ in range(n):
+        topic = str(rng.choice(TOPICS))
+        prompt = f"{rng.choice(OPENERS)} {topic}."
+        resp: list[str] = []
+        while len(resp) < responses:
+            r = _response(rng, topic)
+            if r not in resp:
+                resp.append(r)
+        r_true = type_rewards(theta[k:k + 1], reward_scale, resp)[0]
+        ranking = np.argsort(-(r_true + rng.gumbel(size=responses)))
+        out.append({"user_id": user_id, "prompt": prompt, "responses": resp,
+                    "ranking": [int(i) for i in ranking], "true_type": k})
+    return out
+
+
 def make_theta(types: int, seed: int) -> np.ndarray:
     if types <= len(CANONICAL):
         return CANONICAL[:types].copy()
@@ -99,19 +118,8 @@ def generate(users: int = 120, types: int = 3, rankings_per_user: int = 8, respo
     user_types = rng.choice(types, size=users, p=p)
     records = []
     for u in range(users):
-        k = int(user_types[u])
-        for _ in range(rankings_per_user):
-            topic = str(rng.choice(TOPICS))
-            prompt = f"{rng.choice(OPENERS)} {topic}."
-            resp: list[str] = []
-            while len(resp) < responses:
-                r = _response(rng, topic)
-                if r not in resp:
-                    resp.append(r)
-            r_true = type_rewards(theta[k:k + 1], reward_scale, resp)[0]
-            ranking = np.argsort(-(r_true + rng.gumbel(size=responses)))  # PL sample
-            records.append({"user_id": f"u{u:04d}", "prompt": prompt, "responses": resp,
-                            "ranking": [int(i) for i in ranking], "true_type": k})
+        records += user_records(rng, theta, reward_scale, int(user_types[u]), f"u{u:04d}",
+                                rankings_per_user, responses)
     meta = {"generator": "emdpo_ray.synth/v1", "features": FEATURES, "theta": theta.tolist(),
             "reward_scale": reward_scale, "shares": p.tolist(), "seed": seed}
     return records, meta

@@ -43,7 +43,16 @@ def quiet_ray_logs() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import logging
+
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
 
     for name in ["ray", "ray.train", "ray.tune", "ray.data", "ray.serve", "deepspeed",
                  "DeepSpeed", "torch.distributed"]:

@@ -86,11 +86,18 @@ def test_eval_reports_ari_accuracy_and_true_regret(finished_run, synth_data):
     from emdpo_ray.evaluate import evaluate_run
 
     run, summary, _ = finished_run
-    out = evaluate_run(run, synth_data)
+    out = evaluate_run(run, synth_data, online=True)
     assert out["ari"] == pytest.approx(summary["ari"])
     assert len(out["type_accuracy"]) == 3 and min(out["type_accuracy"]) > 0.6
     assert sorted(out["match"]) == [0, 1, 2]
     assert abs(sum(out["eta"]) - 1) < 1e-6 and abs(sum(out["true_shares"]) - 1) < 1e-6
+    on = out["online"]
+    for mode in ("ternary", "binary"):
+        assert len(on[mode]["feedbacks_to_true_type"]) == 3
+        assert all(1 <= n <= on["max_feedbacks"] + 1 for n in on[mode]["feedbacks_to_true_type"])
+    # a ranking over three responses carries more evidence about the type than one pair
+    assert np.mean(on["ternary"]["feedbacks_to_true_type"]) < np.mean(
+        on["binary"]["feedbacks_to_true_type"])
     tr = out["true_regret"]
     assert {"mmra", "uniform", "eta", "policy_0", "single_dpo"} <= set(tr)
     assert all(len(v["regret"]) == 3 for v in tr.values())
@@ -135,7 +142,8 @@ def test_different_config_on_existing_run_is_refused(finished_run, synth_data):
 def _cli_train(data, out, extra=()):
     cmd = [sys.executable, "-m", "emdpo_ray", "train", "--data", data, "--types", "2",
            "--out", out, "--set", "em.max_iterations=2", "--set", "dpo.epochs=2",
-           "--set", "mmra.enabled=false", "--set", "em.tol_posterior=0", *extra]
+           "--set", "mmra.enabled=false", "--set", "em.tol_posterior=0",
+           "--set", "dpo.min_steps=10", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
 

@@ -2,8 +2,6 @@
 
 import json
 import os
-import shutil
-import socket
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,39 +10,7 @@ import pytest
 import torch
 import yaml
 
-KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(trained_run, tmp_path_factory):
-    """The trained run, copied, with auth on and MMRA weights that give type 2 nothing."""
-    from ray import serve
-
-    from emdpo_ray import serving
-
-    src, _, _ = trained_run
-    run = str(tmp_path_factory.mktemp("serve") / "run")
-    shutil.copytree(src, run, ignore=shutil.ignore_patterns("ray_results"))
-    cfg = yaml.safe_load(open(os.path.join(run, "config.yaml")))
-    cfg["serve"].update(api_key=KEY)
-    for d in ("policy", "router"):
-        cfg["serve"][d].update(num_replicas=1, ray_actor_options={"num_cpus": 0.5})
-    open(os.path.join(run, "config.yaml"), "w").write(yaml.safe_dump(cfg))
-    mm = json.load(open(os.path.join(run, "mmra.json")))
-    mm["weights"] = [0.5, 0.5, 0.0]
-    open(os.path.join(run, "mmra.json"), "w").write(json.dumps(mm))
-    port = free_port()
-    url = serving.start(run, "127.0.0.1", port)
-    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-    yield url, client, run
-    client.close()
-    serve.shutdown()
+from conftest import KEY
 
 
 def complete(client, **body):

@@ -1,0 +1,133 @@
+"""Online type inference: user posteriors learned from feedback while serving.
+
+One Ray actor holds every user's log-posterior, shared by all router replicas. Each
+feedback's Plackett-Luce log-likelihoods per type update the user's posterior by Bayes' rule
+(prior: the trained posterior for users seen in training, else the mixing weights eta).
+
+Durability: an update is appended (and fsynced) to `online/wal.jsonl` before the router
+answers 200; every `serve.snapshot_every` updates the state is written atomically to
+`online/snapshot.json` and the log restarts. A restarted actor loads snapshot + log.
+
+Memory is bounded: at most `serve.max_online_users` users (least recently updated evicted
+first; a trained user evicted this way falls back to its trained posterior) and at most
+`serve.max_feedback_history` recent feedbacks kept per user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict, deque
+
+import numpy as np
+
+from emdpo_ray.estep import bayes_update, entropy
+from emdpo_ray.utils import atomic_write_json
+
+
+class UserState:
+    """Plain class; `actor()` wraps it as the shared Ray actor."""
+
+    def __init__(self, run_dir: str, eta: list[float], trained: dict[str, list[float]],
+                 max_users: int = 100_000, max_history: int = 32, snapshot_every: int = 100):
+        self.dir = os.path.join(run_dir, "online")
+        os.makedirs(self.dir, exist_ok=True)
+        with np.errstate(divide="ignore"):
+            self.log_eta = np.log(np.asarray(eta, float))
+        self.trained = trained
+        self.max_users, self.max_history = max_users, max_history
+        self.snapshot_every = snapshot_every
+        self.users: OrderedDict[str, dict] = OrderedDict()
+        self.since_snapshot = 0
+        self._load()
+        self.wal = open(os.path.join(self.dir, "wal.jsonl"), "a", encoding="utf-8")
+
+    # -- persistence --
+    def _load(self) -> None:
+        snap = os.path.join(self.dir, "snapshot.json")
+        if os.path.exists(snap):
+            with open(snap, encoding="utf-8") as f:
+                for u, s in json.load(f)["users"].items():
+                    self._put(u, s["log_posterior"], s["feedbacks"], s.get("history", []))
+        wal = os.path.join(self.dir, "wal.jsonl")
+        if os.path.exists(wal):
+            with open(wal, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        e = json.loads(line)
+                    except json.JSONDecodeError:  # a torn last line from a crash: not acked
+                        continue
+                    old = self.users.get(e["user"], {}).get("history", ())
+                    self._put(e["user"], e["log_posterior"], e["feedbacks"],
+                              [*old, e["record"]])
+
+    def _put(self, user, log_post, feedbacks, history) -> None:
+        self.users[user] = {"log_posterior": list(map(float, log_post)), "feedbacks": feedbacks,
+                            "history": deque(history, maxlen=self.max_history)}
+        self.users.move_to_end(user)
+        while len(self.users) > self.max_users:
+            self.users.popitem(last=False)
+
+    def snapshot(self) -> None:
+        atomic_write_json(os.path.join(self.dir, "snapshot.json"), {"users": {
+            u: {**s, "history": list(s["history"])} for u, s in self.users.items()}})
+        self.wal.close()
+        self.wal = open(os.path.join(self.dir, "wal.jsonl"), "w", encoding="utf-8")
+        self.since_snapshot = 0
+
+    # -- queries --
+    def prior(self, user: str) -> np.ndarray:
+        if user in self.users:
+            return np.asarray(self.users[user]["log_posterior"])
+        if user in self.trained:
+            with np.errstate(divide="ignore"):
+                return np.log(np.asarray(self.trained[user], float))
+        return self.log_eta
+
+    def get(self, user: str) -> dict:
+        lp = self.prior(user)
+        s = self.users.get(user)
+        source = "online" if s else ("trained" if user in self.trained else "prior")
+        return {"user": user, "log_posterior": lp.tolist(), "posterior": np.exp(lp).tolist(),
+                "entropy": float(entropy(lp)), "feedbacks": s["feedbacks"] if s else 0,
+                "source": source}
+
+    def log_posterior(self, user: str) -> list[float] | None:
+        """None for users with nothing learned (neither trained nor any feedback)."""
+        if user in self.users or user in self.trained:
+            return self.prior(user).tolist()
+        return None
+
+    # -- updates --
+    def update(self, user: str, scores: list[float], record: dict) -> dict:
+        post = bayes_update(self.prior(user), np.asarray(scores, float))
+        n = (self.users[user]["feedbacks"] if user in self.users else 0) + 1
+        entry = {"user": user, "log_posterior": post.tolist(), "feedbacks": n, "record": record}
+        self.wal.write(json.dumps(entry) + "\n")
+        self.wal.flush()
+        os.fsync(self.wal.fileno())  # durable before the router acknowledges
+        history = list(self.users[user]["history"]) if user in self.users else []
+        self._put(user, post, n, history + [record])
+        self.since_snapshot += 1
+        if self.since_snapshot >= self.snapshot_every:
+            self.snapshot()
+        return self.get(user)
+
+    def stats(self) -> dict:
+        return {"users": len(self.users),
+                "max_history": max((len(s["history"]) for s in self.users.values()), default=0)}
+
+
+def actor(run_dir: str, eta, trained, *, max_users: int, max_history: int,
+          snapshot_every: int):
+    """The shared state actor for this run (created once, found by name afterwards)."""
+    import hashlib
+
+    import ray
+
+    name = "emdpo-users-" + hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+    # Restarts reload snapshot + log; calls in flight at a crash fail instead of re-applying.
+    cls = ray.remote(num_cpus=0, max_restarts=-1)(UserState)
+    return cls.options(name=name, namespace="emdpo", get_if_exists=True,
+                       lifetime="detached").remote(run_dir, eta, trained, max_users,
+                                                   max_history, snapshot_every)
