@@ -8,7 +8,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo bench identifiability smoke-smollm2 lint clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: setup
 	$(BIN)/emdpo-ray train --data runs/demo/data.jsonl --types 3 --out runs/demo/run --config jobs/demo.yaml --overwrite
 	$(BIN)/emdpo-ray eval --run runs/demo/run --data runs/demo/data.jsonl
 	$(BIN)/python -m emdpo_ray.demo --run runs/demo/run
+
+# Figures of bench/README.md (under 25 minutes on 2 cores)
+bench: setup
+	$(BIN)/python bench/run.py
 
 lint: setup
 	$(BIN)/ruff check emdpo_ray tests

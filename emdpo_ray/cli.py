@@ -71,8 +71,11 @@ def _mmra(a) -> int:
         print(json.dumps(result.to_json()))
         return 0
     from emdpo_ray.mmra_run import run_mmra
+    from emdpo_ray.storage import open_run
 
-    out = run_mmra(a.run, progress=lambda msg: _console().print(f"[bold cyan]emdpo[/] {msg}"))
+    store, local = open_run(a.run)
+    out = run_mmra(local, progress=lambda msg: _console().print(f"[bold cyan]emdpo[/] {msg}"))
+    store.push_all()
     print(json.dumps({k: out[k] for k in ("weights", "max_regret", "regret")}))
     return 0
 
@@ -80,7 +83,10 @@ def _mmra(a) -> int:
 def _eval(a) -> int:
     from emdpo_ray.evaluate import evaluate_run
 
-    print(json.dumps(evaluate_run(a.run, a.data, online=a.online), indent=2))
+    from emdpo_ray.storage import open_run
+
+    _, local = open_run(a.run)
+    print(json.dumps(evaluate_run(local, a.data, online=a.online), indent=2))
     return 0
 
 

@@ -40,10 +40,9 @@ def ensure_ray(cfg: Config, verbose: bool = False):
         kw = {"log_to_driver": verbose, "include_dashboard": False}
         if not verbose:
             kw["logging_level"] = logging.ERROR
-        if address:
-            ray.init(address=address, **kw)
-        else:
-            ray.init(**kw)
+        # Without an address: a fresh in-process local Ray, never a stray `ray start`
+        # cluster found on the machine. Inside a Ray job RAY_ADDRESS names the cluster.
+        ray.init(address=address or "local", **kw)
     return ray
 
 
@@ -57,9 +56,8 @@ def worker_threads(cfg: Config) -> int:
 def resolve_base(cfg: Config, records: list[Record], run_dir: str) -> str:
     """Path (or hub id) of the base model; builds the default tiny model once per run."""
     if cfg.model.name_or_path:
-        from emdpo_ray.model_sources import resolve_named_model
-
-        return resolve_named_model(cfg.model)
+        # Names and hub ids are resolved on each node where they are loaded (models._local).
+        return cfg.model.name_or_path
     from emdpo_ray.models import build_tiny_model
 
     path = os.path.join(run_dir, "base_model")
@@ -117,11 +115,15 @@ class Prepared:
     threads: int
 
 
-def prepare_data(cfg: Config, records: list[Record], run_dir: str, verbose: bool, say) -> Prepared:
+def prepare_data(cfg: Config, records: list[Record], run_dir: str, verbose: bool, say,
+                 store=None) -> Prepared:
     """Base model, token arrays, cached reference log-probs, shards in the object store."""
     ray = ensure_ray(cfg, verbose)
     threads = worker_threads(cfg)
     base_path = resolve_base(cfg, records, run_dir)
+    if store is not None and store.remote and not cfg.model.name_or_path:
+        store.push("base_model")  # workers on any node load it from shared storage
+        base_path = f"{store.uri}/base_model"
     from emdpo_ray.models import load_tokenizer
 
     tokenizer = load_tokenizer(base_path, cfg.model)
@@ -205,7 +207,7 @@ def initial_gamma(cfg: Config, k: int, records, user_index, num_users, restart_f
 
 
 def _identity(cfg: Config, data_path: str, k: int) -> dict:
-    return {"data": os.path.abspath(data_path) if "://" not in data_path else data_path,
+    return {"data": data_path if "://" in data_path else os.path.abspath(data_path),
             "types": k, "config": cfg.model_dump(mode="json")}
 
 
@@ -234,19 +236,25 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
     records = load_records(data_path)  # all-or-nothing: raises before anything is written
     if k < 1:
         raise ValueError(f"--types must be >= 1, got {k}")
-    run_dir = os.path.abspath(run_dir)
+    from emdpo_ray.storage import RunStore, checkpoint_from
+
+    store = RunStore(run_dir)
+    if overwrite:
+        store.delete()
+    run_dir = store.pull()
     resuming = prepare_run_dir(run_dir, _identity(cfg, data_path, k), overwrite)
     say = progress or (lambda msg: log.info(msg))
     atomic_write_text(os.path.join(run_dir, "config.yaml"), config_to_yaml(cfg))
+    store.push("run.json", "config.yaml")
 
-    prep = prepare_data(cfg, records, run_dir, verbose, say)
+    prep = prepare_data(cfg, records, run_dir, verbose, say, store)
     ui, u_count, users = prep.enc.user_index, len(prep.enc.users), prep.enc.users
     true_types = user_true_types(records, ui, u_count)
     base_path, shard_refs, sizes, threads = prep.base_path, prep.shard_refs, prep.sizes, prep.threads
 
     names, _ = policy_names(k, cfg.em.cross_fit)
     fold = np.random.default_rng(cfg.seed + 17).permutation(u_count) % 2
-    storage = cfg.ray.storage_path or os.path.join(run_dir, "ray_results")
+    storage = cfg.ray.storage_path or store.ray_storage()
 
     def weights_for(gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Record weights [N, A] and which (record, policy) scores the E-step needs."""
@@ -284,9 +292,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
         gamma = np.load(os.path.join(run_dir, state["gamma"]))
         eta, it0 = np.asarray(state["eta"]), state["iteration"] + 1
         prev = EStep(np.log(np.clip(gamma, 1e-300, None)), eta, state["loglik"])
-        from ray.train import Checkpoint
-
-        ckpt = Checkpoint(state["checkpoint"])
+        ckpt = checkpoint_from(state["checkpoint"])
         history = read_json(os.path.join(run_dir, "history.json"))
         done = state.get("converged", False)
         say(f"resuming after iteration {state['iteration']}")
@@ -323,20 +329,26 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
                         "estep_s": t_e},
             "metrics": {key: v for key, v in m.items() if "/" in key and not key.startswith("time/")},
         })
-        np.save(os.path.join(run_dir, f"gamma-{it:03d}.npy"), gamma)
+        gamma_file = f"gamma-{it:03d}.npy"
+        np.save(os.path.join(run_dir, gamma_file + ".partial.npy"), gamma)
+        os.replace(os.path.join(run_dir, gamma_file + ".partial.npy"), os.path.join(run_dir, gamma_file))
         atomic_write_json(os.path.join(run_dir, "history.json"), history)
-        atomic_write_json(state_path, {"iteration": it, "gamma": f"gamma-{it:03d}.npy",
+        store.push(gamma_file, "history.json", "cache")
+        atomic_write_json(state_path, {"iteration": it, "gamma": gamma_file,
                                        "eta": eta.tolist(), "loglik": cur.loglik,
-                                       "checkpoint": ckpt.path, "converged": done})
+                                       "checkpoint": store.checkpoint_uri(ckpt), "converged": done})
+        store.push("state.json")
         say(f"iter {it}: loglik={cur.loglik:.2f} eta={np.round(eta, 3).tolist()} "
             f"max|dgamma|={d_gamma:.3g}" + (f" ari={ari:.3f}" if ari is not None else "")
             + f" (fit {res.wall_s:.1f}s)")
 
     summary = finalize(run_dir, cfg, records, users, gamma, eta, history, ckpt, true_types)
+    store.push_all()
     if cfg.mmra.enabled:
         from emdpo_ray.mmra_run import run_mmra
 
         summary["mmra"] = run_mmra(run_dir, cfg=cfg, progress=say)
+        store.push_all()
     return summary
 
 

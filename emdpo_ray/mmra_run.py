@@ -31,9 +31,7 @@ def run_policy_dirs(run_dir: str, k: int) -> dict[str, str]:
 
 def base_path_of(run_dir: str, cfg: Config) -> str:
     if cfg.model.name_or_path:
-        from emdpo_ray.model_sources import resolve_named_model
-
-        return resolve_named_model(cfg.model)
+        return cfg.model.name_or_path  # resolved where it is loaded (models._local)
     return os.path.join(run_dir, "base_model")
 
 

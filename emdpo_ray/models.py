@@ -65,9 +65,21 @@ def build_tiny_model(texts: list[str], out_dir: str, cfg: ModelConfig, seed: int
     return out_dir
 
 
+def _local(path: str) -> str:
+    """A model folder on shared storage (s3://...) is pulled to this node's cache once; an
+    offline model name (model_sources.OFFLINE) is converted on this node once."""
+    from emdpo_ray.model_sources import OFFLINE, resolve_named_model
+    from emdpo_ray.storage import RunStore, is_remote
+
+    if path in OFFLINE:
+        return resolve_named_model(ModelConfig(name_or_path=path))
+    return RunStore(path).pull() if is_remote(path) else path
+
+
 def load_tokenizer(path: str, cfg: ModelConfig | None = None):
     from transformers import AutoTokenizer
 
+    path = _local(path)
     kw = {}
     if cfg is not None:
         kw = {"trust_remote_code": cfg.trust_remote_code}
@@ -82,6 +94,7 @@ def load_tokenizer(path: str, cfg: ModelConfig | None = None):
 def load_base(path: str, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
+    path = _local(path)
     kw = {"trust_remote_code": cfg.trust_remote_code, "dtype": dtype}
     if cfg.gguf_file:
         kw["gguf_file"] = cfg.gguf_file

@@ -161,13 +161,14 @@ def _iter_parquet(path: str, data: bytes) -> Iterator[Record]:
 def read_bytes(path: str) -> bytes:
     """Read a local path or any URI fsspec/pyarrow can open (s3://, gs://, file://)."""
     if "://" in path and not path.startswith("file://"):
-        import fsspec
+        import pyarrow.fs as pafs
 
         try:
-            with fsspec.open(path, "rb") as f:
+            fs, p = pafs.FileSystem.from_uri(path)
+            with fs.open_input_stream(p) as f:
                 return f.read()
-        except FileNotFoundError:
-            raise RecordError(f"{path}: no such file") from None
+        except (FileNotFoundError, OSError) as e:
+            raise RecordError(f"{path}: cannot read: {e}") from None
     local = path.removeprefix("file://")
     try:
         with open(local, "rb") as f:

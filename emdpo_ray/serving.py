@@ -88,10 +88,14 @@ class HTTPError(Exception):
 
 # ---- run directory ----
 
-def run_layout(run_dir: str) -> dict:
-    """What serving needs from a run: config, K, base path, policy folders, routing state."""
+def run_layout(run_uri: str) -> dict:
+    """What serving needs from a run: config, K, base path, policy folders, routing state.
+    A remote run (s3://...) is pulled to this node's cache first."""
     from emdpo_ray.mmra_run import base_path_of
+    from emdpo_ray.storage import open_run
     from emdpo_ray.utils import read_json
+
+    _, run_dir = open_run(run_uri)
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     ident = read_json(os.path.join(run_dir, "run.json"))
@@ -102,7 +106,7 @@ def run_layout(run_dir: str) -> dict:
     for line in open(os.path.join(run_dir, "posteriors.jsonl"), encoding="utf-8"):
         row = json.loads(line)
         posteriors[row["user_id"]] = row["posterior"]
-    return {"cfg": cfg, "k": k, "base_path": base_path_of(run_dir, cfg),
+    return {"cfg": cfg, "k": k, "base_path": base_path_of(run_dir, cfg), "local": run_dir,
             "policy_dirs": {f"type_{j}": os.path.join(run_dir, "policies", f"type_{j}")
                             for j in range(k)},
             "weights": weights, "posteriors": posteriors}
@@ -210,7 +214,9 @@ class Router:
         self.tok = load_tokenizer(lay["base_path"], self.cfg.model)
         from transformers import AutoConfig
 
-        mc = AutoConfig.from_pretrained(lay["base_path"])
+        from emdpo_ray.models import _local
+
+        mc = AutoConfig.from_pretrained(_local(lay["base_path"]))
         self.context = int(getattr(mc, "max_position_embeddings", 2048))
         self.handles, self.type_map = handles, type_map
         w = np.clip(np.asarray(lay["weights"], float), 0, None)
@@ -220,8 +226,8 @@ class Router:
         from emdpo_ray.utils import read_json
 
         sv = self.cfg.serve
-        eta = read_json(os.path.join(run_dir, "summary.json"))["mixing_weights"]
-        self.state = online.actor(run_dir, eta, lay["posteriors"], max_users=sv.max_online_users,
+        eta = read_json(os.path.join(lay["local"], "summary.json"))["mixing_weights"]
+        self.state = online.actor(lay["local"], eta, lay["posteriors"], max_users=sv.max_online_users,
                                   max_history=sv.max_feedback_history,
                                   snapshot_every=sv.snapshot_every)
         self.api_key = self.cfg.serve.api_key or os.environ.get(API_KEY_ENV) or None
@@ -444,7 +450,9 @@ def app_builder(args: dict):
     `args: {run_dir: ...}`."""
     if "run_dir" not in args:
         raise ValueError("app_builder needs args.run_dir (a run directory)")
-    run_dir = os.path.abspath(args["run_dir"])
+    from emdpo_ray.storage import is_remote
+
+    run_dir = args["run_dir"] if is_remote(args["run_dir"]) else os.path.abspath(args["run_dir"])
     lay = run_layout(run_dir)
     cfg: Config = lay["cfg"]
     k = lay["k"]
@@ -481,9 +489,11 @@ def serve_config(run_dir: str, host: str = "0.0.0.0", port: int = 8000) -> dict:
 def start(run_dir: str, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False):
     """Deploy on the current (or a new local) Ray; returns the base URL."""
     from emdpo_ray.em import ensure_ray
+    from emdpo_ray.storage import is_remote
 
-    run_dir = os.path.abspath(run_dir)
-    ensure_ray(load_config(os.path.join(run_dir, "config.yaml")), verbose)
+    if not is_remote(run_dir):
+        run_dir = os.path.abspath(run_dir)
+    ensure_ray(load_config(os.path.join(run_layout(run_dir)["local"], "config.yaml")), verbose)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app_builder({"run_dir": run_dir}), name="emdpo", route_prefix="/")
     return f"http://{host}:{port}"
@@ -494,8 +504,10 @@ def serve_main(a) -> int:
 
     import yaml
 
-    run_dir = os.path.abspath(a.run)
-    if not os.path.exists(os.path.join(run_dir, "posteriors.jsonl")):
+    from emdpo_ray.storage import is_remote, open_run
+
+    run_dir = a.run if is_remote(a.run) else os.path.abspath(a.run)
+    if not os.path.exists(os.path.join(open_run(run_dir)[1], "posteriors.jsonl")):
         from emdpo_ray.mmra import MatrixError
 
         raise MatrixError(f"{a.run}: not a finished emdpo-ray run (no posteriors.jsonl)")
