@@ -506,6 +506,10 @@ def serve_main(a) -> int:
 
     from emdpo_ray.storage import is_remote, open_run
 
+    if not a.print_config:
+        # Block SIGINT/SIGTERM before any thread starts (threads inherit the mask) and wait
+        # for them below, so Ray's fatal-signal handler never sees them: a clean shutdown.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     run_dir = a.run if is_remote(a.run) else os.path.abspath(a.run)
     if not os.path.exists(os.path.join(open_run(run_dir)[1], "posteriors.jsonl")):
         from emdpo_ray.mmra import MatrixError
@@ -516,15 +520,7 @@ def serve_main(a) -> int:
         return 0
     url = start(run_dir, a.host, a.port)
     print(f"serving {run_dir} at {url}/v1 (Ctrl-C to stop)", flush=True)
-    done = {"flag": False}
-
-    def handler(signum, frame):
-        done["flag"] = True
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    while not done["flag"]:
-        time.sleep(0.2)
+    signal.sigwait({signal.SIGINT, signal.SIGTERM})
     serve.shutdown()
     print("stopped", flush=True)
     return 0
