@@ -149,12 +149,12 @@ def test_rayservice_serve_config_is_valid_and_imports():
     assert svc["upgradeStrategy"]["type"] == "NewCluster"
 
 
-def _wait_http(url, timeout=120, method="get", **kw):
+def _wait_http(url, timeout=120, method="get", ok=(200,), **kw):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             r = getattr(httpx, method)(url, timeout=10, **kw)
-            if r.status_code == 200:
+            if r.status_code in ok:
                 return r
         except httpx.HTTPError:
             pass
@@ -163,12 +163,17 @@ def _wait_http(url, timeout=120, method="get", **kw):
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     """A Ray head on loopback started by this test alone, torn down with its processes."""
+    import shutil
+    import tempfile
+
     gcs, dash = free_port(), free_port()
-    temp = tmp_path / "ray"
-    temp.mkdir()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    # short: Ray's unix socket paths under the temp dir must stay under ~107 characters
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # a loopback-only test cluster: no token auth, so the Jobs API needs no token file
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [f"{BIN}/ray", "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
@@ -176,7 +181,8 @@ def ray_head(tmp_path):
          "--num-cpus=2", f"--temp-dir={temp}", "--block", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version")
+        # up when it answers at all (with Ray's token auth on, unauthenticated calls get 401)
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", ok=(200, 401))
         yield f"http://127.0.0.1:{dash}", env
     finally:
         os.killpg(head.pid, signal.SIGKILL)
@@ -184,6 +190,7 @@ def ray_head(tmp_path):
         current = "/tmp/ray/ray_current_cluster"
         if os.path.exists(current) and str(gcs) in open(current).read():
             os.remove(current)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow
