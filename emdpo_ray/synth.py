@@ -104,8 +104,10 @@ def make_theta(types: int, seed: int) -> np.ndarray:
 
 
 def generate(users: int = 120, types: int = 3, rankings_per_user: int = 8, responses: int = 3,
-             shares: list[float] | None = None, seed: int = 0, reward_scale: float = 2.0):
-    """Records (as dicts) and the generator's metadata (true reward functions)."""
+             shares: list[float] | None = None, seed: int = 0, reward_scale: float = 2.0,
+             theta: np.ndarray | None = None):
+    """Records (as dicts) and the generator's metadata (true reward functions).
+    `theta` [types, len(FEATURES)] overrides the built-in type preferences."""
     if types < 1 or users < 1 or rankings_per_user < 1 or responses < 2:
         raise ValueError("need users >= 1, types >= 1, rankings-per-user >= 1, responses >= 2")
     if shares is None:
@@ -114,7 +116,7 @@ def generate(users: int = 120, types: int = 3, rankings_per_user: int = 8, respo
         raise ValueError(f"--shares needs {types} non-negative numbers, got {shares}")
     p = np.asarray(shares, dtype=float) / sum(shares)
     rng = np.random.default_rng(seed)
-    theta = make_theta(types, seed)
+    theta = make_theta(types, seed) if theta is None else np.asarray(theta, dtype=float)
     user_types = rng.choice(types, size=users, p=p)
     records = []
     for u in range(users):
