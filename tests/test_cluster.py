@@ -205,8 +205,16 @@ def test_real_job_submission_then_serve_deploy(ray_head, tmp_path):
              "--set em.max_iterations=1 --set dpo.min_steps=10 --set mmra.num_prompts=2 "
              "--set mmra.max_new_tokens=8 --set mmra.single_dpo_baseline=false "
              "--set ray.cpus_per_worker=1")
-    job = client.submit_job(entrypoint=entry, runtime_env={
-        "working_dir": REPO, "excludes": [".venv", ".cache", "runs", ".git", "bench/out"]})
+    runtime_env = {"working_dir": REPO, "excludes": [".venv", ".cache", "runs", ".git"]}
+    deadline = time.time() + 120
+    while True:  # the dashboard answers before the node's job agent has registered
+        try:
+            job = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
     deadline = time.time() + 900
     while time.time() < deadline:
         status = client.get_job_status(job)
