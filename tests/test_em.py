@@ -179,3 +179,35 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     a, b = posteriors(full), posteriors(cut)
     assert a.keys() == b.keys()
     assert max(abs(x - y) for u in a for x, y in zip(a[u], b[u])) < 1e-3
+
+
+def test_labels_init_uses_true_type(synth_data):
+    from emdpo_ray.em import initial_gamma
+    from emdpo_ray.records import group_by_user
+
+    recs = load_records(synth_data)
+    users, ui = group_by_user(recs)
+    cfg = load_config(None, ["em.init=labels", "em.init_smoothing=0.1"])
+    g = initial_gamma(cfg, 3, recs, np.asarray(ui), len(users))
+    truth = {r.user_id: r.true_type for r in recs}
+    assert [int(x) for x in g.argmax(1)] == [truth[u] for u in users]
+    assert g.max() == pytest.approx(0.9)
+
+
+@pytest.mark.slow
+def test_full_finetuning_trains_and_scores(ray_local, tmp_path):
+    """model.finetune=full: K full copies and a frozen reference under DeepSpeed."""
+    from emdpo_ray import synth
+
+    data = str(tmp_path / "d.jsonl")
+    synth.write(data, *synth.generate(users=16, types=2, rankings_per_user=4, seed=3))
+    run = str(tmp_path / "full")
+    summary = train(load_config(None, ["model.finetune=full", "em.max_iterations=1",
+                                       "dpo.min_steps=5", "dpo.learning_rate=1e-3",
+                                       "mmra.num_prompts=2", "mmra.max_new_tokens=6"]),
+                    data, 2, run)
+    assert summary["iterations"] == 1
+    for k in range(2):
+        assert os.path.exists(os.path.join(run, "policies", f"type_{k}", "model.safetensors"))
+    mm = json.load(open(os.path.join(run, "mmra.json")))
+    assert np.isfinite(np.asarray(mm["L"])).all()
