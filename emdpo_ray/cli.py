@@ -114,13 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="run EM-DPO on Ray and write a run directory",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
-                           "main knobs (--set key=value):\n"
-                           "  em.max_iterations=3   em.init=kmeans|random|labels\n"
-                           "  em.warm_start=true    em.cross_fit=true\n"
-                           "  dpo.beta=0.1  dpo.learning_rate=5e-3  dpo.epochs=2  dpo.min_steps=60  em.warm_epochs=1  "
-                           "dpo.batch_size=32\n"
-                           "  model.name_or_path=DIR|HF_ID  model.finetune=lora|full  "
-                           "model.lora.r=8\n"
+                           "main knobs (--set key=value), defaults shown:\n"
+                           "  em.max_iterations=3  em.init=kmeans|random|labels  "
+                           "em.warm_start=true  em.warm_epochs=1  em.cross_fit=false\n"
+                           "  dpo.beta=1.0  dpo.learning_rate=5e-3  dpo.epochs=2  "
+                           "dpo.min_steps=60  dpo.batch_size=32\n"
+                           "  model.name_or_path=DIR|HF_ID|smollm2-135m-instruct  "
+                           "model.finetune=lora|full  model.lora.r=8\n"
                            "  ray.num_workers=1  ray.cpus_per_worker=1  ray.zero_stage=0  "
                            "ray.use_gpu=false\n"
                            "  mmra.enabled=true  mmra.single_dpo_baseline=false"))

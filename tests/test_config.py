@@ -35,3 +35,18 @@ def test_bad_yaml_file(tmp_path):
         load_config(str(f))
     with pytest.raises(ConfigError, match="no such config"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_cli_help_lists_subcommands_and_knobs():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "emdpo_ray", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for cmd in ("synth", "train", "mmra", "eval", "serve"):
+        assert cmd in out
+    out = subprocess.run([sys.executable, "-m", "emdpo_ray", "train", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for knob in ("--data", "--types", "--out", "--config", "--set", "dpo.beta", "em.init",
+                 "ray.zero_stage"):
+        assert knob in out
