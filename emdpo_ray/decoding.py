@@ -46,7 +46,7 @@ def _apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 @torch.no_grad()
-def generate_batch(forward, tokenizer, reqs: list[GenRequest], names_of=None,
+def generate_batch(forward, tokenizer, reqs: list[GenRequest],
                    on_token=None) -> list[GenResult]:
     """Decode every request; `forward(input_ids, attention_mask, position_ids, cache, rows)`
     returns (logits of the last position, new cache). `on_token(row, text_so_far)` streams."""

@@ -72,8 +72,8 @@ def true_regret(run_dir: str, data_path: str, k: int) -> dict | None:
     meta = read_json(meta_file)
     theta = np.asarray(meta["theta"])
     samples = [json.loads(line) for line in open(samples_file, encoding="utf-8")]
-    names = sorted({s["policy"] for s in samples}, key=lambda n: (n != n.replace("type_", ""), n))
-    names = [f"type_{j}" for j in range(k)] + [n for n in names if not n.startswith("type_")]
+    others = sorted({s["policy"] for s in samples if not s["policy"].startswith("type_")})
+    names = [f"type_{j}" for j in range(k)] + others
     # R[t, g]: mean true reward of type t over policy g's generations
     R = np.zeros((len(theta), len(names)))
     for g, name in enumerate(names):

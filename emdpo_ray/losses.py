@@ -13,7 +13,6 @@ the posterior gamma_uk of its user's type.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 _MASKED = -1e9  # finite stand-in for -inf: exp() underflows to 0 and gradients stay finite
 
@@ -79,8 +78,3 @@ def pl_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, weights: to
             "logps/rejected": (wn * (lp[:, 1:] * rest).sum(-1) / n_rest).sum(),
         }
     return loss, metrics
-
-
-def bt_logp(chosen_minus_rejected: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry log-likelihood, the m = 2 case (used to cross-check)."""
-    return F.logsigmoid(chosen_minus_rejected)

@@ -109,13 +109,6 @@ def eval_prompts(data_path: str, n: int, seed: int) -> list[str]:
     return [prompts[i] for i in rng.permutation(len(prompts))[:n]]
 
 
-def train_single_baseline(run_dir: str, cfg: Config) -> None:
-    """One DPO policy on all records with weight 1: what a user gets without types."""
-    from emdpo_ray.em import train_single_policy
-
-    train_single_policy(run_dir, cfg)
-
-
 def run_mmra(run_dir: str, cfg: Config | None = None, progress=None) -> dict:
     run_dir = os.path.abspath(run_dir)
     if not os.path.exists(os.path.join(run_dir, "run.json")):
@@ -126,8 +119,10 @@ def run_mmra(run_dir: str, cfg: Config | None = None, progress=None) -> dict:
     say = progress or (lambda m: None)
     if cfg.mmra.single_dpo_baseline and not os.path.isdir(
             os.path.join(run_dir, "baselines", "single_dpo")):
+        from emdpo_ray.em import train_single_policy
+
         say("training the single-DPO baseline (all records, no types)")
-        train_single_baseline(run_dir, cfg)
+        train_single_policy(run_dir, cfg)
     prompts = eval_prompts(ident["data"], cfg.mmra.num_prompts, cfg.seed)
     L_full, samples = estimate_L(run_dir, cfg, k, prompts)
     L = L_full[:, :k]
