@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,12 +24,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 THREADS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_data(path: str, users: int, types: int, per_user: int, responses: int, seed=0):
@@ -108,9 +101,10 @@ def serving_figures(run: str, n: int) -> dict:
 
     from emdpo_ray import serving
     from emdpo_ray.decoding import GenRequest
+    from emdpo_ray.utils import free_port
 
     ray.init(address="local", num_cpus=THREADS, include_dashboard=False, log_to_driver=False)
-    url = serving.start(run, "127.0.0.1", _free_port())
+    url = serving.start(run, "127.0.0.1", free_port())
     client = httpx.Client(base_url=url, timeout=60)
     h = serve.get_deployment_handle("PolicyServer", app_name="emdpo")
     from emdpo_ray.models import load_tokenizer, prompt_token_ids

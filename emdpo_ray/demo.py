@@ -8,14 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def main(argv: list[str] | None = None) -> int:
     import httpx
@@ -23,14 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from emdpo_ray import serving
-    from emdpo_ray.utils import quiet_ray_logs, read_json
+    from emdpo_ray.utils import free_port, quiet_ray_logs, read_json
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--run", required=True)
     p.add_argument("--anonymous", type=int, default=6)
     a = p.parse_args(argv)
     quiet_ray_logs()
-    url = serving.start(a.run, "127.0.0.1", _free_port())
+    url = serving.start(a.run, "127.0.0.1", free_port())
     print(f"serving {a.run} at {url}/v1")
     rows = [json.loads(line) for line in open(os.path.join(a.run, "posteriors.jsonl"))]
     known = {}

@@ -163,12 +163,12 @@ def train_single_policy(run_dir: str, cfg: Config, say=lambda m: None) -> str:
     return out
 
 
-def policy_names(k: int, cross_fit: bool) -> tuple[list[str], int]:
+def policy_names(k: int, cross_fit: bool) -> list[str]:
     """Policies trained per M-step: type_k on everyone, plus f<f>_type_k without fold f."""
     names = [f"type_{j}" for j in range(k)]
     if cross_fit:
         names += [f"f{f}_type_{j}" for f in (0, 1) for j in range(k)]
-    return names, k
+    return names
 
 
 def _ari(true_types: np.ndarray | None, gamma: np.ndarray) -> float | None:
@@ -252,7 +252,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
     true_types = user_true_types(records, ui, u_count)
     base_path, shard_refs, sizes, threads = prep.base_path, prep.shard_refs, prep.sizes, prep.threads
 
-    names, _ = policy_names(k, cfg.em.cross_fit)
+    names = policy_names(k, cfg.em.cross_fit)
     fold = np.random.default_rng(cfg.seed + 17).permutation(u_count) % 2
     storage = cfg.ray.storage_path or store.ray_storage()
 

@@ -118,14 +118,18 @@ class UserState:
                 "max_history": max((len(s["history"]) for s in self.users.values()), default=0)}
 
 
+def actor_name(run_dir: str) -> str:
+    import hashlib
+
+    return "emdpo-users-" + hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+
+
 def actor(run_dir: str, eta, trained, *, max_users: int, max_history: int,
           snapshot_every: int):
     """The shared state actor for this run (created once, found by name afterwards)."""
-    import hashlib
-
     import ray
 
-    name = "emdpo-users-" + hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+    name = actor_name(run_dir)
     # Restarts reload snapshot + log; calls in flight at a crash fail instead of re-applying.
     cls = ray.remote(num_cpus=0, max_restarts=-1)(UserState)
     return cls.options(name=name, namespace="emdpo", get_if_exists=True,

@@ -1,7 +1,6 @@
 import json
 import os
 import shutil
-import socket
 import warnings
 
 import pytest
@@ -52,12 +51,6 @@ def trained_run(ray_local, synth_data, tmp_path_factory):
 KEY = "test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server(trained_run, tmp_path_factory):
     """The trained run, copied, with auth on and MMRA weights that give type 2 nothing."""
@@ -78,6 +71,8 @@ def server(trained_run, tmp_path_factory):
     mm = json.load(open(os.path.join(run, "mmra.json")))
     mm["weights"] = [0.5, 0.5, 0.0]
     open(os.path.join(run, "mmra.json"), "w").write(json.dumps(mm))
+    from emdpo_ray.utils import free_port
+
     port = free_port()
     url = serving.start(run, "127.0.0.1", port)
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)

@@ -6,7 +6,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,13 @@ import jsonschema
 import pytest
 import yaml
 
+from emdpo_ray.utils import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CRDS = os.environ.get("KUBERAY_CRDS_DIR") or os.path.join(REPO, "..", "shared", "kuberay-crds")
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}
 BIN = os.path.dirname(sys.executable)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def strict(schema):

@@ -107,10 +107,9 @@ def test_posteriors_survive_state_actor_restart(server):
                                       "responses": ["Clearly yes.", "Maybe no.", "Yeah cool."],
                                       "ranking": [2, 0, 1]})
     before = client.get("/v1/users/durable").json()
-    import hashlib
+    from emdpo_ray.online import actor_name
 
-    name = "emdpo-users-" + hashlib.sha1(os.path.abspath(run).encode()).hexdigest()[:12]
-    ray.kill(ray.get_actor(name, namespace="emdpo"), no_restart=False)
+    ray.kill(ray.get_actor(actor_name(run), namespace="emdpo"), no_restart=False)
     deadline = time.time() + 60
     r = client.get("/v1/users/durable")
     while r.status_code != 200 and time.time() < deadline:
