@@ -176,11 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     from emdpo_ray.config import ConfigError
     from emdpo_ray.em import RunDirError
     from emdpo_ray.mmra import MatrixError
+    from emdpo_ray.models import UnsafeModelError
     from emdpo_ray.records import RecordError
 
     try:
         return args.fn(args)
-    except (RecordError, ConfigError, MatrixError, RunDirError) as e:
+    except (RecordError, ConfigError, MatrixError, RunDirError, UnsafeModelError) as e:
         for line in str(e).splitlines():
             print(f"emdpo-ray {args.command}: error: {line}", file=sys.stderr)
         return 2

@@ -58,7 +58,11 @@ class ModelConfig(_Section):
         "'full': K full copies plus a frozen reference."))
     lora: LoraSettings = Field(default_factory=LoraSettings)
     tiny: TinyModelSettings = Field(default_factory=TinyModelSettings)
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+    trust_remote_code: bool = Field(False, description=(
+        "Run Python code shipped with a model (auto_map). Off: such models are refused."))
+    allow_pickle: bool = Field(False, description=(
+        "Load weights from pickle files (pytorch_model.bin, adapter_model.bin). Off: "
+        "safetensors only, since unpickling runs arbitrary code."))
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
         "'auto' is float32 on CPU and bfloat16 on GPU."))
 
@@ -121,6 +125,8 @@ class DeploymentSettings(_Section):
     ray_actor_options: dict = Field(default_factory=lambda: {"num_cpus": 1}, description=(
         "Ray Serve ray_actor_options, e.g. {num_cpus: 2} or {num_gpus: 1}."))
     max_ongoing_requests: int = Field(64, ge=1, description="Requests queued per replica.")
+    health_check_period_s: float = Field(5.0, gt=0, description=(
+        "How often Serve checks each replica; a dead one is replaced after a failed check."))
 
 
 class ServeConfig(_Section):
@@ -142,6 +148,10 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(16, ge=1, description=(
         "Requests for any mix of types decoded together in one batched forward."))
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="Wait to fill a batch.")
+    request_timeout_s: float = Field(60.0, gt=0, description=(
+        "A request not answered by then gets 503 with Retry-After (never a hang)."))
+    retries: int = Field(3, ge=0, description=(
+        "Retries of a request whose policy replica died, within request_timeout_s."))
     policy: DeploymentSettings = Field(default_factory=DeploymentSettings)
     router: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(
         ray_actor_options={"num_cpus": 0.1}))
@@ -156,6 +166,13 @@ class RayConfig(_Section):
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     storage_path: str | None = Field(None, description=(
         "Ray Train storage (checkpoints). None: <run_dir>/ray_results."))
+    max_failures: int = Field(2, ge=-1, description=(
+        "Worker-group restarts per M-step (Ray Train FailureConfig); -1: unlimited."))
+    checkpoint_every_steps: int = Field(25, ge=0, description=(
+        "Steps between mid-M-step checkpoints (a restarted worker group resumes from the "
+        "last one); 0: only the final checkpoint."))
+    dashboard: bool = Field(False, description=(
+        "Start the Ray dashboard (and job API) with the local Ray; bound to 127.0.0.1."))
 
 
 class Config(_Section):

@@ -28,6 +28,18 @@ from emdpo_ray.utils import atomic_write_json, atomic_write_text, read_json
 log = logging.getLogger(__name__)
 
 
+FAULT_ENV = "EMDPO_FAULT"
+
+
+def fault_point(name: str, iteration: int) -> None:
+    """Crash testing: EMDPO_FAULT=<name>:<iteration> SIGKILLs this process here, mid-way
+    through a phase too short to hit from outside (the E-step, the state write)."""
+    if os.environ.get(FAULT_ENV) == f"{name}:{iteration}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class RunDirError(ValueError):
     """The run directory holds another run (different config or data)."""
 
@@ -37,9 +49,12 @@ def ensure_ray(cfg: Config, verbose: bool = False):
 
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        kw = {"log_to_driver": verbose, "include_dashboard": False}
+        kw = {"log_to_driver": verbose}
         if not verbose:
             kw["logging_level"] = logging.ERROR
+        if not address:
+            # The dashboard serves the job API (submit = run code): loopback only.
+            kw.update(include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1")
         # Without an address: a fresh in-process local Ray, never a stray `ray start`
         # cluster found on the machine. Inside a Ray job RAY_ADDRESS names the cluster.
         ray.init(address=address or "local", **kw)
@@ -56,6 +71,9 @@ def worker_threads(cfg: Config) -> int:
 def resolve_base(cfg: Config, records: list[Record], run_dir: str) -> str:
     """Path (or hub id) of the base model; builds the default tiny model once per run."""
     if cfg.model.name_or_path:
+        from emdpo_ray.models import check_model_safety
+
+        check_model_safety(cfg.model.name_or_path, cfg.model)  # refuse before any worker loads it
         # Names and hub ids are resolved on each node where they are loaded (models._local).
         return cfg.model.name_or_path
     from emdpo_ray.models import build_tiny_model
@@ -221,6 +239,10 @@ def prepare_run_dir(run_dir: str, identity: dict, overwrite: bool) -> bool:
             raise RunDirError(
                 f"{run_dir}: holds a run with a different config or data; use another --out "
                 "or pass --overwrite to start over")
+        for name in os.listdir(run_dir):  # leftovers of a crash mid-write: never read
+            if name.startswith(".tmp-") or ".partial" in name:
+                path = os.path.join(run_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
         return os.path.exists(os.path.join(run_dir, "state.json"))
     if os.path.isdir(run_dir) and os.listdir(run_dir):
         raise RunDirError(f"{run_dir}: exists and is not an emdpo-ray run directory; use "
@@ -293,7 +315,10 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
         eta, it0 = np.asarray(state["eta"]), state["iteration"] + 1
         prev = EStep(np.log(np.clip(gamma, 1e-300, None)), eta, state["loglik"])
         ckpt = checkpoint_from(state["checkpoint"])
-        history = read_json(os.path.join(run_dir, "history.json"))
+        # history.json is written before state.json: after a crash between the two it holds
+        # the iteration in flight, which is redone, so drop it rather than count it twice.
+        history = [h for h in read_json(os.path.join(run_dir, "history.json"))
+                   if h["iteration"] <= state["iteration"]]
         done = state.get("converged", False)
         say(f"resuming after iteration {state['iteration']}")
     else:
@@ -312,7 +337,9 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
     for it in range(it0, cfg.em.max_iterations + 1):
         if done:
             break
+        say(f"iter {it}: M-step")
         res = mstep(gamma, it, ckpt if cfg.em.warm_start else None, "mstep")
+        fault_point("estep", it)
         t = time.perf_counter()
         cur = e_step(type_scores(res.scores), ui, u_count, eta)
         t_e = time.perf_counter() - t
@@ -333,6 +360,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
         np.save(os.path.join(run_dir, gamma_file + ".partial.npy"), gamma)
         os.replace(os.path.join(run_dir, gamma_file + ".partial.npy"), os.path.join(run_dir, gamma_file))
         atomic_write_json(os.path.join(run_dir, "history.json"), history)
+        fault_point("checkpoint", it)
         store.push(gamma_file, "history.json", "cache")
         atomic_write_json(state_path, {"iteration": it, "gamma": gamma_file,
                                        "eta": eta.tolist(), "loglik": cur.loglik,

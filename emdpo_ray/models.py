@@ -11,6 +11,7 @@ frozen reference. Its `logps` scores any mix of (row, policy) pairs in one batch
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -99,8 +100,47 @@ def load_base(path: str, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
     if cfg.gguf_file:
         kw["gguf_file"] = cfg.gguf_file
     else:
-        kw["use_safetensors"] = True
+        check_model_safety(path, cfg)
+        kw["use_safetensors"] = None if cfg.allow_pickle else True
     return AutoModelForCausalLM.from_pretrained(path, **kw)
+
+
+class UnsafeModelError(ValueError):
+    """A model needs pickle weights or its own code, and the config does not allow it."""
+
+
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_model_safety(path: str, cfg: ModelConfig) -> None:
+    """Before anything loads a local model folder: its weights and its code."""
+    path = _local(path)
+    check_weights_format(path, cfg.allow_pickle)
+    conf = os.path.join(path, "config.json")
+    if not cfg.trust_remote_code and os.path.isfile(conf):
+        with open(conf, encoding="utf-8") as f:
+            auto_map = json.load(f).get("auto_map")
+        if auto_map:
+            code = sorted({str(v) for v in auto_map.values()}) if isinstance(auto_map, dict) \
+                else [str(auto_map)]
+            raise UnsafeModelError(
+                f"{conf}: auto_map asks to run the model's own Python code ({', '.join(code)}); "
+                "set model.trust_remote_code=true only if you trust its source")
+
+
+def check_weights_format(path: str, allow_pickle: bool) -> None:
+    """Refuse a local folder whose weights are pickles: unpickling runs arbitrary code."""
+    if allow_pickle or not os.path.isdir(path):
+        return
+    files = os.listdir(path)
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(PICKLE_WEIGHTS))
+    if pickles:
+        raise UnsafeModelError(
+            f"{path}: weights are pickle files ({', '.join(pickles)}), which can run arbitrary "
+            "code when loaded; convert them to safetensors, or set model.allow_pickle=true "
+            "if you trust their source")
 
 
 def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -151,7 +191,10 @@ class PolicyBank(nn.Module):
                     from peft.utils import set_peft_model_state_dict
                     from safetensors.torch import load_file
 
-                    sd = load_file(os.path.join(warm(name), "adapter_model.safetensors"))
+                    check_weights_format(warm(name), cfg.allow_pickle)
+                    st = os.path.join(warm(name), "adapter_model.safetensors")
+                    sd = load_file(st) if os.path.exists(st) else torch.load(
+                        os.path.join(warm(name), "adapter_model.bin"), weights_only=True)
                     set_peft_model_state_dict(model, sd, adapter_name=name)
             # PEFT marks only the active adapter trainable; here every adapter trains at once.
             for n, p in model.named_parameters():
@@ -165,7 +208,10 @@ class PolicyBank(nn.Module):
             policies = []
             for name in self.names:
                 if warm(name):
-                    m = AutoModelForCausalLM.from_pretrained(warm(name), dtype=base.dtype)
+                    check_weights_format(warm(name), cfg.allow_pickle)
+                    m = AutoModelForCausalLM.from_pretrained(
+                        warm(name), dtype=base.dtype, trust_remote_code=cfg.trust_remote_code,
+                        use_safetensors=None if cfg.allow_pickle else True)
                 else:
                     m = copy.deepcopy(base)
                 policies.append(m)

@@ -9,10 +9,16 @@ Each worker reads only its shard (an object-store reference put by the driver), 
 scores its shard's records under every policy (Plackett-Luce log-likelihood with the cached
 reference log-probs), and rank 0 reports the policies and the gathered scores as a Ray Train
 checkpoint under the run's storage path.
+
+Every `ray.checkpoint_every_steps` steps rank 0 also reports a mid-fit checkpoint (policies,
+optimizer moments, step). When a worker dies, Ray Train restarts the group (up to
+`ray.max_failures` times) and the new workers continue from that checkpoint, skipping no
+batch and repeating none: the batch order is a pure function of the seed.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -43,6 +49,55 @@ def deepspeed_config(cfg: Config, batch_size: int) -> dict:
     if cfg.ray.use_gpu:
         ds["bf16"] = {"enabled": True}
     return ds
+
+
+def optimizer_state_to_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """A torch optimizer state_dict as flat tensors plus JSON (safetensors, not pickle)."""
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for key, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{key}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = v
+    return tensors, json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})
+
+
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: str) -> dict:
+    """Inverse of optimizer_state_to_tensors."""
+    info = json.loads(meta)
+    state: dict[int, dict] = {}
+    for flat, v in [*tensors.items(), *info["scalars"].items()]:
+        pid, key = flat.split(".", 1)
+        state.setdefault(int(pid), {})[key] = v
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def save_progress(out: str, engine, step: int, sums: dict, with_optimizer: bool) -> None:
+    """Mid-fit checkpoint contents: policies/, optimizer.safetensors, progress.json."""
+    from safetensors.torch import save_file
+
+    engine.module.save(os.path.join(out, "policies"))
+    if with_optimizer:
+        tensors, meta = optimizer_state_to_tensors(engine.optimizer.state_dict())
+        save_file(tensors, os.path.join(out, "optimizer.safetensors"), metadata={"meta": meta})
+    with open(os.path.join(out, "progress.json"), "w") as f:
+        json.dump({"step": step, "sums": sums}, f)
+
+
+def load_progress(folder: str, engine) -> tuple[int, dict]:
+    """Restore the optimizer from a mid-fit checkpoint; returns (next step, metric sums)."""
+    from safetensors import safe_open
+
+    opt = os.path.join(folder, "optimizer.safetensors")
+    if os.path.exists(opt):
+        with safe_open(opt, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata()["meta"]
+        engine.optimizer.load_state_dict(optimizer_state_from_tensors(tensors, meta))
+    with open(os.path.join(folder, "progress.json")) as f:
+        prog = json.load(f)
+    return prog["step"], prog["sums"]
 
 
 def flat_rows(batch: dict[str, np.ndarray], pairs: np.ndarray, device) -> dict[str, torch.Tensor]:
@@ -130,7 +185,10 @@ def _train_loop(config: dict) -> None:
 
     dtype = torch.bfloat16 if cfg.ray.use_gpu else torch.float32
     base = load_base(config["base_path"], cfg.model, dtype=dtype)
-    init_ckpt = config.get("init_from")
+    # A restarted worker group continues from this fit's last checkpoint (Ray Train
+    # passes it back); a first attempt warm-starts from the previous EM iteration.
+    resume = ray.train.get_checkpoint()                               # Ray
+    init_ckpt = resume if resume is not None else config.get("init_from")
     if init_ckpt is not None:
         with init_ckpt.as_directory() as d:
             bank = PolicyBank(base, cfg.model, names, init_from=os.path.join(d, "policies"))
@@ -153,7 +211,12 @@ def _train_loop(config: dict) -> None:
     norm = torch.as_tensor(config["weight_means"], dtype=torch.float32) * bs
     t1 = time.perf_counter()
     sums: dict[str, float] = {}
-    for step in range(steps):
+    first = 0
+    if resume is not None:
+        with resume.as_directory() as d:
+            first, sums = load_progress(d, engine)
+    every = cfg.ray.checkpoint_every_steps
+    for step in range(first, steps):
         idx = order[step * bs:(step + 1) * bs]
         w = weights[idx]
         rec, pol = np.nonzero(w > 0)  # skip exact zeros (cross-fit folds): no compute wasted
@@ -176,6 +239,14 @@ def _train_loop(config: dict) -> None:
         engine.backward(loss)                                          # DeepSpeed
         engine.step()                                                  # DeepSpeed
         sums["train/loss"] = sums.get("train/loss", 0.0) + float(loss)
+        if every and (step + 1) % every == 0 and step + 1 < steps:
+            progress = {"train/step": step + 1, "train/resumed_from_step": first}
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_progress(tmp, engine, step + 1, sums, cfg.ray.zero_stage == 0)
+                    ray.train.report(progress, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(progress)
     t_train = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -189,7 +260,8 @@ def _train_loop(config: dict) -> None:
 
     metrics = {k: v / steps for k, v in sums.items()}
     metrics.update({"time/startup_s": t_start, "time/train_s": t_train,
-                    "time/score_s": t_score, "train/steps": steps})
+                    "time/score_s": t_score, "train/steps": steps,
+                    "train/resumed_from_step": first})
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             engine.module.save(os.path.join(tmp, "policies"))
@@ -213,7 +285,7 @@ def run_mstep(cfg: Config, *, names: list[str], num_types: int, base_path: str,
               init_from=None, threads: int = 1, epochs: float | None = None) -> MStepResult:
     """One fit(): train the policies `names` on `weights` [N, A] and score `score_mask`."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     bounds = np.cumsum([0] + list(shard_sizes))
@@ -235,6 +307,7 @@ def run_mstep(cfg: Config, *, names: list[str], num_types: int, base_path: str,
         run_config=RunConfig(
             name=run_name, storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu
                                              else "cpu"}}),
     )

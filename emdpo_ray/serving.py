@@ -13,6 +13,7 @@ concurrent requests for any mix of types in one batched forward (`@serve.batch`,
 # No `from __future__ import annotations`: FastAPI must see real types through serve.ingress.
 
 import asyncio
+import hmac
 import json
 import os
 import time
@@ -40,8 +41,8 @@ class _Req(BaseModel):
     max_tokens: int | None = Field(None, description="tokens to generate")
     temperature: float = Field(1.0, ge=0, le=5)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2 ** 64, description="per-request sampling seed")
+    stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
     user: str | None = None
     stream: bool = False
 
@@ -50,6 +51,13 @@ class _Req(BaseModel):
     def _positive(cls, v):
         if v is not None and v <= 0:
             raise ValueError("must be a positive integer")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, v):
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop strings")
         return v
 
     def stops(self) -> list[str]:
@@ -74,16 +82,33 @@ class _AnyObject(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class FeedbackRequest(BaseModel):
+    """Documents /v1/feedback (the body is checked by the record contract, records.py)."""
+    model_config = ConfigDict(extra="allow")
+    user: str
+    prompt: str
+    responses: list[str] | None = Field(None, description="3+ responses make types identifiable")
+    ranking: list[int] | None = Field(None, description="response indices, best first")
+    chosen: str | None = None
+    rejected: str | None = None
+
+
 class HTTPError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.kind,
                                        "param": self.param, "code": self.status}},
-                            status_code=self.status)
+                            status_code=self.status, headers=self.headers)
+
+
+def unavailable(message: str, retry_after_s: int) -> HTTPError:
+    return HTTPError(503, message, kind="service_unavailable",
+                     headers={"Retry-After": str(max(1, retry_after_s))})
 
 
 # ---- run directory ----
@@ -197,7 +222,40 @@ class PolicyServer:
             raise RuntimeError("policies not loaded")
 
 
-app = FastAPI(title="emdpo-ray", docs_url=None, redoc_url=None)
+class _App(FastAPI):
+    def openapi(self) -> dict:
+        """FastAPI's schema plus the request bodies, which the routes parse themselves (to
+        answer OpenAI-style 400s): clients and fuzzers see the real contract."""
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (CompletionRequest, ChatRequest, FeedbackRequest):
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(js.pop("$defs", {}))
+                comps[model.__name__] = js
+        return self.openapi_schema
+
+
+def _json_body(model) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+app = _App(title="emdpo-ray", docs_url=None, redoc_url=None)
+_api_key: str | None = None  # set by the Router replica in this process
+OPEN_PATHS = ("/healthz",)
+
+
+@app.middleware("http")
+async def bearer_auth(request: Request, call_next):
+    """Every route but /healthz needs the token once one is configured (the OpenAPI
+    schema included); compared in constant time."""
+    if _api_key and request.url.path not in OPEN_PATHS:
+        got = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(got, f"Bearer {_api_key}".encode()):
+            return HTTPError(401, "missing or wrong bearer token",
+                             kind="authentication_error").response()
+    return await call_next(request)
 
 
 @serve.deployment(name="Router")
@@ -216,7 +274,8 @@ class Router:
 
         from emdpo_ray.models import _local
 
-        mc = AutoConfig.from_pretrained(_local(lay["base_path"]))
+        mc = AutoConfig.from_pretrained(_local(lay["base_path"]),
+                                        trust_remote_code=self.cfg.model.trust_remote_code)
         self.context = int(getattr(mc, "max_position_embeddings", 2048))
         self.handles, self.type_map = handles, type_map
         w = np.clip(np.asarray(lay["weights"], float), 0, None)
@@ -230,19 +289,43 @@ class Router:
         self.state = online.actor(lay["local"], eta, lay["posteriors"], max_users=sv.max_online_users,
                                   max_history=sv.max_feedback_history,
                                   snapshot_every=sv.snapshot_every)
-        self.api_key = self.cfg.serve.api_key or os.environ.get(API_KEY_ENV) or None
+        # Set on the imported module: Serve may ship this class by value, with its own globals.
+        import emdpo_ray.serving as this_module
+
+        this_module._api_key = self.cfg.serve.api_key or os.environ.get(API_KEY_ENV) or None
         self.requests = metrics.Counter(
             "emdpo_requests", description="Requests answered, per type and route reason.",
             tag_keys=("type", "reason"))
         self.started = int(time.time())
 
     # -- plumbing --
-    def _auth(self, request: Request) -> None:
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            raise HTTPError(401, "missing or wrong bearer token", kind="authentication_error")
+    async def _call(self, handle, method: str, *args):
+        """One policy-replica call. A replica that dies mid-request is retried (Serve routes
+        the retry to a live or restarted replica); past serve.request_timeout_s the caller
+        gets 503 with Retry-After rather than waiting on a replica that is not coming."""
+        from ray.exceptions import RayActorError
+
+        sv = self.cfg.serve
+        deadline = time.monotonic() + sv.request_timeout_s
+        delay, why = 0.2, "timed out"
+        for _ in range(sv.retries + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            resp = getattr(handle, method).remote(*args)
+            try:
+                return await asyncio.wait_for(resp, timeout=left)
+            except asyncio.TimeoutError:
+                resp.cancel()
+                break
+            except RayActorError as e:
+                why = f"replica died ({type(e).__name__})"
+                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay *= 2
+        raise unavailable(f"policy unavailable: {why}; retry later",
+                          int(self.cfg.serve.policy.health_check_period_s) + 1)
 
     async def _body(self, request: Request, schema):
-        self._auth(request)
         declared = request.headers.get("content-length")
         limit = self.cfg.serve.max_body_bytes
         if declared and declared.isdigit() and int(declared) > limit:
@@ -309,7 +392,10 @@ class Router:
         if req.stream:
             return StreamingResponse(self._sse(handle, gen, rid, k, chat),
                                      media_type="text/event-stream", headers=headers)
-        res: GenResult = await handle.generate.remote(gen)
+        try:
+            res: GenResult = await self._call(handle, "generate", gen)
+        except HTTPError as e:
+            return e.response()
         usage = {"prompt_tokens": len(gen.prompt_ids), "completion_tokens": len(res.token_ids),
                  "total_tokens": len(gen.prompt_ids) + len(res.token_ids)}
         body = {"id": rid, "created": int(time.time()), "model": f"type-{k}",
@@ -346,11 +432,17 @@ class Router:
                                          "emdpo_type": k, "choices": [{
                                              "index": 0, "delta": {"role": "assistant"},
                                              "finish_reason": None}]}) + "\n\n"
-        async for item in handle.options(stream=True).stream.remote(gen):
-            if isinstance(item, GenResult):
-                yield chunk(None, item.finish_reason)
-            else:
-                yield chunk(item, None)
+        from ray.exceptions import RayActorError
+
+        try:
+            async for item in handle.options(stream=True).stream.remote(gen):
+                if isinstance(item, GenResult):
+                    yield chunk(None, item.finish_reason)
+                else:
+                    yield chunk(item, None)
+        except RayActorError as e:  # headers are gone: say so in the stream, then end it
+            err = unavailable(f"policy replica died mid-stream ({type(e).__name__})", 1)
+            yield "data: " + json.dumps(json.loads(err.response().body)) + "\n\n"
         yield "data: [DONE]\n\n"
 
     def _chat_prompt(self, messages: list[ChatMessage]) -> str:
@@ -361,26 +453,22 @@ class Router:
         return "\n".join(m["content"] for m in msgs)
 
     # -- routes --
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
     async def completions(self, request: Request):
         return await self._answer(request, CompletionRequest, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatRequest))
     async def chat_completions(self, request: Request):
         return await self._answer(request, ChatRequest, chat=True)
 
     @app.get("/v1/models")
-    async def models(self, request: Request):
-        try:
-            self._auth(request)
-        except HTTPError as e:
-            return e.response()
+    async def models(self):
         return {"object": "list", "data": [
             {"id": f"type-{j}", "object": "model", "created": self.started,
              "owned_by": "emdpo-ray", "mmra_weight": float(self.weights[j])}
             for j in range(self.k)]}
 
-    @app.post("/v1/feedback")
+    @app.post("/v1/feedback", openapi_extra=_json_body(FeedbackRequest))
     async def feedback(self, request: Request):
         """A ranking (record contract, `user` for `user_id`) that updates the user's type."""
         from emdpo_ray.records import RecordError, parse_record
@@ -403,18 +491,17 @@ class Router:
         record = rec.to_json()
         scores = np.zeros(self.k)
         for hi in sorted({h for h, _ in self.type_map}):
-            got = await self.handles[hi].score.remote(record)
+            try:
+                got = await self._call(self.handles[hi], "score", record)
+            except HTTPError as e:
+                return e.response()
             for local, t in enumerate(self._types_on(hi)):
                 scores[t] = got[local]
         state = await self.state.update.remote(rec.user_id, scores.tolist(), record)
         return JSONResponse(self._user_view(state))
 
     @app.get("/v1/users/{user_id}")
-    async def user(self, user_id: str, request: Request):
-        try:
-            self._auth(request)
-        except HTTPError as e:
-            return e.response()
+    async def user(self, user_id: str):
         return JSONResponse(self._user_view(await self.state.get.remote(user_id)))
 
     def _types_on(self, hi: int) -> list[int]:
@@ -437,7 +524,8 @@ class Router:
 
 def _options(d) -> dict:
     opts = {"ray_actor_options": d.ray_actor_options,
-            "max_ongoing_requests": d.max_ongoing_requests}
+            "max_ongoing_requests": d.max_ongoing_requests,
+            "health_check_period_s": d.health_check_period_s}
     if d.num_replicas:
         opts["num_replicas"] = d.num_replicas
     else:
