@@ -150,8 +150,9 @@ class ServeConfig(_Section):
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="Wait to fill a batch.")
     request_timeout_s: float = Field(60.0, gt=0, description=(
         "A request not answered by then gets 503 with Retry-After (never a hang)."))
-    retries: int = Field(3, ge=0, description=(
-        "Retries of a request whose policy replica died, within request_timeout_s."))
+    retries: int = Field(5, ge=0, description=(
+        "Retries of a request whose policy replica died (backoff 0.25 s, doubling), within "
+        "request_timeout_s: enough to ride out Serve replacing the replica."))
     policy: DeploymentSettings = Field(default_factory=DeploymentSettings)
     router: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(
         ray_actor_options={"num_cpus": 0.1}))

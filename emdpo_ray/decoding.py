@@ -36,6 +36,7 @@ def _top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs          # mass strictly before each token
     drop = before >= top_p[:, None]
+    drop[:, 0] = False  # the likeliest token always stays (top_p may round to 0 in float32)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
 

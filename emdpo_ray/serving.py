@@ -299,22 +299,22 @@ class Router:
         self.started = int(time.time())
 
     # -- plumbing --
-    async def _call(self, handle, method: str, *args):
-        """One policy-replica call. A replica that dies mid-request is retried (Serve routes
-        the retry to a live or restarted replica); past serve.request_timeout_s the caller
-        gets 503 with Retry-After rather than waiting on a replica that is not coming."""
+    async def _call(self, handle, method: str, *args) -> tuple[object, int]:
+        """One policy-replica call; returns (result, attempts). A replica that dies
+        mid-request is retried (Serve routes the retry to a live or restarted replica); past
+        serve.request_timeout_s the caller gets 503 with Retry-After, never a hang."""
         from ray.exceptions import RayActorError
 
         sv = self.cfg.serve
         deadline = time.monotonic() + sv.request_timeout_s
-        delay, why = 0.2, "timed out"
-        for _ in range(sv.retries + 1):
+        delay, why = 0.25, "timed out"
+        for attempt in range(1, sv.retries + 2):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             resp = getattr(handle, method).remote(*args)
             try:
-                return await asyncio.wait_for(resp, timeout=left)
+                return await asyncio.wait_for(resp, timeout=left), attempt
             except asyncio.TimeoutError:
                 resp.cancel()
                 break
@@ -393,9 +393,11 @@ class Router:
             return StreamingResponse(self._sse(handle, gen, rid, k, chat),
                                      media_type="text/event-stream", headers=headers)
         try:
-            res: GenResult = await self._call(handle, "generate", gen)
+            res, attempts = await self._call(handle, "generate", gen)
         except HTTPError as e:
             return e.response()
+        if attempts > 1:
+            headers["x-emdpo-attempts"] = str(attempts)
         usage = {"prompt_tokens": len(gen.prompt_ids), "completion_tokens": len(res.token_ids),
                  "total_tokens": len(gen.prompt_ids) + len(res.token_ids)}
         body = {"id": rid, "created": int(time.time()), "model": f"type-{k}",
@@ -492,7 +494,7 @@ class Router:
         scores = np.zeros(self.k)
         for hi in sorted({h for h, _ in self.type_map}):
             try:
-                got = await self._call(self.handles[hi], "score", record)
+                got, _ = await self._call(self.handles[hi], "score", record)
             except HTTPError as e:
                 return e.response()
             for local, t in enumerate(self._types_on(hi)):

@@ -10,6 +10,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+from hypothesis import settings  # noqa: E402
+
+# Property tests: small in `make test`, large in `make test-heavy` (--hypothesis-profile=heavy).
+settings.register_profile("default", max_examples=150)
+settings.register_profile("heavy", max_examples=3000)
+settings.load_profile("default")
+
 
 @pytest.fixture(scope="session")
 def ray_local():
@@ -30,6 +37,23 @@ def synth_data(tmp_path_factory):
     records, meta = synth.generate(users=60, types=3, rankings_per_user=8, responses=3, seed=0)
     synth.write(path, records, meta)
     return path
+
+
+@pytest.fixture(scope="session")
+def reliability_report():
+    """Figures from the fault, load and fuzz tests, written to runs/reliability/report.json."""
+    from emdpo_ray.utils import atomic_write_json
+
+    figures: dict = {}
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "runs", "reliability",
+                        "report.json")
+
+    def add(name: str, value):
+        figures[name] = value
+        old = json.load(open(path)) if os.path.exists(path) else {}
+        atomic_write_json(path, {**old, **figures})
+
+    return add
 
 
 FAST = ["em.max_iterations=2", "mmra.num_prompts=4", "mmra.max_new_tokens=12",
@@ -66,7 +90,9 @@ def server(trained_run, tmp_path_factory):
     cfg = yaml.safe_load(open(os.path.join(run, "config.yaml")))
     cfg["serve"].update(api_key=KEY)
     for d in ("policy", "router"):
-        cfg["serve"][d].update(num_replicas=1, ray_actor_options={"num_cpus": 0.5})
+        cfg["serve"][d].update(num_replicas=1, ray_actor_options={"num_cpus": 0.5},
+                               health_check_period_s=1.0)
+    cfg["serve"].update(request_timeout_s=30.0)
     open(os.path.join(run, "config.yaml"), "w").write(yaml.safe_dump(cfg))
     mm = json.load(open(os.path.join(run, "mmra.json")))
     mm["weights"] = [0.5, 0.5, 0.0]

@@ -2,10 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -137,48 +133,6 @@ def test_different_config_on_existing_run_is_refused(finished_run, synth_data):
     run, _, _ = finished_run
     with pytest.raises(RunDirError, match="different config"):
         train(load_config(None, FAST + ["dpo.beta=0.3"]), synth_data, 3, run)
-
-
-def _cli_train(data, out, extra=()):
-    cmd = [sys.executable, "-m", "emdpo_ray", "train", "--data", data, "--types", "2",
-           "--out", out, "--set", "em.max_iterations=2", "--set", "dpo.epochs=2",
-           "--set", "mmra.enabled=false", "--set", "em.tol_posterior=0",
-           "--set", "dpo.min_steps=10", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-
-
-@pytest.mark.slow
-def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
-    from emdpo_ray import synth
-
-    data = str(tmp_path / "d.jsonl")
-    synth.write(data, *synth.generate(users=24, types=2, rankings_per_user=6, seed=5))
-    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    p = _cli_train(data, full)
-    assert p.wait(timeout=900) == 0, p.stderr.read().decode()[-3000:]
-
-    p = _cli_train(data, cut)
-    state = os.path.join(cut, "state.json")
-    deadline = time.time() + 900
-    while not os.path.exists(state) and time.time() < deadline and p.poll() is None:
-        time.sleep(0.2)
-    assert p.poll() is None, "finished before it could be killed"
-    os.killpg(p.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    p.wait()
-    assert json.load(open(state))["iteration"] == 1
-    assert not os.path.exists(os.path.join(cut, "posteriors.jsonl"))
-
-    p = _cli_train(data, cut)
-    assert p.wait(timeout=900) == 0, p.stderr.read().decode()[-3000:]
-    assert "resuming after iteration 1" in p.stderr.read().decode()
-
-    def posteriors(run):
-        return {r["user_id"]: r["posterior"] for r in map(json.loads, open(f"{run}/posteriors.jsonl"))}
-
-    a, b = posteriors(full), posteriors(cut)
-    assert a.keys() == b.keys()
-    assert max(abs(x - y) for u in a for x, y in zip(a[u], b[u])) < 1e-3
 
 
 def test_labels_init_uses_true_type(synth_data):

@@ -116,3 +116,14 @@ def test_mixed_adapter_rows_match_single_adapter(tiny, tmp_path):
                        init_from=str(tmp_path / "policies"))
     with torch.no_grad():
         torch.testing.assert_close(again.logps(ids, att, lm, pol)[0], mixed)
+
+
+def test_top_p_filter_keeps_the_nucleus_and_never_empties_a_row():
+    from emdpo_ray.decoding import _top_p_filter
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.5, 0.3, 0.2]]))
+    # mass before each sorted token: 0, 0.5, 0.8 -> top_p 0.6 keeps two, 1.0 keeps all,
+    # and a top_p that is 0 in float32 still keeps the likeliest token.
+    out = _top_p_filter(logits, torch.tensor([0.6, 1.0, 5e-324]))
+    assert torch.isfinite(out).tolist() == [[True, True, False], [True, True, True],
+                                            [True, False, False]]
