@@ -8,7 +8,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo bench identifiability smoke-smollm2 lint clean
+.PHONY: setup test test-heavy demo bench identifiability smoke-smollm2 lint clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not heavy" tests
+
+# The larger fault, load and fuzz loops (CI runs them after `make test`); their figures
+# land in runs/reliability/report.json and the README's reliability section.
+test-heavy: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "heavy or fuzz" --hypothesis-profile=heavy tests
 
 # synth -> train (EM-DPO on the embedded local Ray, then MMRA) -> eval -> serve + requests
 demo: setup

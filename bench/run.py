@@ -1,6 +1,7 @@
 """`make bench`: every figure of bench/README.md, measured in one run on this machine.
 
     .venv/bin/python bench/run.py [--quick]
+    .venv/bin/python bench/run.py --load     # only the load figures (needs `make demo`)
 
 Writes bench/results.json (flat keys, numbers) and the table in bench/README.md. Paired
 comparisons alternate A B A B and report medians; both sides get the same torch threads.
@@ -94,7 +95,16 @@ def trl_dpo(base: str, data: str, steps: int, bs: int, rank: int, lr: float, bet
 
 # ---- serving ----
 
-def serving_figures(run: str, n: int) -> dict:
+def load_figures(url: str, requests: int = 300, concurrency: int = 16) -> dict:
+    """Closed-loop load against the demo run: 16 tokens per completion, seeds vary."""
+    from emdpo_ray.loadtest import run_load
+
+    out = run_load(url, requests, concurrency, max_tokens=16)
+    return {"load_p50_ms": out["p50_ms"], "load_p99_ms": out["p99_ms"],
+            "load_errors": out["errors"], "load_throughput_rps": out["throughput_rps"]}
+
+
+def serving_figures(run: str, n: int, load_only: bool = False) -> dict:
     import httpx
     import ray
     from ray import serve
@@ -105,6 +115,11 @@ def serving_figures(run: str, n: int) -> dict:
 
     ray.init(address="local", num_cpus=THREADS, include_dashboard=False, log_to_driver=False)
     url = serving.start(run, "127.0.0.1", free_port())
+    if load_only:
+        out = load_figures(url)
+        serve.shutdown()
+        ray.shutdown()
+        return out
     client = httpx.Client(base_url=url, timeout=60)
     h = serve.get_deployment_handle("PolicyServer", app_name="emdpo")
     from emdpo_ray.models import load_tokenizer, prompt_token_ids
@@ -138,9 +153,10 @@ def serving_figures(run: str, n: int) -> dict:
     for _ in range(3):
         batched.append(asyncio.run(burst("generate", reqs)))
         single.append(asyncio.run(burst("generate_one", reqs)))
+    loads = load_figures(url)
     serve.shutdown()
     ray.shutdown()
-    return {"router_overhead_ms_p50": float(np.percentile(over, 50)),
+    return {**loads, "router_overhead_ms_p50": float(np.percentile(over, 50)),
             "router_overhead_ms_p99": float(np.percentile(over, 99)),
             "http_ms_p50": float(np.percentile(http_ms, 50)),
             "serve_batched_speedup": statistics.median(single) / statistics.median(batched)}
@@ -214,6 +230,8 @@ def slope(xs, ys) -> float:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    p.add_argument("--load", action="store_true",
+                   help="only the load figures, merged into the existing results")
     a = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from emdpo_ray.utils import quiet_ray_logs
@@ -226,6 +244,16 @@ def main() -> int:
     res: dict[str, float] = {}
     notes: dict[str, str] = {}
     t_all = time.perf_counter()
+    if a.load:
+        demo = os.path.join(REPO, "runs", "demo", "run")
+        if not os.path.exists(os.path.join(demo, "posteriors.jsonl")):
+            raise SystemExit("bench/run.py --load: run `make demo` first (it serves runs/demo/run)")
+        res = json.load(open(os.path.join(HERE, "results.json")))
+        res.update(serving_figures(demo, 0, load_only=True))
+        saved = json.load(open(os.path.join(HERE, "notes.json")))
+        _write(res, saved["notes"], saved["machine"])
+        print(json.dumps(res, indent=2))
+        return 0
 
     # 1. demo wall (make demo after setup)
     t = time.perf_counter()
@@ -301,13 +329,18 @@ def main() -> int:
     res["bench_wall_s"] = time.perf_counter() - t_all
     machine = {"cpus": os.cpu_count(), "machine": platform.machine(),
                "python": platform.python_version(), "torch_threads": THREADS}
-    json.dump({**{k: round(float(v), 4) for k, v in res.items()}},
-              open(os.path.join(HERE, "results.json"), "w"), indent=2)
-    json.dump({"machine": machine, "notes": notes}, open(os.path.join(HERE, "notes.json"), "w"),
-              indent=2)
-    write_readme(res, notes, machine)
+    _write(res, notes, machine)
     print(json.dumps(res, indent=2))
     return 0
+
+
+def _write(res: dict, notes: dict, machine: dict) -> None:
+    from emdpo_ray.utils import atomic_write_json
+
+    atomic_write_json(os.path.join(HERE, "results.json"),
+                      {k: round(float(v), 4) for k, v in res.items()})
+    atomic_write_json(os.path.join(HERE, "notes.json"), {"machine": machine, "notes": notes})
+    write_readme(res, notes, machine)
 
 
 TARGETS = [
@@ -321,6 +354,10 @@ TARGETS = [
     ("router_overhead_ms_p99", "(report)", ""),
     ("serve_batched_speedup", ">= 3", "16 concurrent requests over 3 types, batched vs one "
      "at a time"),
+    ("load_errors", "== 0", "errors among 300 completions (16 tokens) at 16 in flight, demo run"),
+    ("load_p50_ms", "(report)", "latency p50 of that load"),
+    ("load_p99_ms", "(report)", "latency p99 of that load"),
+    ("load_throughput_rps", "(report)", "completions per second under that load"),
     ("k_in_one_fit_speedup", "(choice)", "K concurrent one-adapter fits' wall over one fit "
      "training all K adapters: > 1 means one worker group wins here"),
     ("scaling_users_slope", "~1", "log-log slope of EM iteration time in users"),

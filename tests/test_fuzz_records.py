@@ -4,6 +4,7 @@ examples (hypothesis profile `heavy`)."""
 
 import json
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +27,7 @@ near_misses = st.fixed_dictionaries({}).flatmap(lambda _: st.builds(
     st.sets(st.sampled_from(KEYS), max_size=2)))
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+pytestmark = pytest.mark.fuzz
 
 
 def _load(tmp_path, data: bytes, name="data.jsonl"):
