@@ -28,6 +28,13 @@ near_misses = st.fixed_dictionaries({}).flatmap(lambda _: st.builds(
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 pytestmark = pytest.mark.fuzz
+COUNTS = {"json_values": 0, "jsonl_files": 0, "byte_strings": 0, "record_errors": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(reliability_report):
+    yield
+    reliability_report("record_fuzz", dict(COUNTS))
 
 
 def _load(tmp_path, data: bytes, name="data.jsonl"):
@@ -36,6 +43,7 @@ def _load(tmp_path, data: bytes, name="data.jsonl"):
     try:
         recs = load_records(str(path))
     except RecordError as e:
+        COUNTS["record_errors"] += 1
         msg = str(e)
         assert msg.startswith(str(path)), msg
         assert "\n" not in msg and "Traceback" not in msg
@@ -47,9 +55,11 @@ def _load(tmp_path, data: bytes, name="data.jsonl"):
 @SETTINGS
 @given(obj=json_values | near_misses)
 def test_any_json_value_is_a_record_or_a_record_error(obj):
+    COUNTS["json_values"] += 1
     try:
         rec = parse_record(obj, "f.jsonl:7")
     except RecordError as e:
+        COUNTS["record_errors"] += 1
         assert str(e).startswith("f.jsonl:7: "), str(e)
         return
     assert sorted(rec.ranking) == list(range(len(rec.responses))) and len(rec.responses) >= 2
@@ -58,6 +68,7 @@ def test_any_json_value_is_a_record_or_a_record_error(obj):
 @SETTINGS
 @given(objs=st.lists(json_values | near_misses, min_size=1, max_size=5))
 def test_jsonl_files_of_generated_records(tmp_path_factory, objs):
+    COUNTS["jsonl_files"] += 1
     tmp = tmp_path_factory.mktemp("f")
     recs = _load(tmp, "\n".join(json.dumps(o) for o in objs).encode())
     if recs is not None:
@@ -69,6 +80,7 @@ def test_jsonl_files_of_generated_records(tmp_path_factory, objs):
     lambda good, noise, cut: (good.encode()[:cut] + noise),
     st.just(json.dumps(GOOD) + "\n"), st.binary(max_size=40), st.integers(0, 80)))
 def test_arbitrary_bytes(tmp_path_factory, data):
+    COUNTS["byte_strings"] += 1
     tmp = tmp_path_factory.mktemp("b")
     _load(tmp, data)
     _load(tmp, b"PAR1" + data, name="data.parquet")  # the parquet path gets garbage too
