@@ -265,6 +265,13 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
         store.delete()
     run_dir = store.pull()
     resuming = prepare_run_dir(run_dir, _identity(cfg, data_path, k), overwrite)
+    state_path = os.path.join(run_dir, "state.json")
+    if resuming:
+        try:
+            state = read_json(state_path)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # not ours: ours are atomic
+            raise RunDirError(f"{state_path}: unreadable ({e}); pass --overwrite to start "
+                              "over") from None
     say = progress or (lambda msg: log.info(msg))
     atomic_write_text(os.path.join(run_dir, "config.yaml"), config_to_yaml(cfg))
     store.push("run.json", "config.yaml")
@@ -307,10 +314,8 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
 
     from emdpo_ray.mstep import run_mstep
 
-    state_path = os.path.join(run_dir, "state.json")
     history: list[dict] = []
     if resuming:
-        state = read_json(state_path)
         gamma = np.load(os.path.join(run_dir, state["gamma"]))
         eta, it0 = np.asarray(state["eta"]), state["iteration"] + 1
         prev = EStep(np.log(np.clip(gamma, 1e-300, None)), eta, state["loglik"])

@@ -325,6 +325,18 @@ class Router:
         raise unavailable(f"policy unavailable: {why}; retry later",
                           int(self.cfg.serve.policy.health_check_period_s) + 1)
 
+    async def _state(self, method: str, *args):
+        """A call to the online user-state actor; if it is down (Ray restarts it from its
+        snapshot and WAL), a clear 503 instead of a 500."""
+        from ray.exceptions import RayActorError
+
+        try:
+            return await asyncio.wait_for(getattr(self.state, method).remote(*args),
+                                          timeout=self.cfg.serve.request_timeout_s)
+        except (RayActorError, asyncio.TimeoutError) as e:
+            raise unavailable(f"user state unavailable ({type(e).__name__}); retry later", 2) \
+                from None
+
     async def _body(self, request: Request, schema):
         declared = request.headers.get("content-length")
         limit = self.cfg.serve.max_body_bytes
@@ -353,7 +365,7 @@ class Router:
             raise HTTPError(404, str(e), param="model", kind="not_found_error") from None
         log_post = None
         if req.user and pinned is None:
-            lp = await self.state.log_posterior.remote(req.user)
+            lp = await self._state("log_posterior", req.user)
             log_post = None if lp is None else np.asarray(lp)
         return choose_type(k=self.k, weights=self.weights, rng=self.rng, pinned=pinned,
                            log_posterior=log_post, mode=self.cfg.serve.known_users,
@@ -499,12 +511,18 @@ class Router:
                 return e.response()
             for local, t in enumerate(self._types_on(hi)):
                 scores[t] = got[local]
-        state = await self.state.update.remote(rec.user_id, scores.tolist(), record)
+        try:
+            state = await self._state("update", rec.user_id, scores.tolist(), record)
+        except HTTPError as e:
+            return e.response()
         return JSONResponse(self._user_view(state))
 
     @app.get("/v1/users/{user_id}")
     async def user(self, user_id: str):
-        return JSONResponse(self._user_view(await self.state.get.remote(user_id)))
+        try:
+            return JSONResponse(self._user_view(await self._state("get", user_id)))
+        except HTTPError as e:
+            return e.response()
 
     def _types_on(self, hi: int) -> list[int]:
         on = [(local, t) for t, (h, local) in enumerate(self.type_map) if h == hi]

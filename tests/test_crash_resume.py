@@ -210,3 +210,26 @@ def test_worker_kill_result_equals_uninterrupted(ray_local, small_data, tmp_path
     assert diff < 1e-4, diff
     reliability_report("worker_kill_vs_uninterrupted", {"kills_survived": len(killed),
                                                         "max_posterior_diff": diff})
+
+
+def test_resume_deletes_half_written_files_and_refuses_a_corrupt_state(tmp_path):
+    """What a crash mid-write leaves (temp files, .partial folders) is never read back."""
+    from emdpo_ray.config import load_config
+    from emdpo_ray.em import RunDirError, _identity, prepare_run_dir, train
+
+    run = tmp_path / "run"
+    ident = _identity(load_config(None), str(tmp_path / "d.jsonl"), 2)
+    assert prepare_run_dir(str(run), ident, overwrite=False) is False
+    (run / "state.json").write_text('{"iteration": 1')               # torn, by someone else
+    (run / ".tmp-abc-state.json").write_text('{"iteration": 9}')
+    (run / "gamma-002.npy.partial.npy").write_bytes(b"\x93NUMPY")
+    (run / "policies.partial").mkdir()
+    assert prepare_run_dir(str(run), ident, overwrite=False) is True
+    assert sorted(os.listdir(run)) == ["run.json", "state.json"]
+
+    from emdpo_ray import synth
+
+    data = tmp_path / "d.jsonl"
+    synth.write(str(data), *synth.generate(users=4, types=2, rankings_per_user=2, seed=0))
+    with pytest.raises(RunDirError, match=r"state\.json: unreadable"):
+        train(load_config(None), str(data), 2, str(run))
