@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import json
 import os
+import threading
 import time
 import uuid
 from typing import Literal
@@ -157,8 +158,17 @@ class PolicyServer:
         dirs = {n: lay["policy_dirs"][n] for n in names}
         self.bank = PolicyBank(load_base(lay["base_path"], cfg.model), cfg.model, names,
                                init_from=dirs).eval()
-        self.forward = (peft_forward(self.bank.model, names) if cfg.model.finetune == "lora"
-                        else plain_forward(self.bank.policies[0]))
+        forward = (peft_forward(self.bank.model, names) if cfg.model.finetune == "lora"
+                   else plain_forward(self.bank.policies[0]))
+        # PEFT applies per-row adapter_names through hooks on the shared model, so two
+        # forwards at once (a stream beside a batch) would mix their adapters: one at a time.
+        self.lock = threading.Lock()
+
+        def locked_forward(*args):
+            with self.lock:
+                return forward(*args)
+
+        self.forward = locked_forward
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batches: list[int] = []
@@ -209,7 +219,7 @@ class PolicyServer:
         enc = encode([parse_record(record, "feedback")], self.tok, self.cfg.data)
         n = len(self.bank.names)
         pairs = np.array([(0, j) for j in range(n)] + [(0, -1)])
-        with torch.no_grad():
+        with torch.no_grad(), self.lock:
             lp, _, mask = pair_logps(self.bank.logps, enc.arrays(), pairs, torch.device("cpu"))
         rewards = self.cfg.dpo.beta * (lp[:n] - lp[n:])
         return plackett_luce_logp(rewards, mask[:n]).double().tolist()

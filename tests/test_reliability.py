@@ -162,14 +162,26 @@ def test_dead_replica_without_retries_gets_503_with_retry_after(server, tmp_path
         assert len(pids) == 1
         n = 32
 
+        async def stream():
+            async with httpx.AsyncClient(base_url=f"{url}/strict", timeout=60,
+                                         headers={"Authorization": f"Bearer {KEY}"}) as c:
+                body = {"prompt": "Tell me", "max_tokens": 200, "stream": True}
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    return r.status_code, [line async for line in r.aiter_lines() if line]
+
         async def scenario():
             task = asyncio.ensure_future(_fire(f"{url}/strict", n,
                                                {"prompt": "Tell me", "max_tokens": 24}, 60))
+            streamed = asyncio.ensure_future(stream())
             await asyncio.sleep(0.4)
             os.kill(pids[0], signal.SIGKILL)
-            return await task
+            return await task, await streamed
 
-        results = asyncio.run(scenario())
+        results, (stream_status, events) = asyncio.run(scenario())
+        # a stream cut by the kill says so in an error event, then ends; it never hangs
+        assert stream_status == 200 and events[-1] == "data: [DONE]", events[-3:]
+        if not any('"finish_reason": "' in e for e in events):
+            assert '"service_unavailable"' in events[-2], events[-3:]
         assert not [r for r in results if isinstance(r, Exception)]
         codes = [r.status_code for r in results]
         assert set(codes) <= {200, 503} and 503 in codes, codes

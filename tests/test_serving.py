@@ -205,3 +205,37 @@ def test_print_config_is_a_valid_serve_config(trained_run):
 
     mod, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(mod), attr))
+
+
+def test_streams_beside_batches_keep_their_own_adapters(server):
+    """A stream decodes in its own thread beside the batched path; both share one PEFT model
+    whose per-row adapters are set by hooks, so they must not overlap."""
+    import httpx
+
+    url, client, _ = server
+
+    def stream_text(c, model):
+        body = {"prompt": "Explain rivers.", "model": model, "max_tokens": 24,
+                "temperature": 0, "stream": True}
+        out = []
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    obj = json.loads(line[6:])
+                    assert "error" not in obj, obj
+                    out.append(obj["choices"][0]["text"])
+        return "".join(out)
+
+    alone_stream = stream_text(client, "type-1")
+    alone = [complete(client, model=f"type-{i}", temperature=0, max_tokens=24).json()
+             ["choices"][0]["text"] for i in range(3)]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as c2, ThreadPoolExecutor(13) as pool:
+        streams = [pool.submit(stream_text, c2, "type-1") for _ in range(3)]
+        rs = list(pool.map(lambda i: complete(client, model=f"type-{i % 3}", temperature=0,
+                                              max_tokens=24), range(12)))
+        texts = [f.result() for f in streams]
+    assert [r.status_code for r in rs] == [200] * 12
+    assert texts == [alone_stream] * 3
+    assert [r.json()["choices"][0]["text"] for r in rs] == [alone[i % 3] for i in range(12)]
