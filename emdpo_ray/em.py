@@ -23,7 +23,7 @@ from emdpo_ray.config import Config, config_to_yaml
 from emdpo_ray.data import encode, fingerprint, shard_indices
 from emdpo_ray.estep import EStep, converged, e_step, smoothed_onehot
 from emdpo_ray.records import Record, load_records
-from emdpo_ray.utils import atomic_write_json, atomic_write_text, read_json
+from emdpo_ray.utils import atomic_save_npy, atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,7 @@ def reference_cache(run_dir: str, key: str, compute) -> tuple[np.ndarray, bool]:
     if os.path.exists(path):
         return np.load(path), True
     arr = compute()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".partial.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    atomic_save_npy(path, arr)
     return arr, False
 
 
@@ -362,8 +359,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             "metrics": {key: v for key, v in m.items() if "/" in key and not key.startswith("time/")},
         })
         gamma_file = f"gamma-{it:03d}.npy"
-        np.save(os.path.join(run_dir, gamma_file + ".partial.npy"), gamma)
-        os.replace(os.path.join(run_dir, gamma_file + ".partial.npy"), os.path.join(run_dir, gamma_file))
+        atomic_save_npy(os.path.join(run_dir, gamma_file), gamma)
         atomic_write_json(os.path.join(run_dir, "history.json"), history)
         fault_point("checkpoint", it)
         store.push(gamma_file, "history.json", "cache")

@@ -264,7 +264,8 @@ def _train_loop(config: dict) -> None:
                     "train/resumed_from_step": first})
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            engine.module.save(os.path.join(tmp, "policies"))
+            # progress.json too: a group restarted after this report resumes at the end
+            save_progress(tmp, engine, steps, sums, with_optimizer=False)
             np.save(os.path.join(tmp, "scores.npy"), np.concatenate(gathered))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:

@@ -607,11 +607,11 @@ def serve_config(run_dir: str, host: str = "0.0.0.0", port: int = 8000) -> dict:
 def start(run_dir: str, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False):
     """Deploy on the current (or a new local) Ray; returns the base URL."""
     from emdpo_ray.em import ensure_ray
-    from emdpo_ray.storage import is_remote
+    from emdpo_ray.storage import is_remote, open_run
 
     if not is_remote(run_dir):
         run_dir = os.path.abspath(run_dir)
-    ensure_ray(load_config(os.path.join(run_layout(run_dir)["local"], "config.yaml")), verbose)
+    ensure_ray(load_config(os.path.join(open_run(run_dir)[1], "config.yaml")), verbose)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app_builder({"run_dir": run_dir}), name="emdpo", route_prefix="/")
     return f"http://{host}:{port}"

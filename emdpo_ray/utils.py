@@ -33,6 +33,16 @@ def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def atomic_save_npy(path: str, arr) -> None:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def free_port() -> int:
     """A free TCP port on loopback (for local servers: demo, tests, benchmarks)."""
     import socket
