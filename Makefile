@@ -43,7 +43,7 @@ bench: setup
 
 # SmolLM2-135M-Instruct end to end at smoke size, fully offline: runs/smoke-smollm2/
 smoke-smollm2: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m emdpo_ray.texttask --out runs/smoke-smollm2-data.jsonl --prompts 8 --users 16 --rankings-per-user 3
+	HF_HUB_OFFLINE=1 $(BIN)/python -m emdpo_ray.data.texttask --out runs/smoke-smollm2-data.jsonl --prompts 8 --users 16 --rankings-per-user 3
 	HF_HUB_OFFLINE=1 $(BIN)/emdpo-ray train --config jobs/smollm2-lora.yaml --data runs/smoke-smollm2-data.jsonl --types 2 --out runs/smoke-smollm2 --overwrite
 
 # Binary vs ternary annotations: runs/identifiability/result.json and result.png

@@ -28,7 +28,7 @@ THREADS = 2
 
 
 def make_data(path: str, users: int, types: int, per_user: int, responses: int, seed=0):
-    from emdpo_ray import synth
+    from emdpo_ray.data import synth
 
     synth.write(path, *synth.generate(users=users, types=types, rankings_per_user=per_user,
                                       responses=responses, seed=seed))
@@ -39,7 +39,7 @@ def make_data(path: str, users: int, types: int, per_user: int, responses: int, 
 
 def em_run(data: str, k: int, out: str, sets: list[str]) -> dict:
     from emdpo_ray.config import load_config
-    from emdpo_ray.em import train
+    from emdpo_ray.train.driver import train
 
     cfg = load_config(None, ["mmra.enabled=false", f"ray.cpus_per_worker={THREADS}", *sets])
     t = time.perf_counter()
@@ -59,7 +59,7 @@ def trl_dpo(base: str, data: str, steps: int, bs: int, rank: int, lr: float, bet
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from emdpo_ray.records import load_records
+    from emdpo_ray.data.records import load_records
 
     torch.set_num_threads(THREADS)
     recs = load_records(data)
@@ -97,7 +97,7 @@ def trl_dpo(base: str, data: str, steps: int, bs: int, rank: int, lr: float, bet
 
 def load_figures(url: str, requests: int = 300, concurrency: int = 16) -> dict:
     """Closed-loop load against the demo run: 16 tokens per completion, seeds vary."""
-    from emdpo_ray.loadtest import run_load
+    from emdpo_ray.serve.loadtest import run_load
 
     out = run_load(url, requests, concurrency, max_tokens=16)
     return {"load_p50_ms": out["p50_ms"], "load_p99_ms": out["p99_ms"],
@@ -110,7 +110,7 @@ def serving_figures(run: str, n: int, load_only: bool = False) -> dict:
     from ray import serve
 
     from emdpo_ray import serving
-    from emdpo_ray.decoding import GenRequest
+    from emdpo_ray.models.decoding import GenRequest
     from emdpo_ray.utils import free_port
 
     ray.init(address="local", num_cpus=THREADS, include_dashboard=False, log_to_driver=False)
@@ -122,7 +122,8 @@ def serving_figures(run: str, n: int, load_only: bool = False) -> dict:
         return out
     client = httpx.Client(base_url=url, timeout=60)
     h = serve.get_deployment_handle("PolicyServer", app_name="emdpo")
-    from emdpo_ray.models import load_tokenizer, prompt_token_ids
+    from emdpo_ray.models.loading import load_tokenizer
+    from emdpo_ray.models.scoring import prompt_token_ids
 
     tok = load_tokenizer(os.path.join(run, "base_model"))
     ids = prompt_token_ids(tok, ["Explain rivers."], 64)[0]
@@ -170,10 +171,11 @@ def forward_bound(run: str, data: str, k: int) -> float:
     import torch
 
     from emdpo_ray.config import load_config
-    from emdpo_ray.data import encode
-    from emdpo_ray.models import PolicyBank, load_base, load_tokenizer
-    from emdpo_ray.mstep import score_pairs
-    from emdpo_ray.records import load_records
+    from emdpo_ray.data.encode import encode
+    from emdpo_ray.models.bank import PolicyBank
+    from emdpo_ray.models.loading import load_base, load_tokenizer
+    from emdpo_ray.models.scoring import score_pairs
+    from emdpo_ray.data.records import load_records
 
     torch.set_num_threads(THREADS)
     cfg = load_config(os.path.join(run, "config.yaml"))
@@ -197,9 +199,9 @@ def one_group_vs_concurrent(run: str, data: str, k: int) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
     from emdpo_ray.config import load_config
-    from emdpo_ray.em import prepare_data
-    from emdpo_ray.mstep import run_mstep
-    from emdpo_ray.records import load_records
+    from emdpo_ray.train.driver import prepare_data
+    from emdpo_ray.train.mstep import run_mstep
+    from emdpo_ray.data.records import load_records
 
     cfg = load_config(os.path.join(run, "config.yaml"))
     recs = load_records(data)

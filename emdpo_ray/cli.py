@@ -15,7 +15,7 @@ import warnings
 
 
 def _synth(a) -> int:
-    from emdpo_ray import synth
+    from emdpo_ray.data import synth
 
     shares = [float(s) for s in a.shares.split(",")] if a.shares else None
     records, meta = synth.generate(a.users, a.types, a.rankings_per_user, a.responses,
@@ -33,8 +33,8 @@ def _console():
 
 def _train(a) -> int:
     from emdpo_ray.config import load_config
-    from emdpo_ray.em import train
-    from emdpo_ray.records import load_records
+    from emdpo_ray.train.driver import train
+    from emdpo_ray.data.records import load_records
 
     cfg = load_config(a.config, a.set)
     load_records(a.data)  # validate before any Ray start; train() reads it again
@@ -46,10 +46,10 @@ def _train(a) -> int:
 
 
 def _mmra(a) -> int:
-    from emdpo_ray import mmra
+    from emdpo_ray.core import mmra
 
     if a.matrix:
-        from emdpo_ray.records import read_bytes
+        from emdpo_ray.data.records import read_bytes
 
         try:
             obj = json.loads(read_bytes(a.matrix).decode("utf-8"))
@@ -70,28 +70,26 @@ def _mmra(a) -> int:
             raise mmra.MatrixError(f"{a.matrix}: {e}") from None
         print(json.dumps(result.to_json()))
         return 0
-    from emdpo_ray.mmra_run import run_mmra
-    from emdpo_ray.storage import open_run
+    from emdpo_ray.run.rundir import RunDir
+    from emdpo_ray.train.mmra_run import run_mmra
 
-    store, local = open_run(a.run)
-    out = run_mmra(local, progress=lambda msg: _console().print(f"[bold cyan]emdpo[/] {msg}"))
-    store.push_all()
+    rd = RunDir.open(a.run)
+    out = run_mmra(rd, progress=lambda msg: _console().print(f"[bold cyan]emdpo[/] {msg}"))
+    rd.push_all()
     print(json.dumps({k: out[k] for k in ("weights", "max_regret", "regret")}))
     return 0
 
 
 def _eval(a) -> int:
-    from emdpo_ray.evaluate import evaluate_run
+    from emdpo_ray.report.evaluate import evaluate_run
+    from emdpo_ray.run.rundir import RunDir
 
-    from emdpo_ray.storage import open_run
-
-    _, local = open_run(a.run)
-    print(json.dumps(evaluate_run(local, a.data, online=a.online), indent=2))
+    print(json.dumps(evaluate_run(RunDir.open(a.run), a.data, online=a.online), indent=2))
     return 0
 
 
 def _serve(a) -> int:
-    from emdpo_ray.serving import serve_main
+    from emdpo_ray.serve.app import serve_main
 
     return serve_main(a)
 
@@ -174,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():  # skip DeepSpeed's accelerator probe and its warning
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from emdpo_ray.config import ConfigError
-    from emdpo_ray.em import RunDirError
-    from emdpo_ray.mmra import MatrixError
-    from emdpo_ray.models import UnsafeModelError
-    from emdpo_ray.records import RecordError
+    from emdpo_ray.core.mmra import MatrixError
+    from emdpo_ray.data.records import RecordError
+    from emdpo_ray.models.loading import UnsafeModelError
+    from emdpo_ray.run.rundir import RunDirError
 
     try:
         return args.fn(args)

@@ -6,29 +6,32 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+
+import numpy as np
 
 def main(argv: list[str] | None = None) -> int:
     import httpx
     import ray
     from ray import serve
 
-    from emdpo_ray import serving
-    from emdpo_ray.utils import free_port, quiet_ray_logs, read_json
+    from emdpo_ray.run.rundir import RunDir
+    from emdpo_ray.serve.api import API_KEY_ENV
+    from emdpo_ray.serve.app import start
+    from emdpo_ray.utils import free_port, quiet_ray_logs
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--run", required=True)
     p.add_argument("--anonymous", type=int, default=6)
     a = p.parse_args(argv)
     quiet_ray_logs()
-    url = serving.start(a.run, "127.0.0.1", free_port())
+    rd = RunDir.open(a.run).require_finished()
+    url = start(a.run, "127.0.0.1", free_port())
     print(f"serving {a.run} at {url}/v1")
-    rows = [json.loads(line) for line in open(os.path.join(a.run, "posteriors.jsonl"))]
     known = {}
-    for r in rows:
-        known.setdefault(r["type"], r["user_id"])
-    key = os.environ.get(serving.API_KEY_ENV)
+    for user, post in rd.posteriors().items():
+        known.setdefault(int(np.argmax(post)), user)
+    key = os.environ.get(API_KEY_ENV)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(base_url=url, timeout=60, headers=headers) as client:
         def ask(user: str | None, prompt: str) -> None:
@@ -47,10 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         print("anonymous users (type drawn from the MMRA weights):")
         for _ in range(a.anonymous):
             ask(None, "Tell me about chess.")
-    summary = read_json(os.path.join(a.run, "summary.json"))
-    mm = read_json(os.path.join(a.run, "mmra.json"))
+    summary = rd.summary()
     print(f"ARI={summary['ari']}  eta={[round(x, 3) for x in summary['mixing_weights']]}  "
-          f"MMRA weights={[round(x, 3) for x in mm['weights']]}")
+          f"MMRA weights={[round(x, 3) for x in rd.mmra_weights()]}")
     serve.shutdown()
     ray.shutdown()
     print("serve shut down")

@@ -25,10 +25,10 @@ sys.path.insert(0, REPO)
 
 
 def held_out_accuracy(run: str, theta, scale: float, n_per_type: int, seed: int) -> float:
-    from emdpo_ray import synth
+    from emdpo_ray.data import synth
     from emdpo_ray.config import load_config
-    from emdpo_ray.evaluate import match_types, policy_rewards
-    from emdpo_ray.records import parse_record
+    from emdpo_ray.report.evaluate import match_types, policy_rewards
+    from emdpo_ray.data.records import parse_record
 
     post = [json.loads(x) for x in open(os.path.join(run, "posteriors.jsonl"))]
     truth = {r["user_id"]: r["true_type"] for r in map(json.loads, open(os.path.join(run, "data.jsonl")))}
@@ -61,9 +61,9 @@ def main() -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from emdpo_ray import synth
+    from emdpo_ray.data import synth
     from emdpo_ray.config import load_config
-    from emdpo_ray.em import train
+    from emdpo_ray.train.driver import train
     from emdpo_ray.utils import atomic_write_json
 
     theta0 = synth.CANONICAL[0]

@@ -31,7 +31,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
     """Three synthetic types; small enough for the CPU, large enough to identify them."""
-    from emdpo_ray import synth
+    from emdpo_ray.data import synth
 
     path = str(tmp_path_factory.mktemp("data") / "synth.jsonl")
     records, meta = synth.generate(users=60, types=3, rankings_per_user=8, responses=3, seed=0)
@@ -64,7 +64,7 @@ FAST = ["em.max_iterations=2", "mmra.num_prompts=4", "mmra.max_new_tokens=12",
 def trained_run(ray_local, synth_data, tmp_path_factory):
     """One real EM-DPO run (Ray Train + DeepSpeed on CPU) shared by the EM and serving tests."""
     from emdpo_ray.config import load_config
-    from emdpo_ray.em import train
+    from emdpo_ray.train.driver import train
 
     run = str(tmp_path_factory.mktemp("runs") / "em")
     msgs = []
@@ -82,7 +82,7 @@ def server(trained_run, tmp_path_factory):
     import yaml
     from ray import serve
 
-    from emdpo_ray import serving
+    from emdpo_ray.serve.app import start
 
     src, _, _ = trained_run
     run = str(tmp_path_factory.mktemp("serve") / "run")
@@ -100,7 +100,7 @@ def server(trained_run, tmp_path_factory):
     from emdpo_ray.utils import free_port
 
     port = free_port()
-    url = serving.start(run, "127.0.0.1", port)
+    url = start(run, "127.0.0.1", port)
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     yield url, client, run
     client.close()

@@ -63,7 +63,7 @@ def _posteriors(run):
 def test_driver_sigkill_after_iteration_1_resumes_to_same_posteriors(tmp_path,
                                                                      reliability_report):
     """The small version: one SIGKILL once iteration 1 is stored (iteration 2's M-step)."""
-    from emdpo_ray import synth
+    from emdpo_ray.data import synth
 
     data = str(tmp_path / "d.jsonl")
     synth.write(data, *synth.generate(users=24, types=2, rankings_per_user=6, seed=5))
@@ -95,7 +95,7 @@ def test_driver_sigkill_after_iteration_1_resumes_to_same_posteriors(tmp_path,
 def test_driver_sigkill_in_mstep_estep_and_checkpoint_then_resume(tmp_path, reliability_report):
     """Kill `emdpo-ray train` in the M-step (random moment), in the E-step and between the
     state files; rerunning the same command resumes and ends where an uninterrupted run ends."""
-    from emdpo_ray import synth
+    from emdpo_ray.data import synth
 
     data = str(tmp_path / "d.jsonl")
     synth.write(data, *synth.generate(users=24, types=2, rankings_per_user=6, seed=5))
@@ -159,7 +159,7 @@ def _kill_worker_after_first_checkpoint(run_dir: str, killed: list, stop: thread
 
 def _train_one_iteration(data, run, kill: bool):
     from emdpo_ray.config import load_config
-    from emdpo_ray.em import train
+    from emdpo_ray.train.driver import train
 
     killed, stop = [], threading.Event()
     if kill:
@@ -177,7 +177,7 @@ def _train_one_iteration(data, run, kill: bool):
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    from emdpo_ray import synth
+    from emdpo_ray.data import synth
 
     path = str(tmp_path_factory.mktemp("wk") / "d.jsonl")
     synth.write(path, *synth.generate(users=16, types=2, rankings_per_user=4, seed=3))
@@ -215,19 +215,20 @@ def test_worker_kill_result_equals_uninterrupted(ray_local, small_data, tmp_path
 def test_resume_deletes_half_written_files_and_refuses_a_corrupt_state(tmp_path):
     """What a crash mid-write leaves (temp files, .partial folders) is never read back."""
     from emdpo_ray.config import load_config
-    from emdpo_ray.em import RunDirError, _identity, prepare_run_dir, train
+    from emdpo_ray.run.rundir import RunDir, RunDirError
+    from emdpo_ray.train.driver import run_identity, train
 
     run = tmp_path / "run"
-    ident = _identity(load_config(None), str(tmp_path / "d.jsonl"), 2)
-    assert prepare_run_dir(str(run), ident, overwrite=False) is False
+    ident = run_identity(load_config(None), str(tmp_path / "d.jsonl"), 2)
+    assert RunDir(str(run)).create_or_resume(ident, overwrite=False) is False
     (run / "state.json").write_text('{"iteration": 1')               # torn, by someone else
     (run / ".tmp-abc-state.json").write_text('{"iteration": 9}')
     (run / "gamma-002.npy.partial.npy").write_bytes(b"\x93NUMPY")
     (run / "policies.partial").mkdir()
-    assert prepare_run_dir(str(run), ident, overwrite=False) is True
+    assert RunDir(str(run)).create_or_resume(ident, overwrite=False) is True
     assert sorted(os.listdir(run)) == ["run.json", "state.json"]
 
-    from emdpo_ray import synth
+    from emdpo_ray.data import synth
 
     data = tmp_path / "d.jsonl"
     synth.write(str(data), *synth.generate(users=4, types=2, rankings_per_user=2, seed=0))

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from emdpo_ray.config import load_config
-from emdpo_ray.em import prepare_data, reference_cache, train
-from emdpo_ray.records import load_records
+from emdpo_ray.run.rundir import RunDir
+from emdpo_ray.train.driver import train
+from emdpo_ray.train.prepare import cached, prepare_data
+from emdpo_ray.data.records import load_records
 
 from conftest import FAST
 
@@ -79,7 +81,7 @@ def test_mmra_json_from_a_real_run(finished_run):
 
 
 def test_eval_reports_ari_accuracy_and_true_regret(finished_run, synth_data):
-    from emdpo_ray.evaluate import evaluate_run
+    from emdpo_ray.report.evaluate import evaluate_run
 
     run, summary, _ = finished_run
     out = evaluate_run(run, synth_data, online=True)
@@ -103,18 +105,19 @@ def test_reference_cache_hit_and_invalidation(finished_run, synth_data, tmp_path
     run, _, _ = finished_run
     cfg = load_config(None, FAST)
     msgs = []
-    prepare_data(cfg, load_records(synth_data), run, False, msgs.append)
+    prepare_data(cfg, load_records(synth_data), RunDir(run), False, msgs.append)
     assert "cache hit" in msgs[0]  # the reference model did not run again
     calls = []
-    arr, hit = reference_cache(run, "another-key", lambda: calls.append(1) or np.zeros((2, 2)))
+    path = RunDir(run).reference_cache("another-key")
+    arr, hit = cached(path, lambda: calls.append(1) or np.zeros((2, 2)))
     assert not hit and calls == [1]
-    arr, hit = reference_cache(run, "another-key", lambda: calls.append(1) or np.zeros((2, 2)))
+    arr, hit = cached(path, lambda: calls.append(1) or np.zeros((2, 2)))
     assert hit and calls == [1]
 
 
 def test_fingerprint_changes_with_data_and_model(finished_run, synth_data):
-    from emdpo_ray.data import fingerprint
-    from emdpo_ray.models import load_tokenizer
+    from emdpo_ray.data.encode import fingerprint
+    from emdpo_ray.models.loading import load_tokenizer
 
     run, _, _ = finished_run
     cfg = load_config(None, FAST)
@@ -128,7 +131,7 @@ def test_fingerprint_changes_with_data_and_model(finished_run, synth_data):
 
 
 def test_different_config_on_existing_run_is_refused(finished_run, synth_data):
-    from emdpo_ray.em import RunDirError
+    from emdpo_ray.run.rundir import RunDirError
 
     run, _, _ = finished_run
     with pytest.raises(RunDirError, match="different config"):
@@ -136,8 +139,8 @@ def test_different_config_on_existing_run_is_refused(finished_run, synth_data):
 
 
 def test_labels_init_uses_true_type(synth_data):
-    from emdpo_ray.em import initial_gamma
-    from emdpo_ray.records import group_by_user
+    from emdpo_ray.train.start import initial_gamma
+    from emdpo_ray.data.records import group_by_user
 
     recs = load_records(synth_data)
     users, ui = group_by_user(recs)
@@ -151,7 +154,7 @@ def test_labels_init_uses_true_type(synth_data):
 @pytest.mark.slow
 def test_full_finetuning_trains_and_scores(ray_local, tmp_path):
     """model.finetune=full: K full copies and a frozen reference under DeepSpeed."""
-    from emdpo_ray import synth
+    from emdpo_ray.data import synth
 
     data = str(tmp_path / "d.jsonl")
     synth.write(data, *synth.generate(users=16, types=2, rankings_per_user=4, seed=3))

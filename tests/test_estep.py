@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from emdpo_ray.estep import bayes_update, converged, e_step, entropy, smoothed_onehot
+from emdpo_ray.core.estep import bayes_update, converged, e_step, entropy, smoothed_onehot
 
 
 def test_two_users_two_types_hand_worked():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emdpo_ray.losses import pl_dpo_loss, plackett_luce_logp
+from emdpo_ray.core.losses import pl_dpo_loss, plackett_luce_logp
 
 
 def test_m3_hand_worked():

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 
-from emdpo_ray.mmra import MatrixError, baselines, evaluate, regret_matrix, solve
+from emdpo_ray.core.mmra import MatrixError, baselines, evaluate, regret_matrix, solve
 
 
 def test_dominant_policy_gets_all_weight():

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from emdpo_ray.config import Config
-from emdpo_ray.data import encode
-from emdpo_ray.models import (PolicyBank, build_tiny_model, load_base, load_tokenizer,
-                              sequence_logps)
-from emdpo_ray.records import load_records
+from emdpo_ray.data.encode import encode
+from emdpo_ray.models.bank import sequence_logps, PolicyBank
+from emdpo_ray.models.loading import load_base, load_tokenizer
+from emdpo_ray.models.tiny import build_tiny_model
+from emdpo_ray.data.records import load_records
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_mixed_adapter_rows_match_single_adapter(tiny, tmp_path):
 
 
 def test_top_p_filter_keeps_the_nucleus_and_never_empties_a_row():
-    from emdpo_ray.decoding import _top_p_filter
+    from emdpo_ray.models.decoding import _top_p_filter
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.5, 0.3, 0.2]]))
     # mass before each sorted token: 0, 0.5, 0.8 -> top_p 0.6 keeps two, 1.0 keeps all,

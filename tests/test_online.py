@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from emdpo_ray.online import UserState
+from emdpo_ray.serve.online import UserState
 
 
 def test_bayes_updates_wal_replay_and_snapshot(tmp_path):
@@ -45,7 +45,7 @@ def test_memory_is_bounded(tmp_path):
 
 
 def _matched_types(run, data):
-    from emdpo_ray.records import load_records
+    from emdpo_ray.data.records import load_records
 
     post = {json.loads(x)["user_id"]: json.loads(x)["type"] for x in open(f"{run}/posteriors.jsonl")}
     votes = {}
@@ -55,7 +55,7 @@ def _matched_types(run, data):
 
 
 def test_new_user_is_learned_from_feedback(server, synth_data):
-    from emdpo_ray import synth
+    from emdpo_ray.data import synth
 
     _, client, run = server
     match = _matched_types(run, synth_data)
@@ -107,7 +107,7 @@ def test_posteriors_survive_state_actor_restart(server):
                                       "responses": ["Clearly yes.", "Maybe no.", "Yeah cool."],
                                       "ranking": [2, 0, 1]})
     before = client.get("/v1/users/durable").json()
-    from emdpo_ray.online import actor_name
+    from emdpo_ray.serve.online import actor_name
 
     ray.kill(ray.get_actor(actor_name(run), namespace="emdpo"), no_restart=False)
     deadline = time.time() + 60

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from emdpo_ray.records import RecordError, load_records
+from emdpo_ray.data.records import RecordError, load_records
 
 GOOD = {"user_id": "u1", "prompt": "p", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]}
 

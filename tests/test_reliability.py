@@ -82,7 +82,7 @@ def test_policy_replica_killed_mid_flight(server, reliability_report):
 
 
 def _load(server, n, c, report, name):
-    from emdpo_ray.loadtest import run_load
+    from emdpo_ray.serve.loadtest import run_load
 
     url, _, _ = server
     res = run_load(url, n, c, max_tokens=16, api_key=KEY)
@@ -148,7 +148,7 @@ def test_dead_replica_without_retries_gets_503_with_retry_after(server, tmp_path
     import yaml
     from ray import serve
 
-    from emdpo_ray import serving
+    from emdpo_ray.serving import app_builder
 
     url, client, src = server
     run = tmp_path / "strict"
@@ -156,7 +156,7 @@ def test_dead_replica_without_retries_gets_503_with_retry_after(server, tmp_path
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["serve"]["retries"] = 0
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    serve.run(serving.app_builder({"run_dir": str(run)}), name="strict", route_prefix="/strict")
+    serve.run(app_builder({"run_dir": str(run)}), name="strict", route_prefix="/strict")
     try:
         pids = [p for p in _replica_pids("PolicyServer", app="strict")]
         assert len(pids) == 1

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from emdpo_ray.config import ConfigError, ModelConfig, load_config
-from emdpo_ray.models import UnsafeModelError, build_tiny_model, load_base
+from emdpo_ray.models.loading import load_base, UnsafeModelError
+from emdpo_ray.models.tiny import build_tiny_model
 
 from conftest import KEY
 
@@ -49,7 +50,7 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_dir, tmp_path):
 
 
 def test_pickle_adapter_is_refused(tiny_dir, tmp_path):
-    from emdpo_ray.models import PolicyBank
+    from emdpo_ray.models.bank import PolicyBank
 
     cfg = ModelConfig()
     bank = PolicyBank(load_base(tiny_dir, cfg), cfg, ["type_0"])
@@ -159,8 +160,8 @@ def test_auth_covers_every_route_but_healthz(server):
 _LISTEN = r"""
 import json, psutil, ray, urllib.request, urllib.error
 from emdpo_ray.config import load_config
-from emdpo_ray.em import ensure_ray
-ensure_ray(load_config(None, ["ray.dashboard=true"]))
+from emdpo_ray.run.ray_runtime import RayRuntime
+RayRuntime(load_config(None, ["ray.dashboard=true"]))
 host, port = ray._private.worker.global_worker.node.webui_url.rsplit(":", 1)
 binds = set()
 for p in psutil.process_iter():

@@ -157,8 +157,10 @@ def test_concurrent_requests_for_mixed_types_are_batched(server):
 def test_batched_decoding_matches_each_adapter_alone(trained_run):
     """Rows for different types decoded together give what each type gives alone."""
     from emdpo_ray.config import load_config
-    from emdpo_ray.decoding import GenRequest, generate_batch, peft_forward
-    from emdpo_ray.models import PolicyBank, load_base, load_tokenizer, prompt_token_ids
+    from emdpo_ray.models.decoding import GenRequest, generate_batch, peft_forward
+    from emdpo_ray.models.bank import PolicyBank
+    from emdpo_ray.models.loading import load_base, load_tokenizer
+    from emdpo_ray.models.scoring import prompt_token_ids
 
     run, _, _ = trained_run
     cfg = load_config(os.path.join(run, "config.yaml"))

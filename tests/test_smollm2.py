@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 
 from emdpo_ray.config import load_config
-from emdpo_ray.records import parse_record
+from emdpo_ray.data.records import parse_record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_smollm2_lora_dpo_step_and_scoring(ray_local, tmp_path, monkeypatch):
-    from emdpo_ray.em import prepare_data
-    from emdpo_ray.model_sources import resolve_named_model
-    from emdpo_ray.mstep import run_mstep
+    from emdpo_ray.run.rundir import RunDir
+    from emdpo_ray.train.prepare import prepare_data
+    from emdpo_ray.models.sources import resolve_named_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = load_config(os.path.join(REPO, "jobs", "smollm2-lora.yaml"),
@@ -36,12 +36,10 @@ def test_smollm2_lora_dpo_step_and_scoring(ray_local, tmp_path, monkeypatch):
                           "rejected": "Perhaps ask a chef!"}, "t:2")]
     run = str(tmp_path / "run")
     os.makedirs(run)
-    prep = prepare_data(cfg, recs, run, False, lambda m: None)
-    res = run_mstep(cfg, names=["type_0", "type_1"], num_types=2, base_path=prep.base_path,
-                    shard_refs=prep.shard_refs, shard_sizes=prep.sizes,
-                    weights=np.array([[1.0, 0.0], [0.0, 1.0]]),
-                    score_mask=np.ones((2, 2), dtype=bool), storage_path=str(tmp_path / "ray"),
-                    run_name="smollm2", seed=0, threads=prep.threads)
+    prep = prepare_data(cfg, recs, RunDir(run), False, lambda m: None)
+    res = prep.run_mstep(names=["type_0", "type_1"], num_types=2,
+                         weights=np.array([[1.0, 0.0], [0.0, 1.0]]),
+                         score_mask=np.ones((2, 2), dtype=bool), run_name="smollm2", seed=0)
     assert res.metrics["train/steps"] == 1
     assert np.isfinite(res.scores).all() and (res.scores < 0).all()
     assert np.isfinite(res.metrics["train/loss"])

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from emdpo_ray.losses import pl_dpo_loss
-from emdpo_ray.models import sequence_logps
+from emdpo_ray.core.losses import pl_dpo_loss
+from emdpo_ray.models.bank import sequence_logps
 
 
 @pytest.mark.slow
@@ -13,7 +13,7 @@ def test_pairs_match_trl_dpotrainer_loss(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from emdpo_ray.models import train_tokenizer
+    from emdpo_ray.models.tiny import train_tokenizer
 
     texts = ["Explain tides.", "The moon pulls the sea.", "Water goes up and down.",
              "Describe bees.", "Bees make honey.", "They buzz around."]

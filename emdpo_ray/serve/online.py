@@ -21,7 +21,8 @@ from collections import OrderedDict, deque
 
 import numpy as np
 
-from emdpo_ray.estep import bayes_update, entropy
+from emdpo_ray.core.estep import bayes_update, entropy
+from emdpo_ray.run.rundir import ONLINE_SNAPSHOT, ONLINE_WAL, RunDir
 from emdpo_ray.utils import atomic_write_json
 
 
@@ -30,7 +31,7 @@ class UserState:
 
     def __init__(self, run_dir: str, eta: list[float], trained: dict[str, list[float]],
                  max_users: int = 100_000, max_history: int = 32, snapshot_every: int = 100):
-        self.dir = os.path.join(run_dir, "online")
+        self.dir = RunDir(run_dir).online_dir
         os.makedirs(self.dir, exist_ok=True)
         with np.errstate(divide="ignore"):
             self.log_eta = np.log(np.asarray(eta, float))
@@ -40,16 +41,16 @@ class UserState:
         self.users: OrderedDict[str, dict] = OrderedDict()
         self.since_snapshot = 0
         self._load()
-        self.wal = open(os.path.join(self.dir, "wal.jsonl"), "a", encoding="utf-8")
+        self.wal = open(os.path.join(self.dir, ONLINE_WAL), "a", encoding="utf-8")
 
     # -- persistence --
     def _load(self) -> None:
-        snap = os.path.join(self.dir, "snapshot.json")
+        snap = os.path.join(self.dir, ONLINE_SNAPSHOT)
         if os.path.exists(snap):
             with open(snap, encoding="utf-8") as f:
                 for u, s in json.load(f)["users"].items():
                     self._put(u, s["log_posterior"], s["feedbacks"], s.get("history", []))
-        wal = os.path.join(self.dir, "wal.jsonl")
+        wal = os.path.join(self.dir, ONLINE_WAL)
         if os.path.exists(wal):
             with open(wal, encoding="utf-8") as f:
                 for line in f:
@@ -69,10 +70,10 @@ class UserState:
             self.users.popitem(last=False)
 
     def snapshot(self) -> None:
-        atomic_write_json(os.path.join(self.dir, "snapshot.json"), {"users": {
+        atomic_write_json(os.path.join(self.dir, ONLINE_SNAPSHOT), {"users": {
             u: {**s, "history": list(s["history"])} for u, s in self.users.items()}})
         self.wal.close()
-        self.wal = open(os.path.join(self.dir, "wal.jsonl"), "w", encoding="utf-8")
+        self.wal = open(os.path.join(self.dir, ONLINE_WAL), "w", encoding="utf-8")
         self.since_snapshot = 0
 
     # -- queries --

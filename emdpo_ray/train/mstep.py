@@ -29,8 +29,10 @@ import numpy as np
 import torch
 
 from emdpo_ray.config import Config
-from emdpo_ray.losses import pl_dpo_loss, plackett_luce_logp
-from emdpo_ray.models import REFERENCE, PolicyBank, load_base
+from emdpo_ray.core.losses import pl_dpo_loss
+from emdpo_ray.models.bank import PolicyBank
+from emdpo_ray.models.loading import load_base
+from emdpo_ray.models.scoring import pair_logps, score_pairs
 
 
 def deepspeed_config(cfg: Config, batch_size: int) -> dict:
@@ -98,65 +100,6 @@ def load_progress(folder: str, engine) -> tuple[int, dict]:
     with open(os.path.join(folder, "progress.json")) as f:
         prog = json.load(f)
     return prog["step"], prog["sums"]
-
-
-def flat_rows(batch: dict[str, np.ndarray], pairs: np.ndarray, device) -> dict[str, torch.Tensor]:
-    """Rows for (record, policy) pairs [P, 2] x every real response; padding columns trimmed."""
-    rec, pol = pairs[:, 0], pairs[:, 1]
-    m = batch["input_ids"].shape[1]
-    resp = batch["resp_mask"][rec]                       # [P, m]
-    p_idx, j_idx = np.nonzero(resp)
-    r = rec[p_idx]
-    att = batch["attention_mask"][r, j_idx]
-    t = int(att.sum(-1).max())                          # longest real row in this batch
-    return {
-        "input_ids": torch.as_tensor(batch["input_ids"][r, j_idx, :t], dtype=torch.long, device=device),
-        "attention_mask": torch.as_tensor(att[:, :t], dtype=torch.long, device=device),
-        "loss_mask": torch.as_tensor(batch["loss_mask"][r, j_idx, :t], device=device),
-        "policy": torch.as_tensor(pol[p_idx], dtype=torch.long),
-        "scatter": (torch.as_tensor(p_idx), torch.as_tensor(j_idx)),
-        "shape": (len(pairs), m),
-    }
-
-
-def pair_logps(model, batch, pairs, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed response log-probs [P, m], token counts [P, m] and response mask [P, m]."""
-    rows = flat_rows(batch, pairs, device)
-    s, c = model(rows["input_ids"], rows["attention_mask"], rows["loss_mask"], rows["policy"])
-    out = torch.zeros(rows["shape"], dtype=s.dtype, device=s.device)
-    cnt = torch.zeros(rows["shape"], dtype=s.dtype, device=s.device)
-    out = out.index_put(rows["scatter"], s)
-    cnt = cnt.index_put(rows["scatter"], c.to(s.dtype))
-    mask = torch.as_tensor(batch["resp_mask"][pairs[:, 0]], device=s.device)
-    return out, cnt, mask
-
-
-def score_pairs(model, arrays, ref_logps, beta, pairs, device, rows_per_batch=512):
-    """Plackett-Luce log-likelihood of each (record, policy) pair's ranking; no gradients."""
-    m = arrays["input_ids"].shape[1]
-    per = max(1, rows_per_batch // m)
-    out = np.empty(len(pairs))
-    with torch.no_grad():
-        for s in range(0, len(pairs), per):
-            chunk = pairs[s:s + per]
-            lp, _, mask = pair_logps(model, arrays, chunk, device)
-            ref = torch.as_tensor(ref_logps[chunk[:, 0]], device=lp.device)
-            out[s:s + per] = plackett_luce_logp(beta * (lp - ref), mask).double().cpu().numpy()
-    return out
-
-
-def reference_logps(model, arrays, device, rows_per_batch=512) -> np.ndarray:
-    """[n, m] reference log-probs of every response (0 where a record has fewer)."""
-    n, m = arrays["resp_mask"].shape
-    per = max(1, rows_per_batch // m)
-    out = np.zeros((n, m))
-    with torch.no_grad():
-        for s in range(0, n, per):
-            idx = np.arange(s, min(n, s + per))
-            pairs = np.stack([idx, np.full(len(idx), REFERENCE)], 1)
-            lp, _, _ = pair_logps(model, arrays, pairs, device)
-            out[idx] = lp.double().cpu().numpy()
-    return out
 
 
 def _train_loop(config: dict) -> None:

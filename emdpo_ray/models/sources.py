@@ -53,7 +53,7 @@ def resolve_named_model(cfg: ModelConfig) -> str:
     """A path or id that `from_pretrained` can open."""
     name = cfg.name_or_path
     if name in OFFLINE:
-        from emdpo_ray.storage import cache_root
+        from emdpo_ray.run.storage import cache_root
 
         import fcntl
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emdpo_ray.config import DataConfig
-from emdpo_ray.records import Record, group_by_user
+from emdpo_ray.data.records import Record, group_by_user
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,13 @@ import os
 import numpy as np
 
 
-def plot_run(run_dir: str, history: list[dict], gamma: np.ndarray, true_types=None) -> None:
+def plot_run(out: str, history: list[dict], gamma: np.ndarray, true_types=None) -> None:
+    """em.png and confusion.png into the folder `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = os.path.join(run_dir, "plots")
     os.makedirs(out, exist_ok=True)
     if history:
         its = [h["iteration"] for h in history]

@@ -122,7 +122,7 @@ def generate(users: int = 120, types: int = 3, rankings_per_user: int = 8, respo
     for u in range(users):
         records += user_records(rng, theta, reward_scale, int(user_types[u]), f"u{u:04d}",
                                 rankings_per_user, responses)
-    meta = {"generator": "emdpo_ray.synth/v1", "features": FEATURES, "theta": theta.tolist(),
+    meta = {"generator": "emdpo_ray.data.synth/v1", "features": FEATURES, "theta": theta.tolist(),
             "reward_scale": reward_scale, "shares": p.tolist(), "seed": seed}
     return records, meta
 

@@ -11,13 +11,12 @@ Prints JSON with
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from emdpo_ray.config import load_config
-from emdpo_ray.records import load_records
+from emdpo_ray.data.records import load_records
+from emdpo_ray.run.rundir import SINGLE_DPO, RunDir, type_name
 from emdpo_ray.utils import read_json
 
 
@@ -33,20 +32,15 @@ def match_types(true_types: np.ndarray, gamma: np.ndarray, k_true: int) -> np.nd
     return match
 
 
-def policy_rewards(run_dir: str, cfg, records, k: int) -> np.ndarray:
+def policy_rewards(rd: RunDir, cfg, records, k: int) -> np.ndarray:
     """Implicit rewards [N, m, K] of every response (ranked order) under every policy."""
     import torch
 
-    from emdpo_ray.data import encode
-    from emdpo_ray.mmra_run import base_path_of, run_policy_dirs
-    from emdpo_ray.models import PolicyBank, load_base, load_tokenizer
-    from emdpo_ray.mstep import pair_logps
+    from emdpo_ray.data.encode import encode
+    from emdpo_ray.models.scoring import pair_logps
 
-    base_path = base_path_of(run_dir, cfg)
-    tok = load_tokenizer(base_path, cfg.model)
+    tok, bank = rd.load_bank(cfg, rd.policy_dirs(k))
     enc = encode(records, tok, cfg.data)
-    dirs = {n: d for n, d in run_policy_dirs(run_dir, k).items() if n.startswith("type_")}
-    bank = PolicyBank(load_base(base_path, cfg.model), cfg.model, list(dirs), init_from=dirs).eval()
     arrays = enc.arrays()
     n, m = enc.resp_mask.shape
     out = np.zeros((n, m, k))
@@ -61,42 +55,40 @@ def policy_rewards(run_dir: str, cfg, records, k: int) -> np.ndarray:
     return out, enc.resp_mask
 
 
-def true_regret(run_dir: str, data_path: str, k: int) -> dict | None:
+def true_regret(rd: RunDir, data_path: str, k: int) -> dict | None:
     """Regret of each true type under the true reward, for MMRA and the baselines."""
-    from emdpo_ray import synth
+    from emdpo_ray.data import synth
 
     meta_file = synth.meta_path(data_path)
-    samples_file = os.path.join(run_dir, "mmra_samples.jsonl")
-    if not (os.path.exists(meta_file) and os.path.exists(samples_file)):
+    samples = rd.mmra_samples()
+    if not os.path.exists(meta_file) or samples is None:
         return None
     meta = read_json(meta_file)
     theta = np.asarray(meta["theta"])
-    samples = [json.loads(line) for line in open(samples_file, encoding="utf-8")]
-    others = sorted({s["policy"] for s in samples if not s["policy"].startswith("type_")})
-    names = [f"type_{j}" for j in range(k)] + others
+    types = [type_name(j) for j in range(k)]
+    others = sorted({s["policy"] for s in samples} - set(types))
+    names = types + others
     # R[t, g]: mean true reward of type t over policy g's generations
     R = np.zeros((len(theta), len(names)))
     for g, name in enumerate(names):
         texts = [s["text"] for s in samples if s["policy"] == name]
         R[:, g] = synth.type_rewards(theta, meta["reward_scale"], texts).mean(1)
     best = R[:, :k].max(1)
-    mm = read_json(os.path.join(run_dir, "mmra.json"))
-    mixtures = {"mmra": np.asarray(mm["weights"]), "uniform": np.full(k, 1.0 / k)}
-    summary = read_json(os.path.join(run_dir, "summary.json"))
-    mixtures["eta"] = np.asarray(summary["mixing_weights"])
+    mixtures = {"mmra": np.asarray(rd.mmra_weights()), "uniform": np.full(k, 1.0 / k),
+                "eta": np.asarray(rd.mixing_weights())}
     for j in range(k):
         mixtures[f"policy_{j}"] = np.eye(k)[j]
     out = {}
     for label, w in mixtures.items():
         reg = best - R[:, :k] @ w
         out[label] = {"regret": reg.tolist(), "max_regret": float(reg.max())}
-    if "single_dpo" in names:
-        reg = best - R[:, names.index("single_dpo")]
-        out["single_dpo"] = {"regret": reg.tolist(), "max_regret": float(reg.max())}
+    if SINGLE_DPO in names:
+        reg = best - R[:, names.index(SINGLE_DPO)]
+        out[SINGLE_DPO] = {"regret": reg.tolist(), "max_regret": float(reg.max())}
     return out
 
 
-def online_eval(run_dir: str, data_path: str, match: np.ndarray, users_per_type: int = 12,
+def online_eval(rd: RunDir, data_path: str, match: np.ndarray, users_per_type: int = 12,
                 max_feedbacks: int = 12) -> dict | None:
     """Feedbacks a new user needs before being routed to their true type, per type,
     for ternary rankings and for binary comparisons (synthetic data with its meta file).
@@ -108,19 +100,18 @@ def online_eval(run_dir: str, data_path: str, match: np.ndarray, users_per_type:
     """
     import torch
 
-    from emdpo_ray import synth
-    from emdpo_ray.estep import bayes_update, entropy
-    from emdpo_ray.losses import plackett_luce_logp
-    from emdpo_ray.records import parse_record
+    from emdpo_ray.data import synth
+    from emdpo_ray.core.estep import bayes_update, entropy
+    from emdpo_ray.core.losses import plackett_luce_logp
+    from emdpo_ray.data.records import parse_record
 
     meta_file = synth.meta_path(data_path)
     if not os.path.exists(meta_file):
         return None
     meta = read_json(meta_file)
     theta = np.asarray(meta["theta"])
-    cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    summary = read_json(os.path.join(run_dir, "summary.json"))
-    log_eta = np.log(np.clip(np.asarray(summary["mixing_weights"]), 1e-300, None))
+    cfg = rd.config()
+    log_eta = np.log(np.clip(np.asarray(rd.mixing_weights()), 1e-300, None))
     k = len(log_eta)
     rng = np.random.default_rng(cfg.seed + 555)
     out = {}
@@ -135,7 +126,7 @@ def online_eval(run_dir: str, data_path: str, match: np.ndarray, users_per_type:
                 recs += synth.user_records(rng, theta, meta["reward_scale"], t, f"sim{u}",
                                            max_feedbacks, m)
             parsed = [parse_record(r, f"sim:{i}") for i, r in enumerate(recs)]
-            rewards, mask = policy_rewards(run_dir, cfg, parsed, k)
+            rewards, mask = policy_rewards(rd, cfg, parsed, k)
             ll = torch.stack([plackett_luce_logp(torch.as_tensor(rewards[:, :, j]),
                                                  torch.as_tensor(mask)) for j in range(k)], 1)
             ll = ll.double().numpy().reshape(users_per_type, max_feedbacks, k)
@@ -157,20 +148,14 @@ def online_eval(run_dir: str, data_path: str, match: np.ndarray, users_per_type:
     return out
 
 
-def evaluate_run(run_dir: str, data_path: str, online: bool = False) -> dict:
+def evaluate_run(run: RunDir | str, data_path: str, online: bool = False) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
-    from emdpo_ray.mmra import MatrixError
-
-    run_dir = os.path.abspath(run_dir)
-    if not os.path.exists(os.path.join(run_dir, "posteriors.jsonl")):
-        raise MatrixError(f"{run_dir}: no posteriors.jsonl: not a finished emdpo-ray run")
+    rd = RunDir.open(run) if isinstance(run, str) else run
+    rd.require_finished()
     records = load_records(data_path)
-    cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    post = {}
-    for line in open(os.path.join(run_dir, "posteriors.jsonl"), encoding="utf-8"):
-        row = json.loads(line)
-        post[row["user_id"]] = np.asarray(row["posterior"])
+    cfg = rd.config()
+    post = {u: np.asarray(p) for u, p in rd.posteriors().items()}
     k = len(next(iter(post.values())))
     out: dict = {"records": len(records), "types": k}
     known = [r for r in records if r.user_id in post]
@@ -184,7 +169,7 @@ def evaluate_run(run_dir: str, data_path: str, online: bool = False) -> dict:
     out["ari"] = float(adjusted_rand_score(true_types, gamma.argmax(1)))
     k_true = int(true_types.max()) + 1
     match = match_types(true_types, gamma, k_true)
-    rewards, mask = policy_rewards(run_dir, cfg, known, k)
+    rewards, mask = policy_rewards(rd, cfg, known, k)
     acc = []
     for t in range(k_true):
         rows = [i for i, r in enumerate(known) if r.true_type == t]
@@ -197,15 +182,14 @@ def evaluate_run(run_dir: str, data_path: str, online: bool = False) -> dict:
         acc.append(float(right.sum() / max(pairs.sum(), 1)))
     out["type_accuracy"] = acc
     out["match"] = match.tolist()
-    summary = read_json(os.path.join(run_dir, "summary.json"))
-    eta = np.asarray(summary["mixing_weights"])
+    eta = np.asarray(rd.mixing_weights())
     out["eta"] = [float(eta[j]) if j >= 0 else 0.0 for j in match]
     out["true_shares"] = (np.bincount(true_types, minlength=k_true) / len(users)).tolist()
-    tr = true_regret(run_dir, data_path, k)
+    tr = true_regret(rd, data_path, k)
     if tr is not None:
         out["true_regret"] = tr
     if online:
-        on = online_eval(run_dir, data_path, match)
+        on = online_eval(rd, data_path, match)
         if on is not None:
             out["online"] = on
     return out

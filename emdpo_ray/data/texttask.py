@@ -1,6 +1,6 @@
 """A real text task for a real model: annotator types over the styles of generated answers.
 
-    python -m emdpo_ray.texttask --model smollm2-135m-instruct --out data.jsonl --users 24
+    python -m emdpo_ray.data.texttask --model smollm2-135m-instruct --out data.jsonl --users 24
 
 Responses are produced by the base model itself from short instructions, each asked in
 several styles (a system message per style, sampled decoding), so they differ in length,
@@ -57,7 +57,8 @@ def generate_pool(model_name: str, prompts: list[str], max_new_tokens: int, seed
     import torch
 
     from emdpo_ray.config import ModelConfig
-    from emdpo_ray.models import left_pad, load_base, load_tokenizer
+    from emdpo_ray.models.loading import load_base, load_tokenizer
+    from emdpo_ray.models.scoring import left_pad
 
     cfg = ModelConfig(name_or_path=model_name)
     tok = load_tokenizer(model_name, cfg)

@@ -1,6 +1,6 @@
 """Preference records: the input contract, read all-or-nothing.
 
-    from emdpo_ray.records import load_records
+    from emdpo_ray.data.records import load_records
     records = load_records("data.jsonl")        # or .parquet, or s3://bucket/data.jsonl
 
 A record is `{"user_id", "prompt", "responses": [...], "ranking": [...]}` (ranking is a

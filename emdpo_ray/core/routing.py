@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from emdpo_ray.estep import entropy
+from emdpo_ray.core.estep import entropy
 
 PIN = re.compile(r"^type-(\d+)$")
 

@@ -1,4 +1,4 @@
-"""Initial posteriors that leave EM's symmetric point.
+"""Initial posteriors that leave EM's symmetric point (`em.init`).
 
 From near-uniform posteriors every type sees the same weighted data and EM never moves, so
 the start must already split users. `kmeans` (default):
@@ -8,6 +8,9 @@ the start must already split users. `kmeans` (default):
 2. refinement: a few EM iterations of a mixture of *linear* Plackett-Luce models on the same
    bag-of-tokens features (a cheap stand-in for the policies, fitted with L-BFGS), which
    sharpens the k-means split before any language model is trained.
+
+`labels` starts from the records' `true_type` (an upper bound for evaluation); `random`
+tries `em.restarts` random hard starts, each scored by one M-step and E-step.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from emdpo_ray.estep import e_step, smoothed_onehot
-from emdpo_ray.losses import plackett_luce_logp
-from emdpo_ray.records import Record
+from emdpo_ray.config import Config
+from emdpo_ray.core.estep import e_step, smoothed_onehot
+from emdpo_ray.core.losses import plackett_luce_logp
+from emdpo_ray.data.records import Record
 
 
 def response_features(records: list[Record]) -> tuple[np.ndarray, np.ndarray]:
@@ -109,3 +113,21 @@ def labels_from_records(records: list[Record], user_index: np.ndarray, num_users
                              f"{k} types")
         out[u] = r.true_type
     return out
+
+
+def initial_gamma(cfg: Config, k: int, records: list[Record], user_index: np.ndarray,
+                  num_users: int, restart_fn=None) -> np.ndarray:
+    """[U, K] starting posteriors; `restart_fn(gamma, r)` scores a random start (log-lik)."""
+    if cfg.em.init == "kmeans":
+        return kmeans_init(records, user_index, num_users, k, cfg.seed,
+                           cfg.em.init_smoothing, cfg.em.init_refine_iterations)
+    if cfg.em.init == "labels":
+        labels = labels_from_records(records, user_index, num_users, k)
+        return smoothed_onehot(labels, k, cfg.em.init_smoothing)
+    rng = np.random.default_rng(cfg.seed)
+    starts = [smoothed_onehot(rng.integers(0, k, num_users), k, cfg.em.init_smoothing)
+              for _ in range(cfg.em.restarts)]
+    if restart_fn is None or len(starts) == 1:
+        return starts[0]
+    lls = [restart_fn(g, r) for r, g in enumerate(starts)]
+    return starts[int(np.argmax(lls))]

@@ -1,9 +1,8 @@
-"""Run directories on shared storage (s3://, gs://, ...) through pyarrow.fs.
+"""Folders on shared storage (s3://, gs://, ...) through pyarrow.fs, mirrored locally.
 
-A remote run (`--out s3://bucket/run`) is worked on in a local mirror and pushed file by
-file as each step completes (data files before `state.json`, so the remote state never
-points at a missing file). Ray Train checkpoints go straight to `<run>/ray_results` on the
-remote store. Readers (resume, MMRA, eval, serving replicas on any node) pull the mirror.
+A remote folder (a run `--out s3://bucket/run`, a model) is worked on in a local mirror under
+`$EMDPO_CACHE` and pushed file by file as each step completes. Readers on any node pull the
+mirror. What the files are is `run/rundir.py`'s business; this module moves bytes.
 """
 
 from __future__ import annotations
@@ -46,8 +45,9 @@ class RunStore:
         sel = pafs.FileSelector(self.root, recursive=True)
         return [i.path for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
 
-    def pull(self, skip: tuple[str, ...] = ("ray_results/",)) -> str:
-        """Mirror the remote run locally (Ray Train checkpoints stay remote)."""
+    def pull(self, skip: tuple[str, ...] = (), always: tuple[str, ...] = ()) -> str:
+        """Mirror the remote folder locally: files under `skip` prefixes stay remote; a file
+        of the same size is kept unless it is in `always` (files rewritten in place)."""
         if not self.remote:
             return self.local
         for path in self._remote_files():
@@ -56,7 +56,7 @@ class RunStore:
                 continue
             dst = os.path.join(self.local, rel)
             info = self.fs.get_file_info(path)
-            if os.path.exists(dst) and os.path.getsize(dst) == info.size and rel != "state.json":
+            if os.path.exists(dst) and os.path.getsize(dst) == info.size and rel not in always:
                 continue
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             with self.fs.open_input_stream(path) as src, open(dst + ".partial", "wb") as out:
@@ -85,21 +85,12 @@ class RunStore:
                 self.fs.open_output_stream(dst) as out:
             out.write(src.read())
 
-    def push_all(self) -> None:
-        if self.remote:
-            names = [n for n in os.listdir(self.local) if n != "state.json"]
-            self.push(*names)
-            self.push("state.json")
-
     def delete(self) -> None:
         import shutil
 
         shutil.rmtree(self.local, ignore_errors=True)
         if self.remote and self._remote_files():
             self.fs.delete_dir_contents(self.root)
-
-    def ray_storage(self) -> str:
-        return f"{self.uri}/ray_results" if self.remote else os.path.join(self.local, "ray_results")
 
     def checkpoint_uri(self, ckpt) -> str:
         return f"{self.scheme}://{ckpt.path}" if self.remote else ckpt.path
@@ -116,8 +107,3 @@ def checkpoint_from(uri: str):
         return Checkpoint(path, filesystem=fs)
     return Checkpoint(uri)
 
-
-def open_run(uri: str) -> tuple[RunStore, str]:
-    """(store, local run directory), pulled when remote."""
-    store = RunStore(uri)
-    return store, store.pull()

@@ -1,6 +1,6 @@
 """Closed-loop HTTP load against a served run: N requests, C in flight, latency percentiles.
 
-    python -m emdpo_ray.loadtest --url http://127.0.0.1:8000 --requests 300 --concurrency 16
+    python -m emdpo_ray.serve.loadtest --url http://127.0.0.1:8000 --requests 300 --concurrency 16
 """
 
 from __future__ import annotations

@@ -1,0 +1,151 @@
+"""The K policies on one base, and the reference.
+
+`PolicyBank` owns the K policies and the reference: with LoRA, K adapters on one base
+(reference = adapters off, the `"__base__"` row name); with full fine-tuning, K copies and a
+frozen reference. Its `logps` scores any mix of (row, policy) pairs in one batched forward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from emdpo_ray.config import ModelConfig
+from emdpo_ray.models.loading import check_weights_format, load_base, load_tokenizer
+
+REFERENCE = -1  # policy index meaning "the reference model"
+
+
+def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   loss_mask: torch.Tensor, **forward_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of response-token log-probs per row, all rows in one forward pass.
+
+    `loss_mask[b, t]` is 1 where token t belongs to the response; prompt and padding are 0.
+    Token t is predicted from the logits at t-1, so the mask is shifted by one.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).logits
+    logits = logits[:, :-1].float()
+    labels = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].to(logits.dtype)
+    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+class PolicyBank(nn.Module):
+    """K policies plus the reference, scored per row in one batched forward."""
+
+    def __init__(self, base: nn.Module, cfg: ModelConfig, names: list[str],
+                 init_from: str | dict[str, str] | None = None):
+        """`names` are the policies (PEFT adapter names). `init_from` is a folder holding a
+        subfolder per name, or a {name: folder} map, to load or warm-start from; names not
+        found there start fresh (LoRA B = 0, i.e. equal to the reference)."""
+        super().__init__()
+        self.kind = cfg.finetune
+        self.names = list(names)
+
+        def warm(name: str) -> str | None:
+            if isinstance(init_from, dict):
+                path = init_from.get(name)
+            else:
+                path = os.path.join(init_from, name) if init_from else None
+            return path if path and os.path.isdir(path) else None
+
+        if self.kind == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                            lora_dropout=cfg.lora.dropout,
+                            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+            model = get_peft_model(base, lc, adapter_name=self.names[0])
+            for name in self.names[1:]:
+                model.add_adapter(name, lc)
+            for name in self.names:
+                if warm(name):
+                    from peft.utils import set_peft_model_state_dict
+                    from safetensors.torch import load_file
+
+                    check_weights_format(warm(name), cfg.allow_pickle)
+                    st = os.path.join(warm(name), "adapter_model.safetensors")
+                    sd = load_file(st) if os.path.exists(st) else torch.load(
+                        os.path.join(warm(name), "adapter_model.bin"), weights_only=True)
+                    set_peft_model_state_dict(model, sd, adapter_name=name)
+            # PEFT marks only the active adapter trainable; here every adapter trains at once.
+            for n, p in model.named_parameters():
+                p.requires_grad = "lora_" in n
+            self.model = model
+        else:
+            import copy
+
+            from transformers import AutoModelForCausalLM
+
+            policies = []
+            for name in self.names:
+                if warm(name):
+                    check_weights_format(warm(name), cfg.allow_pickle)
+                    m = AutoModelForCausalLM.from_pretrained(
+                        warm(name), dtype=base.dtype, trust_remote_code=cfg.trust_remote_code,
+                        use_safetensors=None if cfg.allow_pickle else True)
+                else:
+                    m = copy.deepcopy(base)
+                policies.append(m)
+            self.policies = nn.ModuleList(policies)
+            self.reference = base.requires_grad_(False)
+
+    def logps(self, input_ids, attention_mask, loss_mask, policy: torch.Tensor):
+        """Per-row summed response log-probs; `policy[b]` is a type index or REFERENCE."""
+        if self.kind == "lora":
+            names = [self.names[k] if k >= 0 else "__base__" for k in policy.tolist()]
+            # PEFT mixes adapters per row only in eval mode; dropout is 0 so nothing changes.
+            self.model.eval()
+            return sequence_logps(self.model, input_ids, attention_mask, loss_mask,
+                                  adapter_names=names)
+        total = torch.zeros(len(policy), device=input_ids.device)
+        count = torch.zeros(len(policy), device=input_ids.device)
+        for k in policy.unique().tolist():
+            rows = (policy == k).nonzero(as_tuple=True)[0]
+            m = self.reference if k < 0 else self.policies[k]
+            s, c = sequence_logps(m, input_ids[rows], attention_mask[rows], loss_mask[rows])
+            total = total.index_put((rows,), s.to(total.dtype))
+            count = count.index_put((rows,), c.to(count.dtype))
+        return total, count
+
+    def save(self, out_dir: str) -> None:
+        """One folder per policy name: a PEFT adapter or a full model, safetensors."""
+        os.makedirs(out_dir, exist_ok=True)
+        if self.kind == "lora":
+            self.model.save_pretrained(out_dir, selected_adapters=self.names,
+                                       safe_serialization=True)
+        else:
+            for name, m in zip(self.names, self.policies):
+                m.save_pretrained(os.path.join(out_dir, name), safe_serialization=True)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 policy: list[int], **gen_kwargs) -> torch.Tensor:
+        """Left-padded prompts [B, T] -> [B, T + new] tokens, row b sampled from policy[b]."""
+        if self.kind == "lora":
+            self.model.eval()
+            names = [self.names[k] if k >= 0 else "__base__" for k in policy]
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                       adapter_names=names, **gen_kwargs)
+        pad = gen_kwargs.get("pad_token_id", 0)
+        outs: dict[int, torch.Tensor] = {}
+        pol = torch.as_tensor(policy)
+        for k in pol.unique().tolist():
+            rows = (pol == k).nonzero(as_tuple=True)[0]
+            m = self.reference if k < 0 else self.policies[k]
+            outs[k] = (rows, m.generate(input_ids=input_ids[rows],
+                                        attention_mask=attention_mask[rows], **gen_kwargs))
+        width = max(o.shape[1] for _, o in outs.values())
+        result = torch.full((len(policy), width), pad, dtype=input_ids.dtype)
+        for rows, o in outs.values():
+            result[rows, :o.shape[1]] = o
+        return result
+
+
+def load_policy_bank(base_path: str, cfg: ModelConfig, dirs: dict[str, str]):
+    """(tokenizer, PolicyBank in eval mode): the base plus the policies in `dirs` {name: folder}."""
+    bank = PolicyBank(load_base(base_path, cfg), cfg, list(dirs), init_from=dirs)
+    return load_tokenizer(base_path, cfg), bank.eval()

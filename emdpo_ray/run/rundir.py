@@ -1,0 +1,289 @@
+"""The run directory: the one module that knows its file names and layout.
+
+    rd = RunDir.open("s3://bucket/run")   # or a local path; a remote run is pulled first
+    rd.config(), rd.types, rd.posteriors(), rd.policy_dirs(), rd.load_bank(cfg)
+
+A remote run is worked on in a local mirror (`run/storage.py`) and pushed file by file;
+data files go before `state.json`, so the remote state never points at a missing file.
+Every file is written atomically. Other modules ask a `RunDir` for paths and contents and
+never spell a file name themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+from emdpo_ray.config import Config, config_to_yaml, load_config
+from emdpo_ray.run.storage import RunStore, is_remote
+from emdpo_ray.utils import atomic_save_npy, atomic_write_json, atomic_write_text, read_json
+
+# The layout (README "Run directory" lists the same).
+RUN = "run.json"                    # identity: data path, K, resolved config
+CONFIG = "config.yaml"
+STATE = "state.json"                # resume point, written last in each iteration
+HISTORY = "history.json"
+POSTERIORS = "posteriors.jsonl"
+SUMMARY = "summary.json"
+MMRA = "mmra.json"
+MMRA_SAMPLES = "mmra_samples.jsonl"
+POLICIES = "policies"               # policies/type_<k>/
+BASELINES = "baselines"             # baselines/single_dpo/
+BASE_MODEL = "base_model"           # the default tiny model, built once per run
+CACHE = "cache"                     # cache/ref_logps-<key>.npy
+PLOTS = "plots"
+ONLINE = "online"                   # online/wal.jsonl, online/snapshot.json
+ONLINE_WAL = "wal.jsonl"
+ONLINE_SNAPSHOT = "snapshot.json"
+RAY_RESULTS = "ray_results"         # Ray Train checkpoints (stay remote for s3:// runs)
+SINGLE_DPO = "single_dpo"
+
+
+class RunDirError(ValueError):
+    """Not a (finished) run directory, or one holding another run."""
+
+
+def type_name(k: int) -> str:
+    """Policy k's name: its folder under policies/ and its PEFT adapter name."""
+    return f"type_{k}"
+
+
+def gamma_file(iteration: int) -> str:
+    return f"gamma-{iteration:03d}.npy"
+
+
+def is_leftover(name: str) -> bool:
+    """A crash mid-write leaves these behind; they are never read."""
+    return name.startswith(".tmp-") or ".partial" in name
+
+
+class RunDir:
+    def __init__(self, uri: str):
+        self.uri = uri if is_remote(uri) else os.path.abspath(uri.removeprefix("file://"))
+        self.store = RunStore(self.uri)
+        self.path = self.store.local
+        self.remote = self.store.remote
+
+    @classmethod
+    def open(cls, uri: str) -> RunDir:
+        """An existing run, pulled to this node when remote."""
+        rd = cls(uri)
+        rd.pull()
+        return rd
+
+    def file(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    # -- storage --
+    def pull(self) -> None:
+        self.store.pull(skip=(RAY_RESULTS + "/",), always=(STATE,))
+
+    def push(self, *names: str) -> None:
+        self.store.push(*names)
+
+    def push_all(self) -> None:
+        """Everything, `state.json` last."""
+        if self.remote:
+            self.push(*[n for n in os.listdir(self.path) if n != STATE])
+            self.push(STATE)
+
+    def ray_storage(self, cfg: Config) -> str:
+        """Where Ray Train keeps this run's checkpoints."""
+        if cfg.ray.storage_path:
+            return cfg.ray.storage_path
+        return f"{self.uri}/{RAY_RESULTS}" if self.remote else self.file(RAY_RESULTS)
+
+    # -- identity --
+    def exists(self) -> bool:
+        return os.path.exists(self.file(RUN))
+
+    def is_finished(self) -> bool:
+        return os.path.exists(self.file(POSTERIORS))
+
+    def require_run(self) -> RunDir:
+        if not self.exists():
+            raise RunDirError(f"{self.uri}: not an emdpo-ray run directory (no {RUN})")
+        return self
+
+    def require_finished(self) -> RunDir:
+        if not self.is_finished():
+            raise RunDirError(f"{self.uri}: not a finished emdpo-ray run (no {POSTERIORS})")
+        return self
+
+    def create_or_resume(self, identity: dict, overwrite: bool) -> bool:
+        """Create or validate the run directory. Returns True when resuming."""
+        if overwrite:
+            self.store.delete()
+        self.pull()
+        if os.path.exists(self.file(RUN)):
+            if read_json(self.file(RUN)) != identity:
+                raise RunDirError(
+                    f"{self.uri}: holds a run with a different config or data; use another "
+                    "--out or pass --overwrite to start over")
+            for name in os.listdir(self.path):
+                if is_leftover(name):
+                    path = self.file(name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+            return os.path.exists(self.file(STATE))
+        if os.path.isdir(self.path) and os.listdir(self.path):
+            raise RunDirError(f"{self.uri}: exists and is not an emdpo-ray run directory; use "
+                              "another --out or pass --overwrite")
+        os.makedirs(self.path, exist_ok=True)
+        atomic_write_json(self.file(RUN), identity)
+        return False
+
+    def identity(self) -> dict:
+        return read_json(self.require_run().file(RUN))
+
+    @property
+    def types(self) -> int:
+        return self.identity()["types"]
+
+    @property
+    def data_path(self) -> str:
+        return self.identity()["data"]
+
+    # -- config --
+    def config(self) -> Config:
+        return load_config(self.file(CONFIG))
+
+    def write_config(self, cfg: Config) -> None:
+        atomic_write_text(self.file(CONFIG), config_to_yaml(cfg))
+        self.push(RUN, CONFIG)
+
+    # -- EM state (resume) --
+    def state(self) -> dict | None:
+        """The last finished iteration, None before the first."""
+        if not os.path.exists(self.file(STATE)):
+            return None
+        try:
+            return read_json(self.file(STATE))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # not ours: ours are atomic
+            raise RunDirError(f"{self.file(STATE)}: unreadable ({e}); pass --overwrite to "
+                              "start over") from None
+
+    def save_iteration(self, iteration: int, gamma: np.ndarray, history: list[dict],
+                       state: dict, before_state=lambda: None) -> None:
+        """gamma, history, then state.json (the resume point), each atomic and pushed in that
+        order; `before_state` runs between the two (crash tests)."""
+        name = gamma_file(iteration)
+        atomic_save_npy(self.file(name), gamma)
+        atomic_write_json(self.file(HISTORY), history)
+        before_state()
+        self.push(name, HISTORY, CACHE)
+        atomic_write_json(self.file(STATE), {**state, "iteration": iteration, "gamma": name})
+        self.push(STATE)
+
+    def load_gamma(self, state: dict) -> np.ndarray:
+        return np.load(self.file(state["gamma"]))
+
+    def history(self) -> list[dict]:
+        return read_json(self.file(HISTORY)) if os.path.exists(self.file(HISTORY)) else []
+
+    # -- results --
+    def write_posteriors(self, users: list[str], gamma: np.ndarray) -> None:
+        lines = [json.dumps({"user_id": u, "posterior": g.tolist(), "type": int(g.argmax())})
+                 for u, g in zip(users, gamma)]
+        atomic_write_text(self.file(POSTERIORS), "\n".join(lines) + "\n")
+
+    def posteriors(self) -> dict[str, list[float]]:
+        out = {}
+        with open(self.require_finished().file(POSTERIORS), encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                out[row["user_id"]] = row["posterior"]
+        return out
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_json(self.file(SUMMARY), summary)
+
+    def summary(self) -> dict:
+        return read_json(self.file(SUMMARY))
+
+    def mixing_weights(self) -> list[float]:
+        return self.summary()["mixing_weights"]
+
+    def write_mmra(self, result: dict, samples: list[dict]) -> None:
+        atomic_write_text(self.file(MMRA_SAMPLES), "".join(json.dumps(s) + "\n" for s in samples))
+        atomic_write_json(self.file(MMRA), result)
+
+    def mmra(self) -> dict | None:
+        return read_json(self.file(MMRA)) if os.path.exists(self.file(MMRA)) else None
+
+    def mmra_weights(self) -> list[float]:
+        """MMRA's mixture, uniform when MMRA has not run."""
+        mm = self.mmra()
+        return mm["weights"] if mm else [1.0 / self.types] * self.types
+
+    def mmra_samples(self) -> list[dict] | None:
+        if not os.path.exists(self.file(MMRA_SAMPLES)):
+            return None
+        with open(self.file(MMRA_SAMPLES), encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    @property
+    def plots_dir(self) -> str:
+        return self.file(PLOTS)
+
+    @property
+    def online_dir(self) -> str:
+        return self.file(ONLINE)
+
+    # -- models --
+    def base_path(self, cfg: Config) -> str:
+        """A named model (resolved where it is loaded) or this run's own tiny base."""
+        return cfg.model.name_or_path or self.file(BASE_MODEL)
+
+    @property
+    def base_model_dir(self) -> str:
+        return self.file(BASE_MODEL)
+
+    def shared_base_path(self) -> str:
+        """The tiny base as workers on any node can load it (the remote copy for s3://)."""
+        if self.remote:
+            self.push(BASE_MODEL)
+            return f"{self.uri}/{BASE_MODEL}"
+        return self.base_model_dir
+
+    def reference_cache(self, key: str) -> str:
+        return self.file(CACHE, f"ref_logps-{key}.npy")
+
+    def policy_dirs(self, k: int | None = None, baselines: bool = False) -> dict[str, str]:
+        """{name: folder} for type_0..type_{K-1} (and the single-DPO baseline if trained)."""
+        k = self.types if k is None else k
+        dirs = {type_name(j): self.file(POLICIES, type_name(j)) for j in range(k)}
+        if baselines and self.has_baseline(SINGLE_DPO):
+            dirs[SINGLE_DPO] = self.file(BASELINES, SINGLE_DPO)
+        return dirs
+
+    def has_baseline(self, name: str) -> bool:
+        return os.path.isdir(self.file(BASELINES, name))
+
+    def install_policies(self, src: str, names: list[str]) -> None:
+        """Copy policies/<name> folders from a checkpoint directory into policies/, whole."""
+        tmp = self.file(POLICIES + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for n in names:
+            shutil.copytree(os.path.join(src, POLICIES, n), os.path.join(tmp, n))
+        shutil.rmtree(self.file(POLICIES), ignore_errors=True)
+        os.replace(tmp, self.file(POLICIES))
+
+    def install_baseline(self, src: str, name: str) -> str:
+        """Copy a checkpoint's policies/<name> to baselines/<name>, whole."""
+        out = self.file(BASELINES, name)
+        shutil.rmtree(out + ".partial", ignore_errors=True)
+        shutil.copytree(os.path.join(src, POLICIES, name), out + ".partial")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(out + ".partial", out)
+        return out
+
+    def load_bank(self, cfg: Config, dirs: dict[str, str] | None = None):
+        """(tokenizer, PolicyBank in eval mode) holding the base and the run's policies."""
+        from emdpo_ray.models.bank import load_policy_bank
+
+        dirs = self.policy_dirs() if dirs is None else dirs
+        return load_policy_bank(self.base_path(cfg), cfg.model, dirs)

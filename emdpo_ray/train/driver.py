@@ -1,0 +1,200 @@
+"""The EM driver: `emdpo-ray train --data data.jsonl --types 3 --out runs/demo`.
+
+    records -> tokenize -> reference log-probs (Ray tasks, cached) -> initial posteriors
+    loop: M-step (one Ray Train fit: all policies) -> scores -> E-step -> state on disk
+    -> policies/type_k, posteriors.jsonl, history.json, plots, mmra.json
+
+A SIGKILL at any moment loses at most the iteration in flight: `state.json` is written
+atomically after each E-step and the same command resumes from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+from emdpo_ray.config import Config
+from emdpo_ray.core.estep import EStep, converged, e_step
+from emdpo_ray.data.records import Record, load_records
+from emdpo_ray.run.rundir import RunDir, RunDirError, type_name
+from emdpo_ray.run.storage import checkpoint_from
+from emdpo_ray.train.prepare import prepare_data
+from emdpo_ray.train.start import initial_gamma
+
+log = logging.getLogger(__name__)
+
+__all__ = ["train", "RunDirError"]
+
+FAULT_ENV = "EMDPO_FAULT"
+
+
+def fault_point(name: str, iteration: int) -> None:
+    """Crash testing: EMDPO_FAULT=<name>:<iteration> SIGKILLs this process here, mid-way
+    through a phase too short to hit from outside (the E-step, the state write)."""
+    if os.environ.get(FAULT_ENV) == f"{name}:{iteration}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def policy_names(k: int, cross_fit: bool) -> list[str]:
+    """Policies trained per M-step: type_k on everyone, plus f<f>_type_k without fold f."""
+    names = [type_name(j) for j in range(k)]
+    if cross_fit:
+        names += [f"f{f}_{type_name(j)}" for f in (0, 1) for j in range(k)]
+    return names
+
+
+def record_weights(gamma_rec: np.ndarray, fold_rec: np.ndarray | None):
+    """Record weights [N, A] for the policies of `policy_names` and which (record, policy)
+    scores the E-step needs [N, A]. With cross-fitting (`fold_rec` given), policy f_type_k
+    trains without fold f and scores only fold f."""
+    cols, need = [gamma_rec], [np.zeros_like(gamma_rec, dtype=bool)]
+    if fold_rec is None:
+        need[0][:] = True
+    else:
+        k = gamma_rec.shape[1]
+        for f in (0, 1):
+            out_of_fold = (fold_rec != f)[:, None]
+            cols.append(gamma_rec * out_of_fold)
+            need.append(np.repeat(~out_of_fold, k, axis=1))
+    return np.concatenate(cols, 1), np.concatenate(need, 1)
+
+
+def type_scores(scores: np.ndarray, k: int, fold_rec: np.ndarray | None) -> np.ndarray:
+    """[N, K] per-record log-likelihoods for the E-step (out of fold when cross-fitting)."""
+    if fold_rec is None:
+        return scores[:, :k]
+    f = fold_rec[:, None]
+    return np.where(f == 0, scores[:, k:2 * k], scores[:, 2 * k:3 * k])
+
+
+def ari(true_types: np.ndarray | None, gamma: np.ndarray) -> float | None:
+    if true_types is None:
+        return None
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(true_types, gamma.argmax(1)))
+
+
+def user_true_types(records: list[Record], user_index: np.ndarray, num_users: int):
+    if any(r.true_type is None for r in records):
+        return None
+    out = np.zeros(num_users, dtype=int)
+    out[user_index] = [r.true_type for r in records]
+    return out
+
+
+def run_identity(cfg: Config, data_path: str, k: int) -> dict:
+    return {"data": data_path if "://" in data_path else os.path.abspath(data_path),
+            "types": k, "config": cfg.model_dump(mode="json")}
+
+
+def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool = False,
+          verbose: bool = False, progress=None) -> dict:
+    """Run EM-DPO end to end; returns a summary (also written to the run directory)."""
+    records = load_records(data_path)  # all-or-nothing: raises before anything is written
+    if k < 1:
+        raise ValueError(f"--types must be >= 1, got {k}")
+    rd = RunDir(run_dir)
+    resuming = rd.create_or_resume(run_identity(cfg, data_path, k), overwrite)
+    state = rd.state() if resuming else None
+    say = progress or (lambda msg: log.info(msg))
+    rd.write_config(cfg)
+
+    prep = prepare_data(cfg, records, rd, verbose, say)
+    ui, u_count, users = prep.enc.user_index, len(prep.enc.users), prep.enc.users
+    true_types = user_true_types(records, ui, u_count)
+    names = policy_names(k, cfg.em.cross_fit)
+    fold = np.random.default_rng(cfg.seed + 17).permutation(u_count) % 2
+    fold_rec = fold[ui] if cfg.em.cross_fit else None
+
+    def mstep(gamma: np.ndarray, it: int, init_from, tag: str):
+        w, need = record_weights(gamma[ui], fold_rec)
+        return prep.run_mstep(names=names, num_types=k, weights=w, score_mask=need,
+                              run_name=f"{tag}-{it:03d}-{time.time_ns()}",
+                              seed=cfg.seed * 100003 + it, init_from=init_from,
+                              epochs=cfg.em.warm_epochs if init_from is not None else cfg.dpo.epochs)
+
+    history: list[dict] = []
+    if state is not None:
+        gamma = rd.load_gamma(state)
+        eta, it0 = np.asarray(state["eta"]), state["iteration"] + 1
+        prev = EStep(np.log(np.clip(gamma, 1e-300, None)), eta, state["loglik"])
+        ckpt = checkpoint_from(state["checkpoint"])
+        # history.json is written before state.json: after a crash between the two it holds
+        # the iteration in flight, which is redone, so drop it rather than count it twice.
+        history = [h for h in rd.history() if h["iteration"] <= state["iteration"]]
+        done = state.get("converged", False)
+        say(f"resuming after iteration {state['iteration']}")
+    else:
+        t = time.perf_counter()
+
+        def restart(g, r):
+            res = mstep(g, 0, None, f"restart{r}")
+            return e_step(type_scores(res.scores, k, fold_rec), ui, u_count, g.mean(0)).loglik
+
+        gamma = initial_gamma(cfg, k, records, ui, u_count, restart)
+        eta, it0, prev, ckpt, done = gamma.mean(0), 1, None, None, False
+        a = ari(true_types, gamma)
+        say(f"init ({cfg.em.init}): eta={np.round(eta, 3).tolist()}"
+            + (f" ari={a:.3f}" if a is not None else "") + f" ({time.perf_counter() - t:.1f}s)")
+
+    for it in range(it0, cfg.em.max_iterations + 1):
+        if done:
+            break
+        say(f"iter {it}: M-step")
+        res = mstep(gamma, it, ckpt if cfg.em.warm_start else None, "mstep")
+        fault_point("estep", it)
+        t = time.perf_counter()
+        cur = e_step(type_scores(res.scores, k, fold_rec), ui, u_count, eta)
+        t_e = time.perf_counter() - t
+        d_gamma = float(np.abs(cur.gamma - gamma).max())
+        done = converged(prev, cur, cfg.em.tol_loglik, cfg.em.tol_posterior)
+        gamma, eta, prev, ckpt = cur.gamma, cur.eta, cur, res.checkpoint
+        a = ari(true_types, gamma)
+        m = res.metrics
+        history.append({
+            "iteration": it, "log_likelihood": cur.loglik, "mixing_weights": eta.tolist(),
+            "max_delta_gamma": d_gamma, "ari": a,
+            "timings": {"fit_wall_s": res.wall_s, "startup_s": m.get("time/startup_s"),
+                        "train_s": m.get("time/train_s"), "score_s": m.get("time/score_s"),
+                        "estep_s": t_e},
+            "metrics": {key: v for key, v in m.items() if "/" in key and not key.startswith("time/")},
+        })
+        rd.save_iteration(it, gamma, history,
+                          {"eta": eta.tolist(), "loglik": cur.loglik, "converged": done,
+                           "checkpoint": rd.store.checkpoint_uri(ckpt)},
+                          before_state=lambda: fault_point("checkpoint", it))
+        say(f"iter {it}: loglik={cur.loglik:.2f} eta={np.round(eta, 3).tolist()} "
+            f"max|dgamma|={d_gamma:.3g}" + (f" ari={a:.3f}" if a is not None else "")
+            + f" (fit {res.wall_s:.1f}s)")
+
+    summary = finalize(rd, records, users, gamma, eta, history, ckpt, true_types)
+    rd.push_all()
+    if cfg.mmra.enabled:
+        from emdpo_ray.train.mmra_run import run_mmra
+
+        summary["mmra"] = run_mmra(rd, cfg=cfg, progress=say)
+        rd.push_all()
+    return summary
+
+
+def finalize(rd: RunDir, records, users, gamma, eta, history, ckpt, true_types) -> dict:
+    """Contract outputs: policies/type_k, posteriors.jsonl, plots, summary.json."""
+    k = gamma.shape[1]
+    with ckpt.as_directory() as d:
+        rd.install_policies(d, [type_name(j) for j in range(k)])
+    rd.write_posteriors(users, gamma)
+    summary = {"types": k, "users": len(users), "records": len(records),
+               "iterations": len(history), "mixing_weights": eta.tolist(),
+               "log_likelihood": history[-1]["log_likelihood"] if history else None,
+               "ari": ari(true_types, gamma)}
+    rd.write_summary(summary)
+    from emdpo_ray.report.plots import plot_run
+
+    plot_run(rd.plots_dir, history, gamma, true_types)
+    return summary
