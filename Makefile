@@ -8,7 +8,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-heavy demo bench identifiability smoke-smollm2 lint clean
+.PHONY: setup test test-unit test-heavy demo bench identifiability smoke-smollm2 lint clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not heavy" tests
 
+# The pure parts only (tests/unit mirrors the package): no Ray, well under a minute.
+test-unit: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
 # The larger fault, load and fuzz loops (CI runs them after `make test`); their figures
 # land in runs/reliability/report.json and the README's reliability section.
 test-heavy: setup
@@ -37,9 +41,13 @@ demo: setup
 	$(BIN)/emdpo-ray eval --run runs/demo/run --data runs/demo/data.jsonl
 	$(BIN)/python -m emdpo_ray.demo --run runs/demo/run
 
-# Figures of bench/README.md (under 25 minutes on 2 cores)
+# Figures of bench/README.md (under 25 minutes on 2 cores); each script merges its own
+# figures into bench/results.json, so one can be rerun alone.
 bench: setup
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/demo_wall.py
+	$(BIN)/python bench/em_speed.py
+	$(BIN)/python bench/trl_dpo.py
+	$(BIN)/python bench/serve_speed.py
 
 # SmolLM2-135M-Instruct end to end at smoke size, fully offline: runs/smoke-smollm2/
 smoke-smollm2: setup

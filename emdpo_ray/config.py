@@ -46,6 +46,10 @@ class TinyModelSettings(_Section):
     num_hidden_layers: int = Field(2, gt=0, description="Layers of the tiny Llama.")
     num_attention_heads: int = Field(4, gt=0, description="Attention heads of the tiny Llama.")
     num_key_value_heads: int = Field(2, gt=0, description="KV heads of the tiny Llama.")
+    sft_epochs: float = Field(6.0, ge=0, description=(
+        "Passes of supervised fine-tuning on the records' prompts and responses that make "
+        "the tiny model a language model before any DPO (its reference). 0 leaves it "
+        "random: every policy then writes noise (an ablation, not a setting)."))
 
 
 class ModelConfig(_Section):
@@ -65,6 +69,20 @@ class ModelConfig(_Section):
         "safetensors only, since unpickling runs arbitrary code."))
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
         "'auto' is float32 on CPU and bfloat16 on GPU."))
+    sft_epochs: float = Field(0.0, ge=0, description=(
+        "Supervised fine-tuning of a named model (name_or_path) on the records before DPO; "
+        "the result becomes the run's base_model/ and the reference. The default tiny model "
+        "uses model.tiny.sft_epochs instead."))
+    sft_on: Literal["all", "top"] = Field("all", description=(
+        "SFT on every response of every record, or on each record's top-ranked one."))
+    sft_batch_size: int = Field(64, gt=0, description="Responses per SFT step.")
+    sft_learning_rate: float | None = Field(None, gt=0, description=(
+        "SFT AdamW learning rate; None: 5e-3 for the tiny model, 2e-5 for a named one."))
+
+    @property
+    def sft_passes(self) -> float:
+        """SFT epochs that apply to this model (tiny or named)."""
+        return self.sft_epochs if self.name_or_path else self.tiny.sft_epochs
 
 
 class DPOConfig(_Section):
@@ -105,10 +123,23 @@ class EMConfig(_Section):
 
 
 class MMRAConfig(_Section):
-    num_prompts: int = Field(16, gt=0, description="Held-out prompts used to estimate L.")
-    samples_per_prompt: int = Field(2, gt=0, description="Generations per prompt and policy.")
+    num_prompts: int = Field(24, gt=0, description="Held-out prompts used to estimate L.")
+    prompts_file: str | None = Field(None, description=(
+        "Held-out prompts for L: a text file (one prompt a line) or JSONL with a 'prompt' "
+        "field. None: the data's synthetic sidecar prompts (never used in training), else "
+        "the training prompts, with a warning and `prompt_source: training` in mmra.json."))
+    samples_per_prompt: int = Field(4, gt=0, description=(
+        "Generations per prompt and policy (the reference included: `eval` scores them)."))
     max_new_tokens: int = Field(32, gt=0, description="Length of each generation.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature for L.")
+    temperature: float = Field(1.0, gt=0, description=(
+        "Sampling temperature for L. 1.0 samples pi_j itself, as L is defined; anything "
+        "else is reported in mmra.json."))
+    top_p: float = Field(1.0, gt=0, le=1, description=(
+        "Nucleus truncation of the samples for L. 1.0 (no truncation, no top-k) samples "
+        "pi_j exactly; anything else is reported in mmra.json."))
+    bootstrap: int = Field(200, ge=0, description=(
+        "Bootstrap replicates over prompts for the intervals of L, the weights and the max "
+        "regret in mmra.json (0: none)."))
     type_weights: list[float] | None = Field(None, description="Per-type regret weights c_i.")
     single_dpo_baseline: bool = Field(False, description=(
         "Also train one DPO policy on all data without types, as a baseline in mmra.json."))

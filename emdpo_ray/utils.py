@@ -43,6 +43,18 @@ def atomic_save_npy(path: str, arr) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+FAULT_ENV = "EMDPO_FAULT"
+
+
+def fault_point(name: str, iteration: int) -> None:
+    """Crash testing: EMDPO_FAULT=<name>:<iteration> SIGKILLs this process here, mid-way
+    through a phase too short to hit from outside (the E-step, the state write, SFT)."""
+    if os.environ.get(FAULT_ENV) == f"{name}:{iteration}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def free_port() -> int:
     """A free TCP port on loopback (for local servers: demo, tests, benchmarks)."""
     import socket

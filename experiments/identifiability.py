@@ -16,32 +16,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def held_out_accuracy(run: str, theta, scale: float, n_per_type: int, seed: int) -> float:
     from emdpo_ray.data import synth
-    from emdpo_ray.config import load_config
+    from emdpo_ray.data.records import load_records, parse_record
     from emdpo_ray.report.evaluate import match_types, policy_rewards
-    from emdpo_ray.data.records import parse_record
+    from emdpo_ray.run.rundir import RunDir
 
-    post = [json.loads(x) for x in open(os.path.join(run, "posteriors.jsonl"))]
-    truth = {r["user_id"]: r["true_type"] for r in map(json.loads, open(os.path.join(run, "data.jsonl")))}
-    gamma = np.array([p["posterior"] for p in post])
-    true_types = np.array([truth[p["user_id"]] for p in post])
+    rd = RunDir(run)
+    post = rd.posteriors()
+    truth = {r.user_id: r.true_type for r in load_records(os.path.join(run, "data.jsonl"))}
+    gamma = np.array(list(post.values()))
+    true_types = np.array([truth[u] for u in post])
     match = match_types(true_types, gamma, len(theta))
-    cfg = load_config(os.path.join(run, "config.yaml"))
+    cfg = rd.config()
     rng = np.random.default_rng(seed)
     accs = []
     for t in range(len(theta)):
         recs = [parse_record(r, f"heldout:{i}") for i, r in enumerate(
             synth.user_records(rng, theta, scale, t, "h", n_per_type, 3))]
-        rewards, mask = policy_rewards(run, cfg, recs, gamma.shape[1])
+        rewards, mask = policy_rewards(rd, cfg, recs, gamma.shape[1])
         r = rewards[:, :, match[t]]
         pairs = mask[:, 1:]
         accs.append(float(((r[:, :-1] > r[:, 1:]) & pairs).sum() / pairs.sum()))

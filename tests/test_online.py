@@ -11,7 +11,7 @@ from emdpo_ray.serve.online import UserState
 
 
 def test_bayes_updates_wal_replay_and_snapshot(tmp_path):
-    s = UserState(str(tmp_path), [0.5, 0.5], {"old": [0.9, 0.1]}, snapshot_every=4)
+    s = UserState(str(tmp_path), [0.5, 0.5], {"old": np.log([0.9, 0.1]).tolist()}, snapshot_every=4)
     assert s.get("new")["source"] == "prior" and s.log_posterior("new") is None
     # prior eta = [.5, .5], record log-liks [-1, -3] -> posterior softmax([-1, -3]) = [.8808, .1192]
     st = s.update("new", [-1.0, -3.0], {"r": 1})
@@ -20,10 +20,10 @@ def test_bayes_updates_wal_replay_and_snapshot(tmp_path):
     # [.9, .1] * [e^-2, e^0] = [.1218, .1] -> [.5491, .4509]
     st = s.update("old", [-2.0, 0.0], {"r": 2})
     np.testing.assert_allclose(st["posterior"], [0.5491, 0.4509], atol=1e-4)
-    again = UserState(str(tmp_path), [0.5, 0.5], {"old": [0.9, 0.1]}, snapshot_every=3)
+    again = UserState(str(tmp_path), [0.5, 0.5], {"old": np.log([0.9, 0.1]).tolist()}, snapshot_every=3)
     assert again.get("new") == s.get("new") and again.get("old")["feedbacks"] == 1
     s.update("old", [-1.0, 0.0], {"r": 3})  # a second entry for one user in the log
-    s2 = UserState(str(tmp_path), [0.5, 0.5], {"old": [0.9, 0.1]}, snapshot_every=3)
+    s2 = UserState(str(tmp_path), [0.5, 0.5], {"old": np.log([0.9, 0.1]).tolist()}, snapshot_every=3)
     assert s2.get("old") == s.get("old") and list(s2.users["old"]["history"]) == [{"r": 2}, {"r": 3}]
     s.update("new", [0.0, 0.0], {"r": 4})  # fourth update: snapshot, log restarts
     assert os.path.exists(tmp_path / "online" / "snapshot.json")

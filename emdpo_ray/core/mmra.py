@@ -4,7 +4,10 @@
     w*   = argmin_{w in simplex} max(0, max_i c_i sum_j w_j R_ij)
 
 `L_ij` is type i's mean log-ratio reward of policy j's generations. The game is solved
-exactly as a linear program with cvxpy (CLARABEL, falling back to HIGHS).
+exactly as a linear program with cvxpy (CLARABEL, falling back to HIGHS). When several
+mixtures reach the optimum (ties, e.g. two types with the same policy), the one closest to
+uniform is returned: a strictly convex second stage, so the answer is unique and does not
+depend on the solver's path.
 """
 
 from __future__ import annotations
@@ -68,27 +71,46 @@ def evaluate(L, weights, type_weights=None) -> MMRAResult:
     return MMRAResult(w, regret, float(max(0.0, regret.max())))
 
 
+def _solve(problem, var, solvers: tuple[str, ...]) -> np.ndarray:
+    import cvxpy as cp
+
+    for solver in solvers:
+        try:
+            problem.solve(solver=solver)
+        except cp.error.SolverError:
+            continue
+        if problem.status in ("optimal", "optimal_inaccurate") and var.value is not None:
+            return np.asarray(var.value, dtype=float)
+    raise RuntimeError(f"MMRA program did not solve (status {problem.status})")
+
+
 def solve(L, type_weights=None) -> MMRAResult:
-    """Exact min-max regret weights via an LP."""
+    """Exact min-max regret weights via an LP; ties broken towards the uniform mixture."""
     import cvxpy as cp
 
     arr, c = check_matrix(L, type_weights)
     k = arr.shape[0]
     R = c[:, None] * regret_matrix(arr)
     w, t = cp.Variable(k), cp.Variable()
-    problem = cp.Problem(cp.Minimize(t), [w >= 0, cp.sum(w) == 1, t >= 0, R @ w <= t])
-    for solver in ("CLARABEL", "HIGHS"):
-        try:
-            problem.solve(solver=solver)
-        except cp.error.SolverError:
-            continue
-        if problem.status in ("optimal", "optimal_inaccurate") and w.value is not None:
-            break
-    else:
-        raise RuntimeError(f"MMRA LP did not solve (status {problem.status})")
-    weights = np.clip(np.asarray(w.value, dtype=float), 0.0, None)
-    weights /= weights.sum()
-    return evaluate(arr, weights, c)
+    simplex = [w >= 0, cp.sum(w) == 1]
+    first = _normalise(_solve(cp.Problem(cp.Minimize(t), [*simplex, t >= 0, R @ w <= t]), w,
+                              ("CLARABEL", "HIGHS")))
+    t_star = max(0.0, float((R @ first).max()))  # achieved by `first`: stage two is feasible
+    # Second stage: among mixtures reaching the optimum, the closest to uniform (strictly
+    # convex, so unique). Kept only if it is no worse than the first within 1e-9.
+    tol = 1e-9 * (1.0 + float(np.abs(R).max()))
+    tie = cp.Problem(cp.Minimize(cp.sum_squares(w - 1.0 / k)), [*simplex, R @ w <= t_star + tol])
+    try:
+        second = _normalise(_solve(tie, w, ("CLARABEL",)))
+    except RuntimeError:
+        second = first
+    best = second if max(0.0, float((R @ second).max())) <= t_star + tol else first
+    return evaluate(arr, best, c)
+
+
+def _normalise(w: np.ndarray) -> np.ndarray:
+    w = np.clip(w, 0.0, None)
+    return w / w.sum()
 
 
 def baselines(L, eta=None, type_weights=None) -> dict:

@@ -23,6 +23,9 @@ TOPICS = [
     "paper", "rain", "gardens", "copper", "ice", "wind",
 ]
 OPENERS = ["Explain", "Tell me about", "Describe", "What should I know about"]
+# Topics that never appear in training: prompts for MMRA's L and generation-level evaluation.
+HELDOUT_TOPICS = ["lamps", "honey", "sand", "snow", "kites", "clocks", "boats", "cheese",
+                  "lakes", "owls", "tea", "rope"]
 WORDS = {
     "formal": ["therefore", "furthermore", "consequently", "regarding", "accordingly"],
     "casual": ["yeah", "cool", "gonna", "stuff", "awesome"],
@@ -123,8 +126,14 @@ def generate(users: int = 120, types: int = 3, rankings_per_user: int = 8, respo
         records += user_records(rng, theta, reward_scale, int(user_types[u]), f"u{u:04d}",
                                 rankings_per_user, responses)
     meta = {"generator": "emdpo_ray.data.synth/v1", "features": FEATURES, "theta": theta.tolist(),
-            "reward_scale": reward_scale, "shares": p.tolist(), "seed": seed}
+            "reward_scale": reward_scale, "shares": p.tolist(), "seed": seed,
+            "heldout_prompts": heldout_prompts()}
     return records, meta
+
+
+def heldout_prompts() -> list[str]:
+    """Every opener x held-out topic: prompts no synthetic record uses."""
+    return [f"{o} {t}." for t in HELDOUT_TOPICS for o in OPENERS]
 
 
 def meta_path(data_path: str) -> str:

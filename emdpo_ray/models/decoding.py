@@ -146,3 +146,19 @@ def plain_forward(model):
         return o.logits[:, -1], _cache(o)
 
     return fwd
+
+
+def sample_bank(bank, tokenizer, reqs: list[GenRequest]) -> list[GenResult]:
+    """`generate_batch` over a PolicyBank: every row from its own policy (`req.policy`, or
+    -1 for the reference). LoRA banks decode all rows together; full fine-tuned banks
+    decode one group per policy. The sampler serving uses, so samples match what is served."""
+    if bank.kind == "lora":
+        return generate_batch(peft_forward(bank.model, bank.names), tokenizer, reqs)
+    out: list[GenResult | None] = [None] * len(reqs)
+    for p in sorted({r.policy for r in reqs}):
+        rows = [i for i, r in enumerate(reqs) if r.policy == p]
+        model = bank.reference if p < 0 else bank.policies[p]
+        for i, res in zip(rows, generate_batch(plain_forward(model), tokenizer,
+                                               [reqs[i] for i in rows])):
+            out[i] = res
+    return out

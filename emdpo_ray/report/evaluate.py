@@ -5,8 +5,13 @@ Prints JSON with
 - `type_accuracy`: per true type, the matched policy's accuracy on adjacent ranked pairs of
   that type's users (types matched by the Hungarian method on posterior mass);
 - `eta` vs `true_shares` (matched order);
-- `true_regret` (synthetic data with its `.meta.json`): each type's regret under the true
-  reward, for MMRA and every baseline, from the generations stored by MMRA.
+- `generations` (synthetic data with its `.meta.json`): the reward matrix of every policy's
+  generations on held-out prompts under every true type, with intervals, and which types
+  their own policy serves (report/generations.py); plots/rewards.png;
+- `true_regret`: each true type's regret against its own policy under the true reward, for
+  MMRA and every baseline, from the same generations.
+
+The result is also written to the run directory (`eval.json`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import numpy as np
 
 from emdpo_ray.data.records import load_records
-from emdpo_ray.run.rundir import SINGLE_DPO, RunDir, type_name
+from emdpo_ray.run.rundir import RunDir
 from emdpo_ray.utils import read_json
 
 
@@ -55,36 +60,21 @@ def policy_rewards(rd: RunDir, cfg, records, k: int) -> np.ndarray:
     return out, enc.resp_mask
 
 
-def true_regret(rd: RunDir, data_path: str, k: int) -> dict | None:
-    """Regret of each true type under the true reward, for MMRA and the baselines."""
+def generations_report(rd: RunDir, data_path: str, match: np.ndarray, k: int) -> dict | None:
+    """report/generations.py on MMRA's samples, when the data has its synthetic sidecar."""
     from emdpo_ray.data import synth
+    from emdpo_ray.report.generations import generation_eval
 
     meta_file = synth.meta_path(data_path)
     samples = rd.mmra_samples()
     if not os.path.exists(meta_file) or samples is None:
         return None
-    meta = read_json(meta_file)
-    theta = np.asarray(meta["theta"])
-    types = [type_name(j) for j in range(k)]
-    others = sorted({s["policy"] for s in samples} - set(types))
-    names = types + others
-    # R[t, g]: mean true reward of type t over policy g's generations
-    R = np.zeros((len(theta), len(names)))
-    for g, name in enumerate(names):
-        texts = [s["text"] for s in samples if s["policy"] == name]
-        R[:, g] = synth.type_rewards(theta, meta["reward_scale"], texts).mean(1)
-    best = R[:, :k].max(1)
     mixtures = {"mmra": np.asarray(rd.mmra_weights()), "uniform": np.full(k, 1.0 / k),
-                "eta": np.asarray(rd.mixing_weights())}
-    for j in range(k):
-        mixtures[f"policy_{j}"] = np.eye(k)[j]
-    out = {}
-    for label, w in mixtures.items():
-        reg = best - R[:, :k] @ w
-        out[label] = {"regret": reg.tolist(), "max_regret": float(reg.max())}
-    if SINGLE_DPO in names:
-        reg = best - R[:, names.index(SINGLE_DPO)]
-        out[SINGLE_DPO] = {"regret": reg.tolist(), "max_regret": float(reg.max())}
+                "eta": np.asarray(rd.mixing_weights()),
+                **{f"policy_{j}": np.eye(k)[j] for j in range(k)}}
+    out = generation_eval(samples, read_json(meta_file), match, k, mixtures,
+                          seed=rd.config().seed)
+    out["prompt_source"] = (rd.mmra() or {}).get("prompt_source")
     return out
 
 
@@ -161,6 +151,7 @@ def evaluate_run(run: RunDir | str, data_path: str, online: bool = False) -> dic
     known = [r for r in records if r.user_id in post]
     out["unknown_users"] = len({r.user_id for r in records} - set(post))
     if not known or any(r.true_type is None for r in known):
+        rd.write_eval(out)
         return out
     users = sorted({r.user_id for r in known})
     tt = {r.user_id: r.true_type for r in known}
@@ -185,11 +176,16 @@ def evaluate_run(run: RunDir | str, data_path: str, online: bool = False) -> dic
     eta = np.asarray(rd.mixing_weights())
     out["eta"] = [float(eta[j]) if j >= 0 else 0.0 for j in match]
     out["true_shares"] = (np.bincount(true_types, minlength=k_true) / len(users)).tolist()
-    tr = true_regret(rd, data_path, k)
-    if tr is not None:
-        out["true_regret"] = tr
+    gen = generations_report(rd, data_path, match, k)
+    if gen is not None:
+        out["true_regret"] = gen.pop("true_regret")
+        out["generations"] = gen
+        from emdpo_ray.report.plots import plot_rewards
+
+        plot_rewards(rd.plots_dir, gen)
     if online:
         on = online_eval(rd, data_path, match)
         if on is not None:
             out["online"] = on
+    rd.write_eval(out)
     return out

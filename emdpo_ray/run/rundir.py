@@ -30,6 +30,7 @@ POSTERIORS = "posteriors.jsonl"
 SUMMARY = "summary.json"
 MMRA = "mmra.json"
 MMRA_SAMPLES = "mmra_samples.jsonl"
+EVAL = "eval.json"                  # the last `emdpo-ray eval`
 POLICIES = "policies"               # policies/type_<k>/
 BASELINES = "baselines"             # baselines/single_dpo/
 BASE_MODEL = "base_model"           # the default tiny model, built once per run
@@ -40,6 +41,7 @@ ONLINE_WAL = "wal.jsonl"
 ONLINE_SNAPSHOT = "snapshot.json"
 RAY_RESULTS = "ray_results"         # Ray Train checkpoints (stay remote for s3:// runs)
 SINGLE_DPO = "single_dpo"
+REFERENCE_NAME = "reference"        # the reference policy's name in samples and reports
 
 
 class RunDirError(ValueError):
@@ -52,7 +54,8 @@ def type_name(k: int) -> str:
 
 
 def gamma_file(iteration: int) -> str:
-    return f"gamma-{iteration:03d}.npy"
+    """Log-posteriors [U, K] after an iteration."""
+    return f"log-gamma-{iteration:03d}.npy"
 
 
 def is_leftover(name: str) -> bool:
@@ -165,36 +168,51 @@ class RunDir:
             raise RunDirError(f"{self.file(STATE)}: unreadable ({e}); pass --overwrite to "
                               "start over") from None
 
-    def save_iteration(self, iteration: int, gamma: np.ndarray, history: list[dict],
+    def save_iteration(self, iteration: int, log_gamma: np.ndarray, history: list[dict],
                        state: dict, before_state=lambda: None) -> None:
-        """gamma, history, then state.json (the resume point), each atomic and pushed in that
+        """log-posteriors, history, then state.json (the resume point), each atomic and pushed in that
         order; `before_state` runs between the two (crash tests)."""
         name = gamma_file(iteration)
-        atomic_save_npy(self.file(name), gamma)
+        atomic_save_npy(self.file(name), log_gamma)
         atomic_write_json(self.file(HISTORY), history)
         before_state()
         self.push(name, HISTORY, CACHE)
-        atomic_write_json(self.file(STATE), {**state, "iteration": iteration, "gamma": name})
+        atomic_write_json(self.file(STATE), {**state, "iteration": iteration, "log_gamma": name})
         self.push(STATE)
 
-    def load_gamma(self, state: dict) -> np.ndarray:
-        return np.load(self.file(state["gamma"]))
+    def load_log_gamma(self, state: dict) -> np.ndarray:
+        """[U, K] log-posteriors of the iteration `state` points at."""
+        return np.load(self.file(state["log_gamma"]))
 
     def history(self) -> list[dict]:
         return read_json(self.file(HISTORY)) if os.path.exists(self.file(HISTORY)) else []
 
     # -- results --
-    def write_posteriors(self, users: list[str], gamma: np.ndarray) -> None:
-        lines = [json.dumps({"user_id": u, "posterior": g.tolist(), "type": int(g.argmax())})
-                 for u, g in zip(users, gamma)]
+    def write_posteriors(self, users: list[str], log_gamma: np.ndarray) -> None:
+        """`posterior` (may underflow to 0 for users with many records) and the exact
+        `log_posterior`, one user a line."""
+        lines = [json.dumps({"user_id": u, "posterior": np.exp(lg).tolist(),
+                             "log_posterior": lg.tolist(), "type": int(lg.argmax())})
+                 for u, lg in zip(users, log_gamma)]
         atomic_write_text(self.file(POSTERIORS), "\n".join(lines) + "\n")
 
-    def posteriors(self) -> dict[str, list[float]]:
-        out = {}
+    def _posterior_rows(self):
         with open(self.require_finished().file(POSTERIORS), encoding="utf-8") as f:
             for line in f:
-                row = json.loads(line)
-                out[row["user_id"]] = row["posterior"]
+                yield json.loads(line)
+
+    def posteriors(self) -> dict[str, list[float]]:
+        return {row["user_id"]: row["posterior"] for row in self._posterior_rows()}
+
+    def log_posteriors(self) -> dict[str, list[float]]:
+        """Exact log-posteriors (from `posterior` for runs written before they were kept)."""
+        out = {}
+        for row in self._posterior_rows():
+            lp = row.get("log_posterior")
+            if lp is None:
+                with np.errstate(divide="ignore"):
+                    lp = np.log(np.asarray(row["posterior"], float)).tolist()
+            out[row["user_id"]] = lp
         return out
 
     def write_summary(self, summary: dict) -> None:
@@ -224,6 +242,13 @@ class RunDir:
         with open(self.file(MMRA_SAMPLES), encoding="utf-8") as f:
             return [json.loads(line) for line in f]
 
+    def write_eval(self, result: dict) -> None:
+        atomic_write_json(self.file(EVAL), result)
+        self.push(EVAL)
+
+    def eval(self) -> dict | None:
+        return read_json(self.file(EVAL)) if os.path.exists(self.file(EVAL)) else None
+
     @property
     def plots_dir(self) -> str:
         return self.file(PLOTS)
@@ -234,12 +259,20 @@ class RunDir:
 
     # -- models --
     def base_path(self, cfg: Config) -> str:
-        """A named model (resolved where it is loaded) or this run's own tiny base."""
-        return cfg.model.name_or_path or self.file(BASE_MODEL)
+        """A named model used as is (resolved where it is loaded), or this run's own
+        base_model/ (the tiny model, or a named model after SFT)."""
+        if cfg.model.name_or_path and not cfg.model.sft_epochs:
+            return cfg.model.name_or_path
+        return self.file(BASE_MODEL)
 
     @property
     def base_model_dir(self) -> str:
         return self.file(BASE_MODEL)
+
+    @property
+    def base_init_dir(self) -> str:
+        """Scratch for the tiny model before SFT (a leftover, removed on resume)."""
+        return self.file(BASE_MODEL + ".init.partial")
 
     def shared_base_path(self) -> str:
         """The tiny base as workers on any node can load it (the remote copy for s3://)."""

@@ -3,6 +3,8 @@
 One Ray actor holds every user's log-posterior, shared by all router replicas. Each
 feedback's Plackett-Luce log-likelihoods per type update the user's posterior by Bayes' rule
 (prior: the trained posterior for users seen in training, else the mixing weights eta).
+Everything is kept in log space: a trained posterior of exp(-746) is 0.0 as a float, and
+no feedback could ever move a user off an exact zero.
 
 Durability: an update is appended (and fsynced) to `online/wal.jsonl` before the router
 answers 200; every `serve.snapshot_every` updates the state is written atomically to
@@ -27,7 +29,8 @@ from emdpo_ray.utils import atomic_write_json
 
 
 class UserState:
-    """Plain class; `actor()` wraps it as the shared Ray actor."""
+    """Plain class; `actor()` wraps it as the shared Ray actor. `trained` maps users seen
+    in training to their log-posteriors."""
 
     def __init__(self, run_dir: str, eta: list[float], trained: dict[str, list[float]],
                  max_users: int = 100_000, max_history: int = 32, snapshot_every: int = 100):
@@ -81,8 +84,7 @@ class UserState:
         if user in self.users:
             return np.asarray(self.users[user]["log_posterior"])
         if user in self.trained:
-            with np.errstate(divide="ignore"):
-                return np.log(np.asarray(self.trained[user], float))
+            return np.asarray(self.trained[user], float)
         return self.log_eta
 
     def get(self, user: str) -> dict:

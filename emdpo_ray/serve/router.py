@@ -73,7 +73,7 @@ class Router:
         self.weights = w / w.sum()
         self.rng = np.random.default_rng()
         sv = cfg.serve
-        self.state = online.actor(rd.path, rd.mixing_weights(), rd.posteriors(),
+        self.state = online.actor(rd.path, rd.mixing_weights(), rd.log_posteriors(),
                                   max_users=sv.max_online_users,
                                   max_history=sv.max_feedback_history,
                                   snapshot_every=sv.snapshot_every)

@@ -23,22 +23,11 @@ from emdpo_ray.run.rundir import RunDir, RunDirError, type_name
 from emdpo_ray.run.storage import checkpoint_from
 from emdpo_ray.train.prepare import prepare_data
 from emdpo_ray.train.start import initial_gamma
+from emdpo_ray.utils import fault_point
 
 log = logging.getLogger(__name__)
 
 __all__ = ["train", "RunDirError"]
-
-FAULT_ENV = "EMDPO_FAULT"
-
-
-def fault_point(name: str, iteration: int) -> None:
-    """Crash testing: EMDPO_FAULT=<name>:<iteration> SIGKILLs this process here, mid-way
-    through a phase too short to hit from outside (the E-step, the state write)."""
-    if os.environ.get(FAULT_ENV) == f"{name}:{iteration}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
 
 def policy_names(k: int, cross_fit: bool) -> list[str]:
     """Policies trained per M-step: type_k on everyone, plus f<f>_type_k without fold f."""
@@ -94,8 +83,9 @@ def run_identity(cfg: Config, data_path: str, k: int) -> dict:
 
 
 def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool = False,
-          verbose: bool = False, progress=None) -> dict:
-    """Run EM-DPO end to end; returns a summary (also written to the run directory)."""
+          verbose: bool = False, progress=None, on_steps=None) -> dict:
+    """Run EM-DPO end to end; returns a summary (also written to the run directory).
+    `progress(message)` narrates; `on_steps(phase, done, total, loss)` follows long phases."""
     records = load_records(data_path)  # all-or-nothing: raises before anything is written
     if k < 1:
         raise ValueError(f"--types must be >= 1, got {k}")
@@ -105,7 +95,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
     say = progress or (lambda msg: log.info(msg))
     rd.write_config(cfg)
 
-    prep = prepare_data(cfg, records, rd, verbose, say)
+    prep = prepare_data(cfg, records, rd, verbose, say, on_steps)
     ui, u_count, users = prep.enc.user_index, len(prep.enc.users), prep.enc.users
     true_types = user_true_types(records, ui, u_count)
     names = policy_names(k, cfg.em.cross_fit)
@@ -121,9 +111,10 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
 
     history: list[dict] = []
     if state is not None:
-        gamma = rd.load_gamma(state)
+        log_gamma = rd.load_log_gamma(state)
+        gamma = np.exp(log_gamma)
         eta, it0 = np.asarray(state["eta"]), state["iteration"] + 1
-        prev = EStep(np.log(np.clip(gamma, 1e-300, None)), eta, state["loglik"])
+        prev = EStep(log_gamma, eta, state["loglik"])
         ckpt = checkpoint_from(state["checkpoint"])
         # history.json is written before state.json: after a crash between the two it holds
         # the iteration in flight, which is redone, so drop it rather than count it twice.
@@ -138,6 +129,8 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             return e_step(type_scores(res.scores, k, fold_rec), ui, u_count, g.mean(0)).loglik
 
         gamma = initial_gamma(cfg, k, records, ui, u_count, restart)
+        with np.errstate(divide="ignore"):
+            log_gamma = np.log(gamma)
         eta, it0, prev, ckpt, done = gamma.mean(0), 1, None, None, False
         a = ari(true_types, gamma)
         say(f"init ({cfg.em.init}): eta={np.round(eta, 3).tolist()}"
@@ -154,7 +147,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
         t_e = time.perf_counter() - t
         d_gamma = float(np.abs(cur.gamma - gamma).max())
         done = converged(prev, cur, cfg.em.tol_loglik, cfg.em.tol_posterior)
-        gamma, eta, prev, ckpt = cur.gamma, cur.eta, cur, res.checkpoint
+        gamma, log_gamma, eta, prev, ckpt = cur.gamma, cur.log_gamma, cur.eta, cur, res.checkpoint
         a = ari(true_types, gamma)
         m = res.metrics
         history.append({
@@ -165,7 +158,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
                         "estep_s": t_e},
             "metrics": {key: v for key, v in m.items() if "/" in key and not key.startswith("time/")},
         })
-        rd.save_iteration(it, gamma, history,
+        rd.save_iteration(it, log_gamma, history,
                           {"eta": eta.tolist(), "loglik": cur.loglik, "converged": done,
                            "checkpoint": rd.store.checkpoint_uri(ckpt)},
                           before_state=lambda: fault_point("checkpoint", it))
@@ -173,7 +166,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             f"max|dgamma|={d_gamma:.3g}" + (f" ari={a:.3f}" if a is not None else "")
             + f" (fit {res.wall_s:.1f}s)")
 
-    summary = finalize(rd, records, users, gamma, eta, history, ckpt, true_types)
+    summary = finalize(rd, records, users, log_gamma, eta, history, ckpt, true_types)
     rd.push_all()
     if cfg.mmra.enabled:
         from emdpo_ray.train.mmra_run import run_mmra
@@ -183,12 +176,13 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
     return summary
 
 
-def finalize(rd: RunDir, records, users, gamma, eta, history, ckpt, true_types) -> dict:
+def finalize(rd: RunDir, records, users, log_gamma, eta, history, ckpt, true_types) -> dict:
     """Contract outputs: policies/type_k, posteriors.jsonl, plots, summary.json."""
+    gamma = np.exp(log_gamma)
     k = gamma.shape[1]
     with ckpt.as_directory() as d:
         rd.install_policies(d, [type_name(j) for j in range(k)])
-    rd.write_posteriors(users, gamma)
+    rd.write_posteriors(users, log_gamma)
     summary = {"types": k, "users": len(users), "records": len(records),
                "iterations": len(history), "mixing_weights": eta.tolist(),
                "log_likelihood": history[-1]["log_likelihood"] if history else None,

@@ -1,5 +1,6 @@
-"""Everything an M-step needs before the first one: base model, token arrays, cached
-reference log-probs, per-worker shards in the object store.
+"""Everything an M-step needs before the first one: base model (fine-tuned into a language
+model first when it is the tiny default, train/sft.py), token arrays, cached reference
+log-probs, per-worker shards in the object store.
 
 The reference is shared by every type, so its log-probs are computed once (shards scored in
 parallel as Ray tasks) and cached in the run directory under a fingerprint of the data, the
@@ -9,6 +10,7 @@ model, the tokenizer and the length limits.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -22,19 +24,36 @@ from emdpo_ray.run.rundir import RunDir
 from emdpo_ray.utils import atomic_save_npy
 
 
-def resolve_base(cfg: Config, records: list[Record], rd: RunDir) -> str:
-    """Path (or hub id) of the base model; builds the default tiny model once per run."""
-    if cfg.model.name_or_path:
+def resolve_base(cfg: Config, records: list[Record], rd: RunDir, rt: RayRuntime,
+                 say=lambda m: None, on_steps=None) -> str:
+    """Path (or hub id) of the base (= reference) model. The default tiny model is built and
+    trained as a language model (SFT) once per run; a named model is used as is, or
+    fine-tuned into the run's base_model/ when model.sft_epochs > 0."""
+    mc = cfg.model
+    if mc.name_or_path:
         from emdpo_ray.models.loading import check_model_safety
 
-        check_model_safety(cfg.model.name_or_path, cfg.model)  # refuse before any worker loads it
-        # Names and hub ids are resolved on each node where they are loaded.
-        return cfg.model.name_or_path
-    if not os.path.isdir(rd.base_model_dir):
+        check_model_safety(mc.name_or_path, mc)  # refuse before any worker loads it
+    if rd.base_path(cfg) == mc.name_or_path:
+        return mc.name_or_path  # names and hub ids are resolved on each node that loads them
+    if os.path.isdir(rd.base_model_dir):
+        return rd.shared_base_path()  # built (and fine-tuned) by an earlier attempt
+    src = mc.name_or_path
+    if not src:
         from emdpo_ray.models.tiny import build_tiny_model
 
         texts = [t for r in records for t in (r.prompt, *r.responses)]
-        build_tiny_model(texts, rd.base_model_dir, cfg.model, cfg.seed)
+        target = rd.base_init_dir if mc.sft_passes else rd.base_model_dir
+        src = build_tiny_model(texts, target, mc, cfg.seed)
+    if mc.sft_passes:
+        from emdpo_ray.models.loading import load_tokenizer
+        from emdpo_ray.train.sft import run_sft
+        from emdpo_ray.utils import fault_point
+
+        arrays = encode(records, load_tokenizer(src, mc), cfg.data).arrays()
+        run_sft(cfg, src, rd.base_model_dir, arrays, mc.sft_passes, rt, say, on_steps,
+                before_save=lambda: fault_point("sft", 0))
+        shutil.rmtree(rd.base_init_dir, ignore_errors=True)
     return rd.shared_base_path()
 
 
@@ -87,10 +106,12 @@ class Prepared:
 
 
 def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool = False,
-                 say=lambda m: None) -> Prepared:
-    """Base model, token arrays, cached reference log-probs, shards in the object store."""
+                 say=lambda m: None, on_steps=None) -> Prepared:
+    """Base model, token arrays, cached reference log-probs, shards in the object store.
+    `on_steps(phase, done, total, loss)` follows long phases (SFT)."""
     rt = RayRuntime(cfg, verbose)
-    base_path = resolve_base(cfg, records, rd)
+    sft_steps = (lambda done, total, loss: on_steps("SFT", done, total, loss)) if on_steps else None
+    base_path = resolve_base(cfg, records, rd, rt, say, sft_steps)
     from emdpo_ray.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(base_path, cfg.model)

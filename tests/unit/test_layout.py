@@ -83,7 +83,8 @@ def test_pure_math_imports_no_ray_and_no_models():
 
 
 RUN_FILES = ["run.json", "config.yaml", "state.json", "history.json", "posteriors.jsonl",
-             "summary.json", "mmra.json", "mmra_samples.jsonl", "base_model", "ray_results",
+             "summary.json", "mmra.json", "mmra_samples.jsonl", "eval.json", "base_model",
+             "ray_results",
              "wal.jsonl", "snapshot.json"]
 
 

@@ -115,3 +115,24 @@ def test_cli_matrix(tmp_path):
     p = subprocess.run([sys.executable, "-m", "emdpo_ray", "mmra", "--matrix", str(f)],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "square" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_ties_go_to_the_most_uniform_optimum():
+    """Types 0 and 1 are the same type (same rows, same columns): R = [[0,0,1],[0,0,1],[1,1,0]],
+    so max(w2, w0 + w1) is minimised by w2 = 1/2 with any split of the other half; the tie
+    breaks to w0 = w1 = 1/4."""
+    L = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    r = solve(L)
+    np.testing.assert_allclose(r.weights, [0.25, 0.25, 0.5], atol=1e-5)
+    assert r.max_regret == pytest.approx(0.5, abs=1e-6)
+    # no regret anywhere: every mixture is optimal, the answer is uniform
+    np.testing.assert_allclose(solve(np.zeros((3, 3))).weights, [1 / 3] * 3, atol=1e-5)
+
+
+def test_solution_follows_a_relabelling_of_types():
+    rng = np.random.default_rng(5)
+    L = rng.normal(size=(4, 4))
+    perm = np.array([2, 0, 3, 1])
+    a, b = solve(L), solve(L[np.ix_(perm, perm)])
+    np.testing.assert_allclose(b.weights, a.weights[perm], atol=1e-5)
+    assert b.max_regret == pytest.approx(a.max_regret, abs=1e-7)

@@ -1,0 +1,105 @@
+"""Do the policies serve their types? Generation-level evaluation on held-out prompts.
+
+    reward[i][j] = mean true reward of type i over policy j's generations
+
+The generations are MMRA's samples (`mmra_samples.jsonl`): every policy, the single-DPO
+baseline and the reference, sampled exactly as serving samples (no truncation unless
+configured) on prompts kept apart from training. The true rewards come from the synthetic
+data's sidecar (`<data>.meta.json`). Intervals are percentile bootstraps over prompts.
+A true type is served when its own policy (the learned type matched to it) earns it more
+than every other type's policy and the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from emdpo_ray.run.rundir import REFERENCE_NAME, SINGLE_DPO, type_name
+
+
+def reward_table(rewards: np.ndarray, policy: np.ndarray, prompt: np.ndarray, num_policies: int,
+                 replicates: int = 500, seed: int = 0, level: float = 0.95):
+    """Mean [T, P] of `rewards` [S, T] per policy, and percentile intervals [T, P, 2] from
+    resampling prompts (a prompt's samples move together)."""
+    t = rewards.shape[1]
+    mean = np.full((t, num_policies), np.nan)
+    for p in range(num_policies):
+        if (policy == p).any():
+            mean[:, p] = rewards[policy == p].mean(0)
+    prompts = np.unique(prompt)
+    # per prompt and policy: reward sums and counts, so a replicate is two matrix products
+    sums = np.zeros((len(prompts), num_policies, t))
+    counts = np.zeros((len(prompts), num_policies))
+    pi = np.searchsorted(prompts, prompt)
+    np.add.at(sums, (pi, policy), rewards)
+    np.add.at(counts, (pi, policy), 1)
+    rng = np.random.default_rng(seed)
+    reps = np.empty((replicates, t, num_policies))
+    for b in range(replicates):
+        m = np.bincount(rng.integers(0, len(prompts), len(prompts)), minlength=len(prompts))
+        with np.errstate(invalid="ignore"):
+            reps[b] = (np.einsum("q,qpt->tp", m, sums) / (m @ counts)[None, :])
+    lo, hi = 50 * (1 - level), 50 * (1 + level)
+    ci = np.stack([np.nanpercentile(reps, lo, 0), np.nanpercentile(reps, hi, 0)], -1)
+    return mean, ci, reps
+
+
+def served(mean: np.ndarray, ci: np.ndarray, own: np.ndarray, rivals: list[int]) -> dict:
+    """Per true type t with own policy own[t]: is it the best of `rivals` (by mean, and with
+    its interval above every rival's), and by how much it beats each rival's best."""
+    best, separated, margin = [], [], []
+    for t, o in enumerate(own):
+        others = [j for j in rivals if j != o]
+        if o < 0 or not others:
+            best.append(False), separated.append(False), margin.append(None)
+            continue
+        best.append(bool(mean[t, o] > mean[t, others].max()))
+        separated.append(bool(ci[t, o, 0] > ci[t, others, 1].max()))
+        margin.append(float(mean[t, o] - mean[t, others].max()))
+    return {"own_is_best": best, "own_is_best_separated": separated,
+            "margin_over_next_best": margin}
+
+
+def generation_eval(samples: list[dict], meta: dict, match: np.ndarray, k: int,
+                    mixtures: dict[str, np.ndarray], seed: int = 0) -> dict:
+    """The reward matrix, which types their own policy serves, and each type's true regret
+    (against its own policy, as in the LP) for every mixture and single policy."""
+    from emdpo_ray.data import synth
+
+    theta = np.asarray(meta["theta"])
+    present = {s["policy"] for s in samples}
+    names = [type_name(j) for j in range(k)] + [n for n in (SINGLE_DPO, REFERENCE_NAME)
+                                                if n in present]
+    col = {n: i for i, n in enumerate(names)}
+    keep = [s for s in samples if s["policy"] in col]
+    prompts = sorted({s["prompt"] for s in keep})
+    rewards = synth.type_rewards(theta, meta["reward_scale"], [s["text"] for s in keep]).T
+    policy = np.array([col[s["policy"]] for s in keep])
+    prompt = np.array([prompts.index(s["prompt"]) for s in keep])
+    mean, ci, reps = reward_table(rewards, policy, prompt, len(names), seed=seed)
+    own = np.asarray(match)
+    rivals = list(range(k)) + ([col[REFERENCE_NAME]] if REFERENCE_NAME in col else [])
+    out = {"policies": names, "true_types": len(theta), "own_policy": [
+               names[o] if o >= 0 else None for o in own],
+           "prompts": len(prompts), "samples": int(len(keep)),
+           "reward": mean.tolist(), "reward_ci": ci.tolist(), **served(mean, ci, own, rivals)}
+    out["types_served"] = int(sum(out["own_is_best"]))
+    if REFERENCE_NAME in col:
+        r = col[REFERENCE_NAME]
+        gain = np.array([reps[:, t, o] - reps[:, t, r] if o >= 0 else np.full(len(reps), np.nan)
+                         for t, o in enumerate(own)])
+        out["own_minus_reference"] = [float(mean[t, o] - mean[t, r]) if o >= 0 else None
+                                      for t, o in enumerate(own)]
+        out["own_minus_reference_ci"] = np.stack(
+            [np.nanpercentile(gain, 2.5, 1), np.nanpercentile(gain, 97.5, 1)], -1).tolist()
+    own_reward = np.array([mean[t, o] if o >= 0 else np.nan for t, o in enumerate(own)])
+    regret = {}
+    for label, w in mixtures.items():
+        reg = own_reward - mean[:, :k] @ np.asarray(w, float)
+        regret[label] = {"regret": reg.tolist(), "max_regret": float(np.nanmax(reg))}
+    for name in (SINGLE_DPO, REFERENCE_NAME):
+        if name in col:
+            reg = own_reward - mean[:, col[name]]
+            regret[name] = {"regret": reg.tolist(), "max_regret": float(np.nanmax(reg))}
+    out["true_regret"] = regret
+    return out

@@ -1,0 +1,56 @@
+"""Generation-level evaluation (report/generations.py): the reward matrix and who is served."""
+
+import numpy as np
+
+from emdpo_ray.report.generations import generation_eval, reward_table, served
+
+
+def test_reward_table_by_hand():
+    # 2 true types, 2 policies, 2 prompts; policy 0 always gives (1, 0), policy 1 (0, 2)
+    rewards = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, 2.0]])
+    policy = np.array([0, 0, 1, 1])
+    prompt = np.array([0, 1, 0, 1])
+    mean, ci, reps = reward_table(rewards, policy, prompt, 2, replicates=50)
+    np.testing.assert_allclose(mean, [[1.0, 0.0], [0.0, 2.0]])
+    np.testing.assert_allclose(ci[..., 0], mean)  # no spread over prompts: no width
+    np.testing.assert_allclose(ci[..., 1], mean)
+    # policy 0 is 1 on prompt 0 and 3 on prompt 1: mean 2, replicates between 1 and 3
+    rewards2 = np.array([[1.0], [3.0]])
+    mean2, ci2, _ = reward_table(rewards2, np.array([0, 0]), np.array([0, 1]), 1, replicates=400)
+    assert mean2[0, 0] == 2.0 and ci2[0, 0, 0] == 1.0 and ci2[0, 0, 1] == 3.0
+
+
+def test_served_needs_the_own_policy_on_top():
+    mean = np.array([[2.0, 1.0, 0.5], [1.0, 1.5, 1.4]])
+    ci = np.stack([mean - 0.2, mean + 0.2], -1)
+    s = served(mean, ci, own=np.array([0, 1]), rivals=[0, 1, 2])
+    assert s["own_is_best"] == [True, True]
+    assert s["own_is_best_separated"] == [True, False]  # 1.5 +- .2 overlaps 1.4 +- .2
+    np.testing.assert_allclose(s["margin_over_next_best"], [1.0, 0.1])
+    assert served(mean, ci, own=np.array([1, 0]), rivals=[0, 1, 2])["own_is_best"] == [False,
+                                                                                      False]
+
+
+def test_generation_eval_on_texts_scored_by_the_synthetic_rewards():
+    # one feature (formal words), type 0 likes it, type 1 dislikes it
+    meta = {"theta": [[0, 1, 0, 0, 0, 0, 0], [0, -1, 0, 0, 0, 0, 0]], "reward_scale": 1.0}
+    samples = []
+    for p in ("Explain owls.", "Describe tea."):
+        samples += [{"policy": "type_0", "prompt": p, "text": "therefore furthermore"},
+                    {"policy": "type_1", "prompt": p, "text": "yeah cool"},
+                    {"policy": "reference", "prompt": p, "text": "therefore cool"}]
+    # learned type 1 serves true type 0 and vice versa
+    out = generation_eval(samples, meta, np.array([1, 0]), 2,
+                          {"uniform": np.array([0.5, 0.5]), "policy_0": np.eye(2)[0]})
+    assert out["policies"] == ["type_0", "type_1", "reference"]
+    # type_0's texts carry 2 formal words, type_1's none, the reference's one
+    np.testing.assert_allclose(out["reward"], [[2.0, 0.0, 1.0], [-2.0, 0.0, -1.0]])
+    assert out["own_policy"] == ["type_1", "type_0"]
+    assert out["own_is_best"] == [False, False] and out["types_served"] == 0
+    assert out["own_minus_reference"] == [-1.0, -1.0]
+    # regret against the own policy: true type 0 owns type_1 (reward 0) and uniform gives it
+    # 0.5 * 2 + 0.5 * 0 = 1: regret -1; true type 1 owns type_0 (-2), uniform gives -1: -1
+    assert out["true_regret"]["uniform"]["regret"] == [-1.0, -1.0]
+    assert out["true_regret"]["policy_0"]["regret"] == [-2.0, 0.0]
+    served_right = generation_eval(samples, meta, np.array([0, 1]), 2, {})
+    assert served_right["types_served"] == 2 and served_right["own_is_best"] == [True, True]
