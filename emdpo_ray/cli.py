@@ -31,6 +31,41 @@ def _console():
     return Console(stderr=True)
 
 
+def _emit(a, obj: dict, tables) -> None:
+    """Tables for people (a terminal, or --format table), the JSON for scripts (a pipe, or
+    --format json). Either way the JSON is also in the run directory."""
+    fmt = a.format if a.format != "auto" else ("table" if sys.stdout.isatty() else "json")
+    if fmt == "json":
+        print(json.dumps(obj))
+        return
+    from rich.console import Console
+
+    out = Console()
+    for t in tables():
+        out.print(t)
+
+
+def _step_bars(console):
+    """on_steps(phase, done, total, loss) as one rich progress bar per phase."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars: dict = {}
+
+    def on_steps(phase: str, done: int, total: int, loss: float) -> None:
+        if phase not in bars:
+            p = Progress(TextColumn(f"[bold cyan]emdpo[/] {phase}"), BarColumn(),
+                         MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+                         TimeElapsedColumn(), console=console, transient=True)
+            p.start()
+            bars[phase] = (p, p.add_task(phase, total=total, loss=loss))
+        p, task = bars[phase]
+        p.update(task, completed=done, loss=loss)
+        if done >= total:
+            p.stop()
+
+    return on_steps
+
+
 def _train(a) -> int:
     from emdpo_ray.config import load_config
     from emdpo_ray.train.driver import train
@@ -38,10 +73,14 @@ def _train(a) -> int:
 
     cfg = load_config(a.config, a.set)
     load_records(a.data)  # validate before any Ray start; train() reads it again
+    from emdpo_ray.report import tables
+    from emdpo_ray.run.rundir import RunDir
+
     console = _console()
     summary = train(cfg, a.data, a.types, a.out, overwrite=a.overwrite, verbose=a.verbose,
-                    progress=lambda msg: console.print(f"[bold cyan]emdpo[/] {msg}"))
-    print(json.dumps(summary, indent=2))
+                    progress=lambda msg: console.print(f"[bold cyan]emdpo[/] {msg}"),
+                    on_steps=_step_bars(console))
+    _emit(a, summary, lambda: tables.training(RunDir(a.out).history(), summary))
     return 0
 
 
@@ -73,10 +112,12 @@ def _mmra(a) -> int:
     from emdpo_ray.run.rundir import RunDir
     from emdpo_ray.train.mmra_run import run_mmra
 
+    from emdpo_ray.report import tables
+
     rd = RunDir.open(a.run)
     out = run_mmra(rd, progress=lambda msg: _console().print(f"[bold cyan]emdpo[/] {msg}"))
     rd.push_all()
-    print(json.dumps({k: out[k] for k in ("weights", "max_regret", "regret")}))
+    _emit(a, {k: out[k] for k in ("weights", "max_regret", "regret")}, lambda: [tables.mmra(out)])
     return 0
 
 
@@ -84,7 +125,10 @@ def _eval(a) -> int:
     from emdpo_ray.report.evaluate import evaluate_run
     from emdpo_ray.run.rundir import RunDir
 
-    print(json.dumps(evaluate_run(RunDir.open(a.run), a.data, online=a.online), indent=2))
+    from emdpo_ray.report import tables
+
+    out = evaluate_run(RunDir.open(a.run), a.data, online=a.online)
+    _emit(a, out, lambda: tables.evaluation(out))
     return 0
 
 
@@ -92,6 +136,11 @@ def _serve(a) -> int:
     from emdpo_ray.serve.app import serve_main
 
     return serve_main(a)
+
+
+def _format_arg(p) -> None:
+    p.add_argument("--format", choices=("auto", "table", "json"), default="auto", help=(
+        "tables for people or JSON for scripts; auto: tables on a terminal, JSON in a pipe"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,12 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value (repeatable)")
     t.add_argument("--overwrite", action="store_true", help="start over in an existing --out")
     t.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    _format_arg(t)
     t.set_defaults(fn=_train)
 
     m = sub.add_parser("mmra", help="min-max regret weights from a matrix or a run")
     g = m.add_mutually_exclusive_group(required=True)
     g.add_argument("--matrix", help='JSON: {"L": [[...]], "type_weights": [...]} or rows')
     g.add_argument("--run", help="run directory: estimate L and write mmra.json")
+    _format_arg(m)
     m.set_defaults(fn=_mmra)
 
     e = sub.add_parser("eval", help="metrics of a run on records (JSON)")
@@ -144,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--online", action="store_true", help=(
         "also simulate new users giving feedback: how many rankings (ternary vs binary) "
         "until they are routed to their true type"))
+    _format_arg(e)
     e.set_defaults(fn=_eval)
 
     v = sub.add_parser("serve", help="serve the K policies behind the MMRA router")

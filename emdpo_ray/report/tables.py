@@ -1,0 +1,91 @@
+"""Compact tables of a run for people (`train`, `mmra`, `eval` on a terminal); the JSON stays
+in the run directory and on stdout for scripts (`--format json`)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def _f(x, nd: int = 3) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _vec(xs, nd: int = 2) -> str:
+    return "[" + ", ".join(_f(x, nd) for x in xs) + "]"
+
+
+def training(history: list[dict], summary: dict) -> list[Table]:
+    t = Table(title="EM-DPO, one row per iteration", title_justify="left")
+    for c in ("iter", "log-likelihood", "mixing weights eta", "ARI vs true types",
+              "max |dgamma|", "M-step s"):
+        t.add_column(c, justify="right")
+    for h in history:
+        t.add_row(str(h["iteration"]), _f(h.get("log_likelihood"), 1),
+                  _vec(h["mixing_weights"]), _f(h.get("ari")), _f(h.get("max_delta_gamma")),
+                  _f((h.get("timings") or {}).get("fit_wall_s"), 0))
+    out = [t]
+    if summary.get("mmra"):
+        out.append(mmra(summary["mmra"]))
+    return out
+
+
+def mmra(mm: dict) -> Table:
+    k = len(mm["weights"])
+    boot = mm.get("bootstrap") or {}
+    t = Table(title=(f"MMRA on {mm.get('num_prompts')} {mm.get('prompt_source', '')} prompts: "
+                     "L[i][j] = type i's reward (log-ratio) of policy j's samples; regret = "
+                     "what type i loses against its own policy"), title_justify="left")
+    t.add_column("type i")
+    for j in range(k):
+        t.add_column(f"L[i][{j}]", justify="right")
+    t.add_column("MMRA weight", justify="right")
+    t.add_column("regret under MMRA", justify="right")
+    for i in range(k):
+        t.add_row(str(i), *[_f(x, 2) for x in mm["L"][i]],
+                  _f(mm["weights"][i]) + (f" {_vec(boot['weights_ci'][i])}" if boot else ""),
+                  _f(mm["regret"][i]))
+    base = "  ".join(f"{name}={_f(v['max_regret'])}" for name, v in mm["baselines"].items())
+    ci = f" {_vec(boot['max_regret_ci'], 3)}" if boot else ""
+    t.caption = f"max regret: MMRA={_f(mm['max_regret'])}{ci}  {base}"
+    return t
+
+
+def evaluation(ev: dict) -> list[Table]:
+    out = []
+    t = Table(title="Type recovery", title_justify="left")
+    for c in ("true type", "learned type", "share", "eta", "accuracy on its users' pairs"):
+        t.add_column(c, justify="right")
+    for i, share in enumerate(ev.get("true_shares", [])):
+        t.add_row(str(i), str(ev["match"][i]), _f(share, 2), _f(ev["eta"][i], 2),
+                  _f(ev["type_accuracy"][i]))
+    t.caption = f"ARI = {_f(ev.get('ari'))} (1 = types recovered exactly, 0 = chance)"
+    out.append(t)
+    gen = ev.get("generations")
+    if gen:
+        names = gen["policies"]
+        g = Table(title=(f"Mean true reward of each policy's generations ({gen['prompts']} "
+                         f"{gen.get('prompt_source') or ''} prompts, 95% intervals; * = own policy)"),
+                  title_justify="left")
+        g.add_column("true type")
+        for n in names:
+            g.add_column(n, justify="right")
+        g.add_column("own best?", justify="center")
+        for i, row in enumerate(gen["reward"]):
+            cells = []
+            for j, x in enumerate(row):
+                lo, hi = gen["reward_ci"][i][j]
+                star = "*" if names[j] == gen["own_policy"][i] else ""
+                cells.append(f"{star}{x:.2f} [{lo:.2f}, {hi:.2f}]")
+            g.add_row(str(i), *cells, "yes" if gen["own_is_best"][i] else "no")
+        g.caption = (f"{gen['types_served']} of {len(gen['reward'])} types get the most reward "
+                     "from their own policy")
+        out.append(g)
+    if ev.get("true_regret"):
+        r = Table(title="True regret per type (against its own policy)", title_justify="left")
+        r.add_column("serving")
+        r.add_column("regret per true type", justify="right")
+        r.add_column("max", justify="right")
+        for name, v in ev["true_regret"].items():
+            r.add_row(name, _vec(v["regret"]), _f(v["max_regret"]))
+        out.append(r)
+    return out
