@@ -8,7 +8,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-unit test-heavy demo bench identifiability smoke-smollm2 lint clean
+.PHONY: setup test test-unit test-heavy demo bench identifiability policies-serve-types smoke-smollm2 lint clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ smoke-smollm2: setup
 # Binary vs ternary annotations: runs/identifiability/result.json and result.png
 identifiability: setup
 	$(BIN)/python experiments/identifiability.py
+
+# Do the policies serve their types? Reward matrices of generations on held-out prompts,
+# two typed sets: docs/policies_serve_types.{json,png} (about 6 minutes a set and seed)
+policies-serve-types: setup
+	$(BIN)/python experiments/policies_serve_types.py --seeds 0 1
 
 lint: setup
 	$(BIN)/ruff check emdpo_ray tests

@@ -19,7 +19,7 @@ def _synth(a) -> int:
 
     shares = [float(s) for s in a.shares.split(",")] if a.shares else None
     records, meta = synth.generate(a.users, a.types, a.rankings_per_user, a.responses,
-                                   shares, a.seed)
+                                   shares, a.seed, family=a.family)
     synth.write(a.out, records, meta)
     print(f"wrote {len(records)} records from {a.users} users of {a.types} types to {a.out}")
     return 0
@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--responses", type=int, default=3, help="responses per ranking")
     s.add_argument("--shares", default=None, help="type shares, e.g. 0.5,0.3,0.2")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--family", choices=("linear", "contextual", "order"), default="linear",
+                   help="linear: preferences over word counts; contextual: they flip with "
+                        "the prompt's topic; order: same words, the first sentence decides")
     s.set_defaults(fn=_synth)
 
     t = sub.add_parser("train", help="run EM-DPO on Ray and write a run directory",

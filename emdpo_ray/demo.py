@@ -27,7 +27,6 @@ def show_generations(rd, console) -> None:
         console.print("(no synthetic true rewards: skipping the per-type generations)")
         return
     meta, gen = read_json(meta_file), ev["generations"]
-    theta, scale = np.asarray(meta["theta"]), meta["reward_scale"]
     prompt = samples[0]["prompt"]
     first = {}
     for s in samples:
@@ -43,7 +42,7 @@ def show_generations(rd, console) -> None:
             if name not in first:
                 continue
             text = first[name]
-            r = float(synth.type_rewards(theta[t:t + 1], scale, [text])[0, 0])
+            r = float(synth.true_rewards(meta, [prompt], [text])[t, 0])
             mark = " (own)" if name == own else ""
             tab.add_row(name + mark, f"{r:+.2f}", text.replace("\n", " / ")[:110])
         console.print(tab)

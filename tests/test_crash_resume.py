@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 
@@ -234,3 +235,40 @@ def test_resume_deletes_half_written_files_and_refuses_a_corrupt_state(tmp_path)
     synth.write(str(data), *synth.generate(users=4, types=2, rankings_per_user=2, seed=0))
     with pytest.raises(RunDirError, match=r"state\.json: unreadable"):
         train(load_config(None), str(data), 2, str(run))
+
+
+@pytest.mark.slow
+def test_crash_during_sft_leaves_nothing_and_the_rerun_builds_the_same_reference(tmp_path):
+    """SIGKILL between the SFT task and writing base_model/: the rerun (same command) redoes
+    SFT from the same seed and gets the very same reference weights."""
+    from safetensors.numpy import load_file
+
+    from emdpo_ray.data import synth
+
+    data = str(tmp_path / "d.jsonl")
+    synth.write(data, *synth.generate(users=12, types=2, rankings_per_user=3, seed=4))
+    extra = ["--set", "em.max_iterations=1", "--set", "dpo.min_steps=2",
+             "--set", "model.tiny.sft_epochs=1"]
+
+    def cli(out, env=None):
+        cmd = [sys.executable, "-m", "emdpo_ray", "train", "--data", data, "--types", "2",
+               "--out", out, "--set", "mmra.enabled=false", *extra]
+        e = {**os.environ, **(env or {})}
+        e.pop("RAY_ADDRESS", None)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env=e)
+
+    killed = str(tmp_path / "killed")
+    rc, err = _finish(cli(killed, {"EMDPO_FAULT": "sft:0"}))
+    assert rc == -signal.SIGKILL, err[-3000:]
+    assert not os.path.exists(os.path.join(killed, "base_model"))
+    rc, err = _finish(cli(killed))
+    assert rc == 0, err[-3000:]
+    rc, err = _finish(cli(str(tmp_path / "clean")))
+    assert rc == 0, err[-3000:]
+    a = load_file(os.path.join(killed, "base_model", "model.safetensors"))
+    b = load_file(os.path.join(tmp_path, "clean", "base_model", "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+    assert not [f for f in os.listdir(killed) if ".partial" in f]

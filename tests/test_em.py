@@ -31,8 +31,9 @@ def test_run_directory_contract(finished_run):
     post = [json.loads(line) for line in open(os.path.join(run, "posteriors.jsonl"))]
     assert len(post) == 60
     for p in post:
-        assert set(p) == {"user_id", "posterior", "type"}
+        assert set(p) == {"user_id", "posterior", "log_posterior", "type"}
         assert len(p["posterior"]) == 3 and abs(sum(p["posterior"]) - 1) < 1e-6
+        np.testing.assert_allclose(np.exp(p["log_posterior"]), p["posterior"], atol=1e-12)
         assert p["type"] == int(np.argmax(p["posterior"]))
     hist = json.load(open(os.path.join(run, "history.json")))
     assert [h["iteration"] for h in hist] == [1, 2]
@@ -168,3 +169,59 @@ def test_full_finetuning_trains_and_scores(ray_local, tmp_path):
         assert os.path.exists(os.path.join(run, "policies", f"type_{k}", "model.safetensors"))
     mm = json.load(open(os.path.join(run, "mmra.json")))
     assert np.isfinite(np.asarray(mm["L"])).all()
+
+
+def test_reference_is_a_trained_language_model_built_once(finished_run, synth_data):
+    """The default base is fine-tuned on the records before any DPO, and cached."""
+    run, _, msgs = finished_run
+    sft = json.load(open(os.path.join(run, "base_model", "emdpo_sft.json")))
+    assert sft["steps"] > 0 and sft["on"] == "all"
+    # from ~log(vocab) nats per token to well below it
+    assert sft["loss_last"] < sft["loss_first"] - 1.5, sft
+    assert any("SFT reference" in m for m in msgs)
+    stamp = os.path.getmtime(os.path.join(run, "base_model", "model.safetensors"))
+    again = []
+    prepare_data(load_config(None, FAST), load_records(synth_data), RunDir(run), False,
+                 again.append)
+    assert not any("SFT" in m for m in again)
+    assert os.path.getmtime(os.path.join(run, "base_model", "model.safetensors")) == stamp
+
+
+def test_mmra_samples_every_policy_on_held_out_prompts_with_intervals(finished_run, synth_data):
+    run, _, _ = finished_run
+    mm = json.load(open(os.path.join(run, "mmra.json")))
+    assert mm["prompt_source"] == "heldout" and mm["sampling"]["exact"]
+    samples = RunDir(run).mmra_samples()
+    trained = {r.prompt for r in load_records(synth_data)}
+    assert not {s["prompt"] for s in samples} & trained
+    per = mm["num_prompts"] * mm["samples_per_prompt"]
+    counts = {p: sum(s["policy"] == p for s in samples) for p in {s["policy"] for s in samples}}
+    assert counts == {p: per for p in ["type_0", "type_1", "type_2", "single_dpo", "reference"]}
+    boot = mm["bootstrap"]
+    L, ci = np.asarray(mm["L"]), np.asarray(boot["L_ci"])
+    assert ci.shape == (3, 5, 2) and boot["replicates"] == 200
+    assert ((ci[:, :3, 0] <= L + 1e-9) & (L - 1e-9 <= ci[:, :3, 1])).all()
+    w = np.asarray(boot["weights_ci"])
+    assert ((w[:, 0] <= np.asarray(mm["weights"]) + 1e-6) &
+            (np.asarray(mm["weights"]) - 1e-6 <= w[:, 1])).all()
+
+
+def test_eval_reward_matrix_of_generations(finished_run, synth_data):
+    from emdpo_ray.data import synth
+    from emdpo_ray.report.evaluate import evaluate_run
+
+    run, _, _ = finished_run
+    out = evaluate_run(run, synth_data)
+    gen = out["generations"]
+    assert gen["policies"] == ["type_0", "type_1", "type_2", "single_dpo", "reference"]
+    R = np.asarray(gen["reward"])
+    assert R.shape == (3, 5) and np.asarray(gen["reward_ci"]).shape == (3, 5, 2)
+    # one cell by hand: true type 0's mean reward over policy type_1's generations
+    meta = json.load(open(synth.meta_path(synth_data)))
+    texts = [s["text"] for s in RunDir(run).mmra_samples() if s["policy"] == "type_1"]
+    by_hand = synth.type_rewards(np.asarray(meta["theta"])[:1], meta["reward_scale"], texts)
+    assert R[0, 1] == pytest.approx(by_hand.mean())
+    assert gen["own_policy"] == [f"type_{j}" for j in out["match"]]
+    assert gen["types_served"] == sum(gen["own_is_best"])
+    assert os.path.exists(os.path.join(run, "plots", "rewards.png"))
+    assert json.load(open(os.path.join(run, "eval.json")))["generations"]["reward"] == gen["reward"]

@@ -64,6 +64,16 @@ def converged(prev: EStep | None, cur: EStep, tol_loglik: float, tol_posterior: 
     return d_ll < tol_loglik and d_g < tol_posterior
 
 
+def loglik_drop(prev: EStep | None, cur: EStep, rel_tol: float = 1e-6) -> float | None:
+    """Nats the observed-data log-likelihood fell by since the previous iteration, None when
+    it did not fall (beyond rel_tol). Exact EM never lowers it; an M-step that fits the
+    policies only approximately can."""
+    if prev is None:
+        return None
+    drop = prev.loglik - cur.loglik
+    return float(drop) if drop > rel_tol * max(abs(prev.loglik), 1.0) else None
+
+
 def entropy(log_p: np.ndarray) -> np.ndarray:
     p = np.exp(log_p)
     return -(p * np.where(p > 0, log_p, 0.0)).sum(-1)

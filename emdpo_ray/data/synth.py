@@ -1,11 +1,21 @@
 """Synthetic typed users: the project's own benchmark generator.
 
-    emdpo-ray synth --out data.jsonl --users 120 --types 3 --rankings-per-user 8 --responses 3
+    emdpo-ray synth --out data.jsonl --users 120 --types 3 --rankings-per-user 8 \
+        [--responses 3] [--family linear|contextual|order]
 
-Each type is a reward function over text features of a response (length, formality,
-hedging, lists, ...). A user's rankings are Plackett-Luce samples (Gumbel-max) from their
-type's reward. Every record carries `true_type`; the reward functions go to a sidecar
-`<out>.meta.json` so evaluation can score any text under the true rewards.
+A user's rankings are Plackett-Luce samples (Gumbel-max) from their type's reward. Every
+record carries `true_type`; the reward functions go to a sidecar `<out>.meta.json`
+(`true_rewards(meta, prompts, texts)` scores any text, generated or not), with prompts on
+held-out topics that no record uses. Three families of types:
+
+- `linear`: reward = theta_k . f(y), f = counts of style words, length, list lines. Exactly
+  linear in token counts: a bag-of-tokens model is the correct model of these types.
+- `contextual`: reward = theta_k[c(x)] . f(y), c(x) = whether the prompt's topic is nature
+  or made by people. Types 0 and 1 flip their preference with the context (0 likes formal
+  prose about nature and casual prose about made things, 1 the reverse), so averaged over
+  prompts their token preferences cancel; type 2 keeps one preference everywhere.
+- `order`: the responses of a record are the same sentences in different orders (the same
+  token counts); reward = theta_k . f(first sentence): what a type wants to read first.
 """
 
 from __future__ import annotations
@@ -24,8 +34,12 @@ TOPICS = [
 ]
 OPENERS = ["Explain", "Tell me about", "Describe", "What should I know about"]
 # Topics that never appear in training: prompts for MMRA's L and generation-level evaluation.
-HELDOUT_TOPICS = ["lamps", "honey", "sand", "snow", "kites", "clocks", "boats", "cheese",
-                  "lakes", "owls", "tea", "rope"]
+HELDOUT_TOPICS = ["lamps", "honey", "sand", "snow", "kites", "clocks", "boats", "moss",
+                  "lakes", "owls", "cheese", "rope"]
+# The context of the contextual family: nature (1) or made by people (0).
+NATURE = {"rivers", "volcanoes", "tides", "bees", "clouds", "forests", "stars", "rain",
+          "gardens", "ice", "wind", "salt", "honey", "sand", "snow", "moss", "lakes", "owls"}
+FAMILIES = ("linear", "contextual", "order")
 WORDS = {
     "formal": ["therefore", "furthermore", "consequently", "regarding", "accordingly"],
     "casual": ["yeah", "cool", "gonna", "stuff", "awesome"],
@@ -58,10 +72,31 @@ def text_features(text: str) -> np.ndarray:
 
 
 def type_rewards(theta: np.ndarray, scale: float, texts: list[str]) -> np.ndarray:
-    """True rewards [K, len(texts)] of texts under every type."""
+    """True rewards [K, len(texts)] of texts under every type (linear family)."""
     feats = np.stack([text_features(t) for t in texts])
     return scale * theta @ feats.T
 
+
+def context(prompt: str) -> int:
+    """1 when the prompt's topic is nature, else 0 (contextual family)."""
+    return int(any(w in NATURE for w in _WORD_RE.findall(prompt.lower())))
+
+
+def first_sentence(text: str) -> str:
+    return re.split(r"[.!?\n]", text.strip(), maxsplit=1)[0]
+
+
+def true_rewards(meta: dict, prompts: list[str], texts: list[str]) -> np.ndarray:
+    """True rewards [K, n] of (prompt, text) pairs under every type, any family."""
+    theta, scale = np.asarray(meta["theta"], float), meta["reward_scale"]
+    family = meta.get("family", "linear")
+    if family == "linear":
+        return type_rewards(theta, scale, texts)
+    if family == "order":
+        return type_rewards(theta, scale, [first_sentence(t) for t in texts])
+    feats = np.stack([text_features(t) for t in texts])                  # [n, F]
+    ctx = np.array([context(p) for p in prompts])                        # [n]
+    return scale * np.einsum("knf,nf->kn", theta[:, ctx], feats)
 
 def _response(rng: np.random.Generator, topic: str) -> str:
     n_sent = int(rng.integers(1, 5))
@@ -79,26 +114,78 @@ def _response(rng: np.random.Generator, topic: str) -> str:
     return ("\n" if as_list else " ").join(sents)
 
 
+def _reordered(rng: np.random.Generator, topic: str, responses: int) -> list[str]:
+    """`responses` distinct orders of the same sentences (order family)."""
+    n_sent = max(3, int(rng.integers(3, 5)))
+    while True:
+        sents = [s.strip() for s in re.split(r"(?<=\.)\s", _response_n(rng, topic, n_sent))]
+        if len(set(sents)) == len(sents):
+            break
+    out: list[str] = []
+    while len(out) < responses:
+        r = " ".join(sents[i] for i in rng.permutation(len(sents)))
+        if r not in out:
+            out.append(r)
+    return out
+
+
+def _response_n(rng: np.random.Generator, topic: str, n_sent: int) -> str:
+    """Prose of n_sent sentences, each in one dominant style (order family)."""
+    sents = []
+    for _ in range(n_sent):
+        words = list(rng.choice(FILLER, size=int(rng.integers(3, 6))))
+        words.insert(int(rng.integers(0, len(words) + 1)), topic)
+        style = str(rng.choice(list(WORDS)))
+        for _ in range(int(rng.integers(1, 3))):
+            words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(WORDS[style])))
+        s = " ".join(words)
+        sents.append(s[0].upper() + s[1:] + ".")
+    return " ".join(sents)
+
+
 def user_records(rng: np.random.Generator, theta: np.ndarray, reward_scale: float, k: int,
-                 user_id: str, n: int, responses: int) -> list[dict]:
+                 user_id: str, n: int, responses: int, family: str = "linear") -> list[dict]:
     """n rankings by one user of type k: Plackett-Luce samples (Gumbel-max) of its reward."""
     out = []
+    meta = {"theta": np.asarray(theta)[k:k + 1], "reward_scale": reward_scale, "family": family}
     for _ in range(n):
         topic = str(rng.choice(TOPICS))
         prompt = f"{rng.choice(OPENERS)} {topic}."
         resp: list[str] = []
+        if family == "order":
+            resp = _reordered(rng, topic, responses)
         while len(resp) < responses:
             r = _response(rng, topic)
             if r not in resp:
                 resp.append(r)
-        r_true = type_rewards(theta[k:k + 1], reward_scale, resp)[0]
+        r_true = true_rewards(meta, [prompt] * responses, resp)[0]
         ranking = np.argsort(-(r_true + rng.gumbel(size=responses)))
         out.append({"user_id": user_id, "prompt": prompt, "responses": resp,
                     "ranking": [int(i) for i in ranking], "true_type": k})
     return out
 
 
-def make_theta(types: int, seed: int) -> np.ndarray:
+def make_theta(types: int, seed: int, family: str = "linear") -> np.ndarray:
+    """[K, F] type preferences ([K, 2, F] for contextual: one row per context)."""
+    if family == "contextual":
+        v, w = CANONICAL[0], CANONICAL[2]
+        base = np.stack([np.stack([v, -v]), np.stack([-v, v]), np.stack([w, w]),
+                         np.stack([CANONICAL[3], -CANONICAL[3]])])
+        if types <= len(base):
+            return base[:types].copy()
+        rng = np.random.default_rng(seed + 7919)
+        extra = rng.normal(size=(types - len(base), 2, len(FEATURES)))
+        return np.concatenate([base, extra / np.linalg.norm(extra, axis=2, keepdims=True)])
+    if family == "order":
+        # the style of the first sentence: formal, casual, hedged, direct first
+        lead = np.zeros((4, len(FEATURES)))
+        for i, style in enumerate(["formal", "casual", "hedge", "direct"]):
+            lead[i, FEATURES.index(style)] = 1.0
+        if types <= len(lead):
+            return lead[:types].copy()
+        rng = np.random.default_rng(seed + 7919)
+        extra = rng.normal(size=(types - len(lead), len(FEATURES)))
+        return np.concatenate([lead, extra / np.linalg.norm(extra, axis=1, keepdims=True)])
     if types <= len(CANONICAL):
         return CANONICAL[:types].copy()
     rng = np.random.default_rng(seed + 7919)
@@ -108,24 +195,30 @@ def make_theta(types: int, seed: int) -> np.ndarray:
 
 def generate(users: int = 120, types: int = 3, rankings_per_user: int = 8, responses: int = 3,
              shares: list[float] | None = None, seed: int = 0, reward_scale: float = 2.0,
-             theta: np.ndarray | None = None):
+             theta: np.ndarray | None = None, family: str = "linear"):
     """Records (as dicts) and the generator's metadata (true reward functions).
-    `theta` [types, len(FEATURES)] overrides the built-in type preferences."""
+    `theta` ([types, len(FEATURES)], or [types, 2, len(FEATURES)] for contextual) overrides
+    the built-in type preferences."""
     if types < 1 or users < 1 or rankings_per_user < 1 or responses < 2:
         raise ValueError("need users >= 1, types >= 1, rankings-per-user >= 1, responses >= 2")
+    if family not in FAMILIES:
+        raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if family == "order" and responses > 6:
+        raise ValueError("--family order: at most 6 responses (orders of 3 sentences)")
     if shares is None:
         shares = [1.0 / types] * types
     if len(shares) != types or min(shares) < 0 or sum(shares) <= 0:
         raise ValueError(f"--shares needs {types} non-negative numbers, got {shares}")
     p = np.asarray(shares, dtype=float) / sum(shares)
     rng = np.random.default_rng(seed)
-    theta = make_theta(types, seed) if theta is None else np.asarray(theta, dtype=float)
+    theta = make_theta(types, seed, family) if theta is None else np.asarray(theta, dtype=float)
     user_types = rng.choice(types, size=users, p=p)
     records = []
     for u in range(users):
         records += user_records(rng, theta, reward_scale, int(user_types[u]), f"u{u:04d}",
-                                rankings_per_user, responses)
-    meta = {"generator": "emdpo_ray.data.synth/v1", "features": FEATURES, "theta": theta.tolist(),
+                                rankings_per_user, responses, family)
+    meta = {"generator": "emdpo_ray.data.synth/v1", "family": family, "features": FEATURES,
+            "theta": theta.tolist(),
             "reward_scale": reward_scale, "shares": p.tolist(), "seed": seed,
             "heldout_prompts": heldout_prompts()}
     return records, meta

@@ -114,7 +114,7 @@ def online_eval(rd: RunDir, data_path: str, match: np.ndarray, users_per_type: i
             recs = []
             for u in range(users_per_type):
                 recs += synth.user_records(rng, theta, meta["reward_scale"], t, f"sim{u}",
-                                           max_feedbacks, m)
+                                           max_feedbacks, m, meta.get("family", "linear"))
             parsed = [parse_record(r, f"sim:{i}") for i, r in enumerate(recs)]
             rewards, mask = policy_rewards(rd, cfg, parsed, k)
             ll = torch.stack([plackett_luce_logp(torch.as_tensor(rewards[:, :, j]),

@@ -66,20 +66,19 @@ def generation_eval(samples: list[dict], meta: dict, match: np.ndarray, k: int,
     (against its own policy, as in the LP) for every mixture and single policy."""
     from emdpo_ray.data import synth
 
-    theta = np.asarray(meta["theta"])
     present = {s["policy"] for s in samples}
     names = [type_name(j) for j in range(k)] + [n for n in (SINGLE_DPO, REFERENCE_NAME)
                                                 if n in present]
     col = {n: i for i, n in enumerate(names)}
     keep = [s for s in samples if s["policy"] in col]
     prompts = sorted({s["prompt"] for s in keep})
-    rewards = synth.type_rewards(theta, meta["reward_scale"], [s["text"] for s in keep]).T
+    rewards = synth.true_rewards(meta, [s["prompt"] for s in keep], [s["text"] for s in keep]).T
     policy = np.array([col[s["policy"]] for s in keep])
     prompt = np.array([prompts.index(s["prompt"]) for s in keep])
     mean, ci, reps = reward_table(rewards, policy, prompt, len(names), seed=seed)
     own = np.asarray(match)
     rivals = list(range(k)) + ([col[REFERENCE_NAME]] if REFERENCE_NAME in col else [])
-    out = {"policies": names, "true_types": len(theta), "own_policy": [
+    out = {"policies": names, "true_types": rewards.shape[1], "own_policy": [
                names[o] if o >= 0 else None for o in own],
            "prompts": len(prompts), "samples": int(len(keep)),
            "reward": mean.tolist(), "reward_ci": ci.tolist(), **served(mean, ci, own, rivals)}

@@ -75,7 +75,7 @@ def evaluation(ev: dict) -> list[Table]:
             for j, x in enumerate(row):
                 lo, hi = gen["reward_ci"][i][j]
                 star = "*" if names[j] == gen["own_policy"][i] else ""
-                cells.append(f"{star}{x:.2f} [{lo:.2f}, {hi:.2f}]")
+                cells.append(f"{star}{x:.1f} [{lo:.1f}, {hi:.1f}]")
             g.add_row(str(i), *cells, "yes" if gen["own_is_best"][i] else "no")
         g.caption = (f"{gen['types_served']} of {len(gen['reward'])} types get the most reward "
                      "from their own policy")

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from emdpo_ray.config import Config
-from emdpo_ray.core.estep import EStep, converged, e_step
+from emdpo_ray.core.estep import EStep, converged, e_step, loglik_drop
 from emdpo_ray.data.records import Record, load_records
 from emdpo_ray.run.rundir import RunDir, RunDirError, type_name
 from emdpo_ray.run.storage import checkpoint_from
@@ -75,6 +75,18 @@ def user_true_types(records: list[Record], user_index: np.ndarray, num_users: in
     out = np.zeros(num_users, dtype=int)
     out[user_index] = [r.true_type for r in records]
     return out
+
+
+def warn_if_loglik_fell(prev: EStep | None, cur: EStep, it: int, say) -> float | None:
+    """Log (and say) a fall of the log-likelihood between iterations; returns it."""
+    drop = loglik_drop(prev, cur)
+    if drop is not None:
+        msg = (f"iter {it}: log-likelihood fell by {drop:.3g} nats ({prev.loglik:.2f} -> "
+               f"{cur.loglik:.2f}); exact EM never does: the M-step fit the policies only "
+               "approximately")
+        log.warning(msg)
+        say("warning: " + msg)
+    return drop
 
 
 def run_identity(cfg: Config, data_path: str, k: int) -> dict:
@@ -146,13 +158,14 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
         cur = e_step(type_scores(res.scores, k, fold_rec), ui, u_count, eta)
         t_e = time.perf_counter() - t
         d_gamma = float(np.abs(cur.gamma - gamma).max())
+        drop = warn_if_loglik_fell(prev, cur, it, say)
         done = converged(prev, cur, cfg.em.tol_loglik, cfg.em.tol_posterior)
         gamma, log_gamma, eta, prev, ckpt = cur.gamma, cur.log_gamma, cur.eta, cur, res.checkpoint
         a = ari(true_types, gamma)
         m = res.metrics
         history.append({
             "iteration": it, "log_likelihood": cur.loglik, "mixing_weights": eta.tolist(),
-            "max_delta_gamma": d_gamma, "ari": a,
+            "max_delta_gamma": d_gamma, "ari": a, "loglik_drop": drop,
             "timings": {"fit_wall_s": res.wall_s, "startup_s": m.get("time/startup_s"),
                         "train_s": m.get("time/train_s"), "score_s": m.get("time/score_s"),
                         "estep_s": t_e},

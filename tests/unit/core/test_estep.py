@@ -51,3 +51,24 @@ def test_smoothing_entropy_and_convergence():
     a = e_step(np.array([[-1.0, -2.0]]), np.array([0]), 1, np.array([0.5, 0.5]))
     assert not converged(None, a, 1e-4, 1e-3)
     assert converged(a, a, 1e-4, 1e-3)
+
+
+def test_loglik_drop_and_the_driver_warning(caplog):
+    import logging
+
+    from emdpo_ray.core.estep import EStep, loglik_drop
+    from emdpo_ray.train.driver import warn_if_loglik_fell
+
+    def es(ll):
+        return EStep(np.zeros((1, 2)), np.array([0.5, 0.5]), ll)
+
+    assert loglik_drop(None, es(-10.0)) is None
+    assert loglik_drop(es(-10.0), es(-9.0)) is None            # rose: fine
+    assert loglik_drop(es(-10.0), es(-10.0 - 1e-9)) is None    # noise
+    assert loglik_drop(es(-10.0), es(-12.5)) == pytest.approx(2.5)
+    said = []
+    with caplog.at_level(logging.WARNING, logger="emdpo_ray.train.driver"):
+        assert warn_if_loglik_fell(es(-100.0), es(-103.0), 2, said.append) == pytest.approx(3.0)
+    assert "iter 2: log-likelihood fell by 3 nats" in caplog.text
+    assert said and said[0].startswith("warning: iter 2")
+    assert warn_if_loglik_fell(es(-100.0), es(-99.0), 3, said.append) is None and len(said) == 1

@@ -1,0 +1,71 @@
+"""Synthetic families (data/synth.py): what each one's types prefer, and what token counts
+can and cannot see of them."""
+
+import numpy as np
+import pytest
+
+from emdpo_ray.data import synth
+
+
+def test_linear_rewards_by_hand():
+    # 'therefore' is formal; type 0 (concise, formal): -1 * length/10 + 1 * formal
+    r = synth.true_rewards({"theta": synth.CANONICAL[:1].tolist(), "reward_scale": 2.0},
+                           ["Explain rivers."], ["Therefore rivers."])
+    assert r[0, 0] == pytest.approx(2.0 * (-0.2 + 1.0))
+
+
+def test_contextual_types_flip_with_the_topic():
+    meta = {"theta": synth.make_theta(3, 0, "contextual").tolist(), "reward_scale": 1.0,
+            "family": "contextual"}
+    text = "Therefore furthermore it is."
+    nature, made = "Explain rivers.", "Explain batteries."
+    assert synth.context(nature) == 1 and synth.context(made) == 0
+    r = synth.true_rewards(meta, [nature, made], [text, text])
+    assert r[0, 0] == pytest.approx(-r[0, 1]) and r[0, 0] != 0      # type 0 flips
+    assert r[1, 0] == pytest.approx(-r[0, 0])                         # type 1 is its mirror
+    assert r[2, 0] == pytest.approx(r[2, 1])                          # type 2 never flips
+
+
+def test_order_records_share_their_words_and_differ_in_what_comes_first():
+    recs, meta = synth.generate(users=6, types=2, rankings_per_user=3, seed=1, family="order")
+    for rec in recs:
+        words = [sorted(synth._WORD_RE.findall(r.lower())) for r in rec["responses"]]
+        assert all(w == words[0] for w in words)
+        firsts = {synth.first_sentence(r) for r in rec["responses"]}
+        assert len(firsts) >= 2 or len(rec["responses"]) == 1
+    lead_formal = "Therefore rivers is. Yeah rivers cool."
+    lead_casual = "Yeah rivers cool. Therefore rivers is."
+    r = synth.true_rewards(meta, ["p", "p"], [lead_formal, lead_casual])
+    assert r[0, 0] > r[0, 1] and r[1, 0] < r[1, 1]  # type 0 wants formal first, type 1 casual
+
+
+def test_meta_names_the_family_and_held_out_prompts_are_never_trained_on():
+    recs, meta = synth.generate(users=20, types=2, rankings_per_user=4, seed=0,
+                                family="contextual")
+    assert meta["family"] == "contextual" and np.asarray(meta["theta"]).shape == (2, 2, 7)
+    assert not {r["prompt"] for r in recs} & set(meta["heldout_prompts"])
+    ctx = [synth.context(p) for p in meta["heldout_prompts"]]
+    assert 0 < sum(ctx) < len(ctx)  # both contexts among the held-out prompts
+    with pytest.raises(ValueError, match="--family must be one of"):
+        synth.generate(family="spiral")
+
+
+def _start_ari(family: str) -> float:
+    from sklearn.metrics import adjusted_rand_score
+
+    from emdpo_ray.data.records import group_by_user, parse_record
+    from emdpo_ray.train.start import kmeans_init
+
+    recs, _ = synth.generate(users=40, types=2, rankings_per_user=8, seed=3, family=family)
+    parsed = [parse_record(r, f"s:{i}") for i, r in enumerate(recs)]
+    users, ui = group_by_user(parsed)
+    truth = {r.user_id: r.true_type for r in parsed}
+    g = kmeans_init(parsed, np.asarray(ui), len(users), 2, seed=0, smoothing=0.05,
+                    refine_iterations=10)
+    return adjusted_rand_score([truth[u] for u in users], g.argmax(1))
+
+
+def test_token_counts_separate_linear_types_but_not_contextual_or_order_ones():
+    assert _start_ari("linear") > 0.8
+    assert _start_ari("contextual") < 0.3
+    assert _start_ari("order") < 0.3
