@@ -71,7 +71,7 @@ def main() -> int:
         run = os.path.join(tmp, f"dpo{rep}")
         r = em_run(pairs, 1, run, ["em.max_iterations=1", "em.init=labels",
                                    f"dpo.min_steps={steps}", "dpo.epochs=0.01", "dpo.beta=0.1"])
-        tm = r["history"][0]["timings"]
+        tm = r["history"][-1]["timings"]
         ours.append({"rate": steps * 32 / tm["train_s"], "wall": r["wall"]})
         tr = trl_dpo(RunDir(run).base_model_dir, pairs, steps, 32, 8, 5e-3, 0.1)
         theirs.append({"rate": steps * 32 / tr["train_s"], "wall": tr["wall"]})

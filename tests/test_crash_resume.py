@@ -134,7 +134,7 @@ def test_driver_sigkill_in_mstep_estep_and_checkpoint_then_resume(tmp_path, reli
     assert rc == 0, err[-3000:]
     assert "resuming after iteration 1" in err
     hist = json.load(open(os.path.join(cut, "history.json")))
-    assert [h["iteration"] for h in hist] == [1, 2]          # none lost, none counted twice
+    assert [h["iteration"] for h in hist] == [0, 1, 2]       # none lost, none counted twice
     assert not [f for f in os.listdir(cut) if ".partial" in f or f.startswith(".tmp")]
     a, b = _posteriors(full), _posteriors(cut)
     assert a.keys() == b.keys()
@@ -192,9 +192,9 @@ def test_worker_killed_mid_mstep_restarts_from_checkpoint(ray_local, small_data,
     summary, killed = _train_one_iteration(small_data, run, kill=True)
     assert killed, "no worker was killed"
     hist = json.load(open(os.path.join(run, "history.json")))
-    assert summary["iterations"] == 1 and len(hist) == 1
-    resumed = hist[0]["metrics"]["train/resumed_from_step"]
-    assert resumed >= 15, hist[0]["metrics"]   # from the checkpoint, not from step 0
+    assert summary["iterations"] == 1 and [h["iteration"] for h in hist] == [0, 1]
+    resumed = hist[1]["metrics"]["train/resumed_from_step"]
+    assert resumed >= 15, hist[1]["metrics"]   # from the checkpoint, not from step 0
     reliability_report("worker_kill", {"kills_survived": len(killed),
                                        "resumed_from_step": resumed})
 

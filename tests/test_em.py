@@ -36,8 +36,9 @@ def test_run_directory_contract(finished_run):
         np.testing.assert_allclose(np.exp(p["log_posterior"]), p["posterior"], atol=1e-12)
         assert p["type"] == int(np.argmax(p["posterior"]))
     hist = json.load(open(os.path.join(run, "history.json")))
-    assert [h["iteration"] for h in hist] == [1, 2]
-    for h in hist:
+    assert [h["iteration"] for h in hist] == [0, 1, 2]  # 0: the start
+    assert hist[0]["init"] == "kmeans" and hist[0]["log_likelihood"] < hist[1]["log_likelihood"]
+    for h in hist[1:]:
         assert np.isfinite(h["log_likelihood"]) and len(h["mixing_weights"]) == 3
         assert {"startup_s", "train_s", "score_s", "estep_s", "fit_wall_s"} <= set(h["timings"])
         assert "type_0/rewards/accuracies" in h["metrics"]

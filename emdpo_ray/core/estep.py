@@ -42,6 +42,14 @@ def e_step(record_scores: np.ndarray, user_index: np.ndarray, num_users: int,
     return EStep(log_gamma, np.exp(log_gamma).mean(0), float(ll_u.sum()))
 
 
+def reference_loglik(resp_mask: np.ndarray) -> np.ndarray:
+    """[N] log-likelihood of each record's ranking when every reward is equal (all policies
+    at the reference): a uniformly random order of its m responses, -log m!."""
+    from scipy.special import gammaln
+
+    return -gammaln(np.asarray(resp_mask).sum(1) + 1.0)
+
+
 def bayes_update(log_prior: np.ndarray, record_scores: np.ndarray) -> np.ndarray:
     """Log posterior of one user after records with log-likelihoods [n, K] (online routing)."""
     joint = np.asarray(log_prior, float) + np.asarray(record_scores, float).reshape(-1,

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from emdpo_ray.config import Config
-from emdpo_ray.core.estep import EStep, converged, e_step, loglik_drop
+from emdpo_ray.core.estep import EStep, converged, e_step, loglik_drop, reference_loglik
 from emdpo_ray.data.records import Record, load_records
 from emdpo_ray.run.rundir import RunDir, RunDirError, type_name
 from emdpo_ray.run.storage import checkpoint_from
@@ -145,6 +145,13 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             log_gamma = np.log(gamma)
         eta, it0, prev, ckpt, done = gamma.mean(0), 1, None, None, False
         a = ari(true_types, gamma)
+        # Iteration 0: the start. Every policy is still the reference (rewards 0), so the
+        # mixture's log-likelihood is that of uniformly random rankings.
+        ll0 = e_step(np.repeat(reference_loglik(prep.enc.resp_mask)[:, None], k, 1), ui,
+                     u_count, eta).loglik
+        history.append({"iteration": 0, "init": cfg.em.init, "log_likelihood": ll0,
+                        "mixing_weights": eta.tolist(), "ari": a,
+                        "timings": {"init_s": time.perf_counter() - t}})
         say(f"init ({cfg.em.init}): eta={np.round(eta, 3).tolist()}"
             + (f" ari={a:.3f}" if a is not None else "") + f" ({time.perf_counter() - t:.1f}s)")
 
@@ -197,7 +204,8 @@ def finalize(rd: RunDir, records, users, log_gamma, eta, history, ckpt, true_typ
         rd.install_policies(d, [type_name(j) for j in range(k)])
     rd.write_posteriors(users, log_gamma)
     summary = {"types": k, "users": len(users), "records": len(records),
-               "iterations": len(history), "mixing_weights": eta.tolist(),
+               "iterations": sum(h["iteration"] > 0 for h in history),
+               "mixing_weights": eta.tolist(),
                "log_likelihood": history[-1]["log_likelihood"] if history else None,
                "ari": ari(true_types, gamma)}
     rd.write_summary(summary)
