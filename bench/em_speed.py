@@ -22,7 +22,7 @@ def forward_bound(run: str, data: str) -> float:
     import torch
 
     from emdpo_ray.data.encode import encode
-    from emdpo_ray.data.records import load_records
+    from emdpo_ray.data.sources import load_records
     from emdpo_ray.models.scoring import score_pairs
     from emdpo_ray.run.rundir import RunDir
 
@@ -43,7 +43,7 @@ def forward_bound(run: str, data: str) -> float:
 
 def one_group_vs_concurrent(run: str, data: str) -> float:
     """K concurrent one-adapter fits (1 CPU each) over one fit of K adapters (THREADS CPUs)."""
-    from emdpo_ray.data.records import load_records
+    from emdpo_ray.data.sources import load_records
     from emdpo_ray.run.rundir import RunDir, type_name
     from emdpo_ray.train.prepare import prepare_data
 

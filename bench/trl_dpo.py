@@ -22,7 +22,7 @@ def trl_dpo(base: str, data: str, steps: int, bs: int, rank: int, lr: float, bet
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from emdpo_ray.data.records import load_records
+    from emdpo_ray.data.sources import load_records
 
     torch.set_num_threads(THREADS)
     ds = Dataset.from_list([{"prompt": r.prompt, "chosen": r.ranked[0], "rejected": r.ranked[1]}

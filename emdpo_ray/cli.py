@@ -20,6 +20,8 @@ def _synth(a) -> int:
     shares = [float(s) for s in a.shares.split(",")] if a.shares else None
     records, meta = synth.generate(a.users, a.types, a.rankings_per_user, a.responses,
                                    shares, a.seed, family=a.family)
+    if a.conversational:
+        records = [synth.as_conversation(r) for r in records]
     synth.write(a.out, records, meta)
     print(f"wrote {len(records)} records from {a.users} users of {a.types} types to {a.out}")
     return 0
@@ -69,10 +71,10 @@ def _step_bars(console):
 def _train(a) -> int:
     from emdpo_ray.config import load_config
     from emdpo_ray.train.driver import train
-    from emdpo_ray.data.records import load_records
+    from emdpo_ray.data.sources import load_records
 
     cfg = load_config(a.config, a.set)
-    load_records(a.data)  # validate before any Ray start; train() reads it again
+    load_records(a.data, cfg.data.user_field)  # validate before any Ray start
     from emdpo_ray.report import tables
     from emdpo_ray.run.rundir import RunDir
 
@@ -88,7 +90,7 @@ def _mmra(a) -> int:
     from emdpo_ray.core import mmra
 
     if a.matrix:
-        from emdpo_ray.data.records import read_bytes
+        from emdpo_ray.data.sources import read_bytes
 
         try:
             obj = json.loads(read_bytes(a.matrix).decode("utf-8"))
@@ -160,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--family", choices=("linear", "contextual", "order"), default="linear",
                    help="linear: preferences over word counts; contextual: they flip with "
                         "the prompt's topic; order: same words, the first sentence decides")
+    s.add_argument("--conversational", action="store_true",
+                   help="write prompts and responses as chat messages (TRL's conversational format)")
     s.set_defaults(fn=_synth)
 
     t = sub.add_parser("train", help="run EM-DPO on Ray and write a run directory",

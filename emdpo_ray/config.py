@@ -22,6 +22,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
+    user_field: str = Field("user_id", min_length=1, description=(
+        "The column naming each record's annotator (user). Records without it are refused."))
     max_prompt_tokens: int = Field(64, gt=0, description=(
         "Prompts longer than this many tokens keep their last tokens (the part next to the "
         "response); truncations are counted in the log."))

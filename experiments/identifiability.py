@@ -24,7 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def held_out_accuracy(run: str, theta, scale: float, n_per_type: int, seed: int) -> float:
     from emdpo_ray.data import synth
-    from emdpo_ray.data.records import load_records, parse_record
+    from emdpo_ray.data.records import parse_record
+    from emdpo_ray.data.sources import load_records
     from emdpo_ray.report.evaluate import match_types, policy_rewards
     from emdpo_ray.run.rundir import RunDir
 

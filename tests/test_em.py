@@ -10,7 +10,7 @@ from emdpo_ray.config import load_config
 from emdpo_ray.run.rundir import RunDir
 from emdpo_ray.train.driver import train
 from emdpo_ray.train.prepare import cached, prepare_data
-from emdpo_ray.data.records import load_records
+from emdpo_ray.data.sources import load_records
 
 from conftest import FAST
 

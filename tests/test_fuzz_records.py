@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emdpo_ray.data.records import Record, RecordError, load_records, parse_record
+from emdpo_ray.data.records import Record, RecordError, parse_record
+from emdpo_ray.data.sources import load_records
 
 GOOD = {"user_id": "u1", "prompt": "p", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]}
 KEYS = ["user_id", "prompt", "responses", "ranking", "chosen", "rejected", "true_type", "x"]

@@ -9,7 +9,7 @@ from emdpo_ray.data.encode import encode
 from emdpo_ray.models.bank import sequence_logps, PolicyBank
 from emdpo_ray.models.loading import load_base, load_tokenizer
 from emdpo_ray.models.tiny import build_tiny_model
-from emdpo_ray.data.records import load_records
+from emdpo_ray.data.sources import load_records
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def test_memory_is_bounded(tmp_path):
 
 
 def _matched_types(run, data):
-    from emdpo_ray.data.records import load_records
+    from emdpo_ray.data.sources import load_records
 
     post = {json.loads(x)["user_id"]: json.loads(x)["type"] for x in open(f"{run}/posteriors.jsonl")}
     votes = {}

@@ -224,6 +224,12 @@ def generate(users: int = 120, types: int = 3, rankings_per_user: int = 8, respo
     return records, meta
 
 
+def as_conversation(record: dict) -> dict:
+    """The same record in the conversational format (a user turn; assistant answers)."""
+    return {**record, "prompt": [{"role": "user", "content": record["prompt"]}],
+            "responses": [[{"role": "assistant", "content": r}] for r in record["responses"]]}
+
+
 def heldout_prompts() -> list[str]:
     """Every opener x held-out topic: prompts no synthetic record uses."""
     return [f"{o} {t}." for t in HELDOUT_TOPICS for o in OPENERS]

@@ -13,11 +13,11 @@ from emdpo_ray.core.losses import plackett_luce_logp
 from emdpo_ray.models.bank import REFERENCE
 
 
-def prompt_token_ids(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
-    """Prompt tokens exactly as training sees them: bos + the last max_prompt_tokens."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    return [bos + p[-max_prompt_tokens:] for p in ids]
+def prompt_token_ids(tokenizer, prompts: list, max_prompt_tokens: int) -> list[list[int]]:
+    """Prompt tokens exactly as training sees them (text or conversations; data/encode.py)."""
+    from emdpo_ray.data.encode import prompt_ids
+
+    return prompt_ids(tokenizer, prompts, max_prompt_tokens)
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from emdpo_ray.data.records import load_records
+from emdpo_ray.data.sources import load_records
 from emdpo_ray.run.rundir import RunDir
 from emdpo_ray.utils import read_json
 
@@ -143,8 +143,8 @@ def evaluate_run(run: RunDir | str, data_path: str, online: bool = False) -> dic
 
     rd = RunDir.open(run) if isinstance(run, str) else run
     rd.require_finished()
-    records = load_records(data_path)
     cfg = rd.config()
+    records = load_records(data_path, cfg.data.user_field)
     post = {u: np.asarray(p) for u, p in rd.posteriors().items()}
     k = len(next(iter(post.values())))
     out: dict = {"records": len(records), "types": k}

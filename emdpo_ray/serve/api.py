@@ -60,6 +60,11 @@ class ChatMessage(BaseModel):
 class ChatRequest(BaseRequest):
     messages: list[ChatMessage] = Field(min_length=1)
 
+    def conversation(self) -> tuple[tuple[str, str], ...]:
+        """The messages as the record contract holds a conversation: (role, content) pairs,
+        rendered to tokens by data/encode.py exactly as training renders them."""
+        return tuple((m.role, m.content) for m in self.messages)
+
 
 class AnyObject(BaseModel):
     model_config = ConfigDict(extra="allow")

@@ -26,7 +26,7 @@ from ray import serve
 
 from emdpo_ray.core.routing import UnknownModel, choose_type, pinned_type
 from emdpo_ray.models.decoding import GenRequest, GenResult
-from emdpo_ray.serve.api import (API_KEY_ENV, AnyObject, BaseRequest, ChatMessage, ChatRequest,
+from emdpo_ray.serve.api import (API_KEY_ENV, AnyObject, BaseRequest, ChatRequest,
                                  CompletionRequest, FeedbackRequest, HTTPError, OpenAIApp,
                                  completion_body, json_body, sse, stream_chunk, unavailable)
 
@@ -156,7 +156,7 @@ class Router:
                            log_posterior=log_post, mode=self.cfg.serve.known_users,
                            min_confidence=self.cfg.serve.min_confidence)
 
-    def _gen_request(self, req: BaseRequest, prompt: str, k: int) -> GenRequest:
+    def _gen_request(self, req: BaseRequest, prompt, k: int) -> GenRequest:
         from emdpo_ray.models.scoring import prompt_token_ids
 
         sv = self.cfg.serve
@@ -172,16 +172,9 @@ class Router:
         return GenRequest(ids, policy, max_tokens, req.temperature, req.top_p, req.seed,
                           req.stops())
 
-    def _chat_prompt(self, messages: list[ChatMessage]) -> str:
-        msgs = [m.model_dump() for m in messages]
-        if getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        # No template (the tiny default model): the conversation as plain lines.
-        return "\n".join(m["content"] for m in msgs)
-
     async def _answer(self, request: Request, schema, chat: bool):
         req = await self._body(request, schema)
-        prompt = self._chat_prompt(req.messages) if chat else req.prompt
+        prompt = req.conversation() if chat else req.prompt
         k, reason = await self._route(req)
         gen = self._gen_request(req, prompt, k)
         self.requests.inc(tags={"type": str(k), "reason": reason})

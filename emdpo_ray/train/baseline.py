@@ -10,14 +10,14 @@ import time
 import numpy as np
 
 from emdpo_ray.config import Config
-from emdpo_ray.data.records import load_records
+from emdpo_ray.data.sources import load_records
 from emdpo_ray.run.rundir import SINGLE_DPO, RunDir
 from emdpo_ray.train.prepare import prepare_data
 
 
 def train_single_policy(rd: RunDir, cfg: Config, say=lambda m: None) -> str:
     """Train it and install it in the run directory; returns its folder."""
-    records = load_records(rd.data_path)
+    records = load_records(rd.data_path, cfg.data.user_field)
     prep = prepare_data(cfg, records, rd, say=say)
     n = len(records)
     res = prep.run_mstep(names=[SINGLE_DPO], num_types=1, weights=np.ones((n, 1)),

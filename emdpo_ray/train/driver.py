@@ -18,7 +18,8 @@ import numpy as np
 
 from emdpo_ray.config import Config
 from emdpo_ray.core.estep import EStep, converged, e_step, loglik_drop, reference_loglik
-from emdpo_ray.data.records import Record, load_records
+from emdpo_ray.data.records import Record
+from emdpo_ray.data.sources import load_records
 from emdpo_ray.run.rundir import RunDir, RunDirError, type_name
 from emdpo_ray.run.storage import checkpoint_from
 from emdpo_ray.train.prepare import prepare_data
@@ -98,7 +99,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
           verbose: bool = False, progress=None, on_steps=None) -> dict:
     """Run EM-DPO end to end; returns a summary (also written to the run directory).
     `progress(message)` narrates; `on_steps(phase, done, total, loss)` follows long phases."""
-    records = load_records(data_path)  # all-or-nothing: raises before anything is written
+    records = load_records(data_path, cfg.data.user_field)  # all-or-nothing, before any write
     if k < 1:
         raise ValueError(f"--types must be >= 1, got {k}")
     rd = RunDir(run_dir)

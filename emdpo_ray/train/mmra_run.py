@@ -52,8 +52,9 @@ def mmra_report(L_full: np.ndarray, k: int, eta, type_weights=None,
             **{f"L_{name}": L_full[:, col].tolist() for col, name in enumerate(extra, start=k)}}
 
 
-def eval_prompts(prompts: list[str], n: int, seed: int) -> list[str]:
-    """n distinct prompts, a seeded draw independent of their order in the data."""
+def eval_prompts(prompts: list, n: int, seed: int) -> list:
+    """n distinct prompts (texts or conversations), a seeded draw independent of their order
+    in the data."""
     distinct = sorted(set(prompts))
     rng = np.random.default_rng(seed + 4242)
     return [distinct[i] for i in rng.permutation(len(distinct))[:n]]
@@ -61,7 +62,8 @@ def eval_prompts(prompts: list[str], n: int, seed: int) -> list[str]:
 
 def read_prompts(path: str) -> list[str]:
     """One prompt a line, or JSONL objects with a string 'prompt'; errors name the line."""
-    from emdpo_ray.data.records import RecordError, read_bytes
+    from emdpo_ray.data.records import RecordError
+    from emdpo_ray.data.sources import read_bytes
 
     out = []
     for n, line in enumerate(read_bytes(path).decode("utf-8").splitlines(), 1):
@@ -82,23 +84,31 @@ def read_prompts(path: str) -> list[str]:
     return out
 
 
-def prompt_pool(cfg: Config, data_path: str) -> tuple[list[str], str]:
+def prompt_pool(cfg: Config, data_path: str) -> tuple[list, str]:
     """(candidate prompts for L, where they come from): `mmra.prompts_file`, else the
-    synthetic sidecar's held-out prompts, else (with a warning) the training prompts."""
-    from emdpo_ray.data.records import RecordError, load_records, read_bytes
+    synthetic sidecar's held-out prompts, else (with a warning) the training prompts. For
+    conversational data a held-out prompt is one user turn."""
+    from emdpo_ray.data.records import RecordError
+    from emdpo_ray.data.sources import iter_records, load_records, read_bytes
     from emdpo_ray.data.synth import meta_path
 
+    conversational = next(iter_records(data_path, cfg.data.user_field)).conversational
+
+    def as_data(prompts: list[str]) -> list:
+        return [(("user", p),) for p in prompts] if conversational else prompts
+
     if cfg.mmra.prompts_file:
-        return read_prompts(cfg.mmra.prompts_file), "prompts_file"
+        return as_data(read_prompts(cfg.mmra.prompts_file)), "prompts_file"
     try:
         meta = json.loads(read_bytes(meta_path(data_path)))
     except (RecordError, OSError, ValueError):
         meta = {}
     if isinstance(meta, dict) and meta.get("heldout_prompts"):
-        return list(meta["heldout_prompts"]), "heldout"
+        return as_data(list(meta["heldout_prompts"])), "heldout"
     log.warning("MMRA: no held-out prompts (set mmra.prompts_file); estimating L on training "
                 "prompts, where the policies look better than on new ones")
-    return [r.prompt for r in load_records(data_path)], "training"
+    return [r.messages or r.prompt for r in load_records(data_path, cfg.data.user_field)], \
+        "training"
 
 
 def bootstrap(generator: np.ndarray, logps: np.ndarray, prompt: np.ndarray, num_generators: int,
@@ -128,11 +138,12 @@ def bootstrap(generator: np.ndarray, logps: np.ndarray, prompt: np.ndarray, num_
 
 
 def _sample_task(base_path: str, cfg_json: dict, policy_dirs: dict[str, str], k: int,
-                 prompts: list[str], seed: int, threads: int) -> dict:
+                 prompts: list, seed: int, threads: int) -> dict:
     import torch
 
     from emdpo_ray.models.bank import REFERENCE, load_policy_bank
     from emdpo_ray.models.decoding import GenRequest, sample_bank
+    from emdpo_ray.data.records import plain_text
     from emdpo_ray.models.scoring import continuation_arrays, pair_logps, prompt_token_ids
 
     torch.set_num_threads(threads)
@@ -158,11 +169,12 @@ def _sample_task(base_path: str, cfg_json: dict, policy_dirs: dict[str, str], k:
     with torch.no_grad():
         lp, _, _ = pair_logps(bank.logps, arrays, pairs, torch.device("cpu"))
     lp = lp[:, 0].double().numpy().reshape(len(rows), len(scorers))
-    return {"generator": [g for _, g in rows], "prompt": [prompts[p] for p, _ in rows],
+    text = [p if isinstance(p, str) else plain_text(p) for p in prompts]
+    return {"generator": [g for _, g in rows], "prompt": [text[p] for p, _ in rows],
             "text": [g.text for g in gens], "logps": lp.tolist()}
 
 
-def estimate_L(rd: RunDir, cfg: Config, k: int, prompts: list[str]):
+def estimate_L(rd: RunDir, cfg: Config, k: int, prompts: list):
     """L [K, G] (G: the K types, the single-DPO baseline when present, the reference), the
     samples, and per sample: generator, prompt index and log-probs (for the bootstrap)."""
     rt = RayRuntime(cfg)
@@ -174,7 +186,9 @@ def estimate_L(rd: RunDir, cfg: Config, k: int, prompts: list[str]):
          rt.threads) for n, c in enumerate(chunks)])
     gen = np.concatenate([p["generator"] for p in parts]).astype(int)
     lp = np.concatenate([np.asarray(p["logps"]).reshape(-1, k + 1) for p in parts])
-    index = {pr: i for i, pr in enumerate(prompts)}
+    from emdpo_ray.data.records import plain_text
+
+    index = {pr if isinstance(pr, str) else plain_text(pr): i for i, pr in enumerate(prompts)}
     prompt = np.array([index[pr] for p in parts for pr in p["prompt"]])
     names = [*dirs, REFERENCE_NAME]
     samples = [{"policy": names[g], "prompt": pr, "text": t}

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from emdpo_ray.data.records import RecordError, load_records
+from emdpo_ray.data.records import RecordError
+from emdpo_ray.data.sources import load_records
 
 GOOD = {"user_id": "u1", "prompt": "p", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]}
 
