@@ -241,3 +241,55 @@ def test_streams_beside_batches_keep_their_own_adapters(server):
     assert [r.status_code for r in rs] == [200] * 12
     assert texts == [alone_stream] * 3
     assert [r.json()["choices"][0]["text"] for r in rs] == [alone[i % 3] for i in range(12)]
+
+
+@pytest.mark.slow
+def test_conversational_parquet_shards_train_and_answer_chat_through_the_same_format(
+        server, tmp_path):
+    """A TRL conversational dataset in three Parquet shards trains K = 2 on the default model;
+    a known user's /v1/chat/completions is answered by their type, the prompt rendered as
+    training rendered it."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray import serve
+
+    from emdpo_ray.config import load_config
+    from emdpo_ray.data import synth
+    from emdpo_ray.models.loading import load_tokenizer
+    from emdpo_ray.models.scoring import prompt_token_ids
+    from emdpo_ray.run.rundir import RunDir
+    from emdpo_ray.serving import app_builder
+    from emdpo_ray.train.driver import train
+
+    url, _, _ = server
+    recs, _ = synth.generate(users=12, types=2, rankings_per_user=4, seed=7)
+    pairs = [{"user_id": r["user_id"], "prompt": [{"role": "user", "content": r["prompt"]}],
+              "chosen": [{"role": "assistant", "content": r["responses"][r["ranking"][0]]}],
+              "rejected": [{"role": "assistant", "content": r["responses"][r["ranking"][-1]]}],
+              "true_type": r["true_type"]} for r in recs]
+    data = tmp_path / "prefs"
+    data.mkdir()
+    for s in range(3):
+        pq.write_table(pa.Table.from_pylist(pairs[s::3]), data / f"train-{s:05d}.parquet")
+    run = str(tmp_path / "conv")
+    cfg = load_config(None, ["em.max_iterations=1", "dpo.min_steps=4", "mmra.enabled=false",
+                             "model.tiny.sft_epochs=1", "serve.min_confidence=10"])
+    summary = train(cfg, str(data), 2, run)
+    assert summary["records"] == len(pairs) and summary["users"] == 12
+    serve.run(app_builder({"run_dir": run}), name="conv", route_prefix="/conv")
+    try:
+        user, post = next(iter(RunDir(run).posteriors().items()))
+        conversation = [{"role": "user", "content": "Explain owls."}]
+        r = httpx.post(f"{url}/conv/v1/chat/completions", timeout=120, json={
+            "messages": conversation, "user": user, "max_tokens": 8, "seed": 0})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-emdpo-route"] == "known_user"
+        assert r.headers["x-emdpo-type"] == str(int(np.argmax(post)))
+        out = r.json()
+        assert out["choices"][0]["message"]["role"] == "assistant"
+        tok = load_tokenizer(RunDir(run).base_model_dir)
+        assert out["usage"]["prompt_tokens"] == len(
+            prompt_token_ids(tok, [(("user", "Explain owls."),)], 10 ** 9)[0])
+    finally:
+        serve.delete("conv")

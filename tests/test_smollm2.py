@@ -26,6 +26,7 @@ def test_smollm2_lora_dpo_step_and_scoring(ray_local, tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(folder, "model.safetensors"))
     conf = json.load(open(os.path.join(folder, "config.json")))
     assert conf["model_type"] == "llama" and conf["hidden_size"] == 576
+    assert "quantization_config" not in conf  # a plain model every HF tool accepts
     assert resolve_named_model(cfg.model) == folder  # converted once, reused
 
     recs = [parse_record({"user_id": "a", "prompt": "Why is the sky blue?",

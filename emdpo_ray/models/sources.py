@@ -45,8 +45,22 @@ def convert_gguf(gguf_file: str, out_dir: str) -> str:
     tmp = out_dir + ".partial"
     fresh.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    plain_config(tmp)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def plain_config(folder: str) -> None:
+    """Drop the `quantization_config: {quant_method: gguf}` that the GGUF loader leaves in
+    config.json: the weights are dequantised float32, and Hugging Face's Trainer (TRL's too)
+    refuses to train a model that says it is GGUF-quantised."""
+    from emdpo_ray.utils import atomic_write_json, read_json
+
+    path = os.path.join(folder, "config.json")
+    conf = read_json(path)
+    if "quantization_config" in conf:
+        del conf["quantization_config"]
+        atomic_write_json(path, conf)
 
 
 def resolve_named_model(cfg: ModelConfig) -> str:
@@ -63,5 +77,6 @@ def resolve_named_model(cfg: ModelConfig) -> str:
             fcntl.flock(lock, fcntl.LOCK_EX)  # several workers of one node convert once
             if not os.path.isdir(out):
                 convert_gguf(_gguf_path(*OFFLINE[name]), out)
+            plain_config(out)  # folders converted by earlier versions kept the GGUF marker
         return out
     return name

@@ -15,9 +15,9 @@ def _vec(xs, nd: int = 2) -> str:
 
 
 def training(history: list[dict], summary: dict) -> list[Table]:
-    t = Table(title="EM-DPO, one row per iteration", title_justify="left")
-    for c in ("iter", "log-likelihood", "mixing weights eta", "ARI vs true types",
-              "max |dgamma|", "M-step s"):
+    t = Table(title="EM-DPO, one row per iteration (0: the start)", title_justify="left",
+              caption="ARI: agreement of the MAP types with the true ones (1 = exact, 0 = chance)")
+    for c in ("iter", "log-lik", "eta (type shares)", "ARI", "max|dgamma|", "M-step s"):
         t.add_column(c, justify="right")
     for h in history:
         t.add_row(str(h["iteration"]), _f(h.get("log_likelihood"), 1),

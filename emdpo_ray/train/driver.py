@@ -117,10 +117,12 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
 
     def mstep(gamma: np.ndarray, it: int, init_from, tag: str):
         w, need = record_weights(gamma[ui], fold_rec)
+        steps = (lambda d, t, loss: on_steps(f"M-step {it}", d, t, loss)) if on_steps else None
         return prep.run_mstep(names=names, num_types=k, weights=w, score_mask=need,
                               run_name=f"{tag}-{it:03d}-{time.time_ns()}",
                               seed=cfg.seed * 100003 + it, init_from=init_from,
-                              epochs=cfg.em.warm_epochs if init_from is not None else cfg.dpo.epochs)
+                              epochs=cfg.em.warm_epochs if init_from is not None else cfg.dpo.epochs,
+                              on_steps=steps)
 
     history: list[dict] = []
     if state is not None:

@@ -208,6 +208,10 @@ def run_mmra(rd: RunDir, cfg: Config | None = None, progress=None) -> dict:
         train_single_policy(rd, cfg)
     pool, source = prompt_pool(cfg, rd.data_path)
     prompts = eval_prompts(pool, mc.num_prompts, cfg.seed)
+    n_gen = len(rd.policy_dirs(k, baselines=True)) + 1
+    say(f"MMRA: sampling {len(prompts) * n_gen * mc.samples_per_prompt} generations "
+        f"({len(prompts)} {source} prompts x {n_gen} policies incl. the reference x "
+        f"{mc.samples_per_prompt}) and scoring each under every type")
     L_full, samples, (gen, prompt, lp) = estimate_L(rd, cfg, k, prompts)
     out = mmra_report(L_full, k, rd.mixing_weights(), mc.type_weights,
                       extra=[SINGLE_DPO] * rd.has_baseline(SINGLE_DPO) + [REFERENCE_NAME])

@@ -182,6 +182,8 @@ def _train_loop(config: dict) -> None:
         engine.backward(loss)                                          # DeepSpeed
         engine.step()                                                  # DeepSpeed
         sums["train/loss"] = sums.get("train/loss", 0.0) + float(loss)
+        if rank == 0 and config.get("progress") is not None and (step % 5 == 4 or step + 1 == steps):
+            config["progress"].put((step + 1, steps, float(loss)))
         if every and (step + 1) % every == 0 and step + 1 < steps:
             progress = {"train/step": step + 1, "train/resumed_from_step": first}
             if rank == 0:
@@ -226,12 +228,19 @@ class MStepResult:
 def run_mstep(cfg: Config, *, names: list[str], num_types: int, base_path: str,
               shard_refs: list, shard_sizes: list[int], weights: np.ndarray,
               score_mask: np.ndarray, storage_path: str, run_name: str, seed: int,
-              init_from=None, threads: int = 1, epochs: float | None = None) -> MStepResult:
-    """One fit(): train the policies `names` on `weights` [N, A] and score `score_mask`."""
+              init_from=None, threads: int = 1, epochs: float | None = None,
+              on_steps=None) -> MStepResult:
+    """One fit(): train the policies `names` on `weights` [N, A] and score `score_mask`.
+    `on_steps(done, total, loss)` follows the training steps (rank 0 reports every 5)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    queue = None
+    if on_steps is not None:
+        from ray.util.queue import Queue
+
+        queue = Queue()
     bounds = np.cumsum([0] + list(shard_sizes))
     cuts = [slice(bounds[i], bounds[i + 1]) for i in range(len(shard_sizes))]
     t0 = time.perf_counter()
@@ -245,6 +254,7 @@ def run_mstep(cfg: Config, *, names: list[str], num_types: int, base_path: str,
             "weight_means": weights.mean(0).tolist(), "max_shard": max(shard_sizes),
             "init_from": init_from, "threads": threads,
             "epochs": cfg.dpo.epochs if epochs is None else epochs,
+            "progress": queue,
         },
         scaling_config=ScalingConfig(num_workers=len(shard_refs), use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": threads}),
@@ -255,10 +265,42 @@ def run_mstep(cfg: Config, *, names: list[str], num_types: int, base_path: str,
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu
                                              else "cpu"}}),
     )
-    result = trainer.fit()
+    result = _fit_following(trainer, queue, on_steps)
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:
         scores = np.load(os.path.join(d, "scores.npy"))
     return MStepResult(scores, result.checkpoint, dict(result.metrics or {}),
                        time.perf_counter() - t0)
+
+
+def _fit_following(trainer, queue, on_steps):
+    """trainer.fit(), passing the workers' step reports to `on_steps` as they come."""
+    if queue is None:
+        return trainer.fit()
+    import threading
+
+    from ray.util.queue import Empty
+
+    out: dict = {}
+
+    def fit():
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the caller's thread
+            out["error"] = e
+
+    t = threading.Thread(target=fit, daemon=True)
+    t.start()
+    while t.is_alive() or not queue.empty():
+        try:
+            on_steps(*queue.get(timeout=0.5))
+        except Empty:
+            pass
+    t.join()
+    import ray
+
+    ray.kill(queue.actor)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]

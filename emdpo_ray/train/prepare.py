@@ -94,7 +94,7 @@ class Prepared:
 
     def run_mstep(self, *, names: list[str], num_types: int, weights: np.ndarray,
                   score_mask: np.ndarray, run_name: str, seed: int, init_from=None,
-                  epochs: float | None = None, threads: int | None = None):
+                  epochs: float | None = None, threads: int | None = None, on_steps=None):
         """One M-step on these shards (train/mstep.py); see `run_mstep` for the arguments."""
         from emdpo_ray.train.mstep import run_mstep
 
@@ -102,7 +102,7 @@ class Prepared:
                          shard_refs=self.shard_refs, shard_sizes=self.sizes, weights=weights,
                          score_mask=score_mask, storage_path=self.storage, run_name=run_name,
                          seed=seed, init_from=init_from, threads=threads or self.threads,
-                         epochs=epochs)
+                         epochs=epochs, on_steps=on_steps)
 
 
 def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool = False,
