@@ -146,6 +146,10 @@ class PolicyBank(nn.Module):
 
 
 def load_policy_bank(base_path: str, cfg: ModelConfig, dirs: dict[str, str]):
-    """(tokenizer, PolicyBank in eval mode): the base plus the policies in `dirs` {name: folder}."""
+    """(tokenizer, PolicyBank in eval mode): the base plus the policies in `dirs` {name: folder
+    or s3:// URI, pulled to this node's cache}."""
+    from emdpo_ray.models.loading import resolve_local
+
+    dirs = {n: resolve_local(d) for n, d in dirs.items()}
     bank = PolicyBank(load_base(base_path, cfg), cfg, list(dirs), init_from=dirs)
     return load_tokenizer(base_path, cfg), bank.eval()

@@ -292,6 +292,14 @@ class RunDir:
             dirs[SINGLE_DPO] = self.file(BASELINES, SINGLE_DPO)
         return dirs
 
+    def shared_policy_dirs(self, k: int | None = None, baselines: bool = False) -> dict[str, str]:
+        """policy_dirs as a Ray task on any node can read them: the remote URIs of an
+        s3:// run (each node pulls them into its own cache), local paths otherwise."""
+        dirs = self.policy_dirs(k, baselines)
+        if not self.remote:
+            return dirs
+        return {n: f"{self.uri}/{os.path.relpath(d, self.path)}" for n, d in dirs.items()}
+
     def has_baseline(self, name: str) -> bool:
         return os.path.isdir(self.file(BASELINES, name))
 
@@ -312,6 +320,7 @@ class RunDir:
         shutil.copytree(os.path.join(src, POLICIES, name), out + ".partial")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(out + ".partial", out)
+        self.push(BASELINES)  # read next by MMRA's tasks, on any node
         return out
 
     def load_bank(self, cfg: Config, dirs: dict[str, str] | None = None):

@@ -178,11 +178,13 @@ def estimate_L(rd: RunDir, cfg: Config, k: int, prompts: list):
     """L [K, G] (G: the K types, the single-DPO baseline when present, the reference), the
     samples, and per sample: generator, prompt index and log-probs (for the bootstrap)."""
     rt = RayRuntime(cfg)
-    dirs = rd.policy_dirs(k, baselines=True)
+    # through the run's storage: a task on another node finds nothing in this node's mirror
+    dirs = rd.shared_policy_dirs(k, baselines=True)
+    base = rd.shared_base_path() if rd.base_path(cfg) == rd.base_model_dir else rd.base_path(cfg)
     chunks = [c for c in np.array_split(np.arange(len(prompts)), cfg.ray.num_workers) if len(c)]
     cfg_json = cfg.model_dump(mode="json")
     parts = rt.fan_out(_sample_task, [
-        (rd.base_path(cfg), cfg_json, dirs, k, [prompts[i] for i in c], cfg.seed * 7 + n,
+        (base, cfg_json, dirs, k, [prompts[i] for i in c], cfg.seed * 7 + n,
          rt.threads) for n, c in enumerate(chunks)])
     gen = np.concatenate([p["generator"] for p in parts]).astype(int)
     lp = np.concatenate([np.asarray(p["logps"]).reshape(-1, k + 1) for p in parts])
