@@ -8,7 +8,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-unit test-heavy demo bench identifiability policies-serve-types smoke-smollm2 lint clean
+.PHONY: setup test test-unit test-heavy demo bench identifiability policies-serve-types sft-reference smoke-smollm2 lint clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,11 @@ identifiability: setup
 # two typed sets: docs/policies_serve_types.{json,png} (about 6 minutes a set and seed)
 policies-serve-types: setup
 	$(BIN)/python experiments/policies_serve_types.py --seeds 0 1
+
+# What the SFT reference does to type inference on new rankings: docs/sft_reference.json
+# (about 10 minutes)
+sft-reference: setup
+	$(BIN)/python experiments/sft_reference.py
 
 lint: setup
 	$(BIN)/ruff check emdpo_ray tests

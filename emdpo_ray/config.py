@@ -48,10 +48,12 @@ class TinyModelSettings(_Section):
     num_hidden_layers: int = Field(2, gt=0, description="Layers of the tiny Llama.")
     num_attention_heads: int = Field(4, gt=0, description="Attention heads of the tiny Llama.")
     num_key_value_heads: int = Field(2, gt=0, description="KV heads of the tiny Llama.")
-    sft_epochs: float = Field(6.0, ge=0, description=(
+    sft_epochs: float = Field(2.0, ge=0, description=(
         "Passes of supervised fine-tuning on the records' prompts and responses that make "
         "the tiny model a language model before any DPO (its reference). 0 leaves it "
-        "random: every policy then writes noise (an ablation, not a setting)."))
+        "random: every policy then writes noise (an ablation, not a setting). More passes "
+        "write more fluent text but make the policies' likelihoods of new rankings less "
+        "reliable for type inference (docs/sft_reference.md)."))
 
 
 class ModelConfig(_Section):

@@ -67,12 +67,12 @@ def test_new_user_is_learned_from_feedback(server, synth_data):
         before = client.post("/v1/completions", json={"prompt": "Explain ice.", "user": user,
                                                       "max_tokens": 2})
         assert before.headers["x-emdpo-route"] == "mmra"
-        for rec in synth.user_records(rng, theta, meta["reward_scale"], t, user, 6, 3):
+        for rec in synth.user_records(rng, theta, meta["reward_scale"], t, user, 12, 3):
             body = {k: v for k, v in rec.items() if k not in ("user_id", "true_type")}
             r = client.post("/v1/feedback", json={"user": user, **body})
             assert r.status_code == 200, r.text
         state = client.get(f"/v1/users/{user}").json()
-        assert state["feedbacks"] == 6 and state["type"] == match[t], state
+        assert state["feedbacks"] == 12 and state["type"] == match[t], state
         assert state["routing"].startswith("known_user")
         served = Counter(client.post("/v1/completions", json={
             "prompt": "Explain ice.", "user": user, "max_tokens": 2}).headers["x-emdpo-type"]

@@ -274,7 +274,10 @@ def test_conversational_parquet_shards_train_and_answer_chat_through_the_same_fo
         pq.write_table(pa.Table.from_pylist(pairs[s::3]), data / f"train-{s:05d}.parquet")
     run = str(tmp_path / "conv")
     cfg = load_config(None, ["em.max_iterations=1", "dpo.min_steps=4", "mmra.enabled=false",
-                             "model.tiny.sft_epochs=1", "serve.min_confidence=10"])
+                             "model.tiny.sft_epochs=1", "serve.min_confidence=10",
+                             # beside the `server` app on the tests' 2-CPU Ray
+                             *[f"serve.{d}.{k}" for d in ("policy", "router") for k in
+                               ("num_replicas=1", "ray_actor_options={num_cpus: 0.25}")]])
     summary = train(cfg, str(data), 2, run)
     assert summary["records"] == len(pairs) and summary["users"] == 12
     serve.run(app_builder({"run_dir": run}), name="conv", route_prefix="/conv")
