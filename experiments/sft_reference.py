@@ -8,9 +8,9 @@ EM-DPO (2 iterations, no MMRA) on the tests' synthetic data (60 users, 3 linear 
 0), then scores 120 new rankings per true type under every learned policy:
 
 - `heldout_own_best`: how often the type's own (matched) policy gives a new ranking the
-  highest Plackett-Luce likelihood (chance 1/3; the true rewards reach 0.72-0.88);
+  highest Plackett-Luce likelihood (chance 1/3);
 - `heldout_own_loglik`: mean log-likelihood of a new ranking under the own policy (a random
-  order of 3 is -1.79; the true rewards reach -0.63 to -0.78);
+  order of 3 is -log 6 = -1.79);
 - `online_12`: the share of simulated new users (groups of 12 feedbacks from eta, as the
   server updates them) routed confidently to their own type.
 
