@@ -275,11 +275,16 @@ class RunDir:
         return self.file(BASE_MODEL + ".init.partial")
 
     def shared_base_path(self) -> str:
-        """The tiny base as workers on any node can load it (the remote copy for s3://)."""
-        if self.remote:
-            self.push(BASE_MODEL)
-            return f"{self.uri}/{BASE_MODEL}"
-        return self.base_model_dir
+        """Push base_model/ (for s3://) and return where workers on any node load it."""
+        self.push(BASE_MODEL)
+        return self.shared_base(None)
+
+    def shared_base(self, cfg: Config | None) -> str:
+        """base_path as a task on any node reads it: the remote copy of base_model/ for an
+        s3:// run (pushed by training), a named model as is."""
+        if cfg is not None and self.base_path(cfg) != self.base_model_dir:
+            return self.base_path(cfg)
+        return f"{self.uri}/{BASE_MODEL}" if self.remote else self.base_model_dir
 
     def reference_cache(self, key: str) -> str:
         return self.file(CACHE, f"ref_logps-{key}.npy")

@@ -180,7 +180,7 @@ def estimate_L(rd: RunDir, cfg: Config, k: int, prompts: list):
     rt = RayRuntime(cfg)
     # through the run's storage: a task on another node finds nothing in this node's mirror
     dirs = rd.shared_policy_dirs(k, baselines=True)
-    base = rd.shared_base_path() if rd.base_path(cfg) == rd.base_model_dir else rd.base_path(cfg)
+    base = rd.shared_base(cfg)
     chunks = [c for c in np.array_split(np.arange(len(prompts)), cfg.ray.num_workers) if len(c)]
     cfg_json = cfg.model_dump(mode="json")
     parts = rt.fan_out(_sample_task, [

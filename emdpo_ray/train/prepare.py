@@ -24,37 +24,26 @@ from emdpo_ray.run.rundir import RunDir
 from emdpo_ray.utils import atomic_save_npy
 
 
-def resolve_base(cfg: Config, records: list[Record], rd: RunDir, rt: RayRuntime,
-                 say=lambda m: None, on_steps=None) -> str:
-    """Path (or hub id) of the base (= reference) model. The default tiny model is built and
-    trained as a language model (SFT) once per run; a named model is used as is, or
-    fine-tuned into the run's base_model/ when model.sft_epochs > 0."""
+def base_source(cfg: Config, records: list[Record], rd: RunDir) -> tuple[str, bool]:
+    """(where the base model is now, whether it still needs SFT). A named model is used as
+    is, or fine-tuned into the run's base_model/ when model.sft_epochs > 0; the default tiny
+    model is built here once per run and always fine-tuned (model.tiny.sft_epochs)."""
     mc = cfg.model
     if mc.name_or_path:
         from emdpo_ray.models.loading import check_model_safety
 
         check_model_safety(mc.name_or_path, mc)  # refuse before any worker loads it
     if rd.base_path(cfg) == mc.name_or_path:
-        return mc.name_or_path  # names and hub ids are resolved on each node that loads them
+        return mc.name_or_path, False  # names and hub ids are resolved where they are loaded
     if os.path.isdir(rd.base_model_dir):
-        return rd.shared_base_path()  # built (and fine-tuned) by an earlier attempt
-    src = mc.name_or_path
-    if not src:
-        from emdpo_ray.models.tiny import build_tiny_model
+        return rd.base_model_dir, False  # built (and fine-tuned) by an earlier attempt
+    if mc.name_or_path:
+        return mc.name_or_path, True
+    from emdpo_ray.models.tiny import build_tiny_model
 
-        texts = [t for r in records for t in (r.prompt, *r.responses)]
-        target = rd.base_init_dir if mc.sft_passes else rd.base_model_dir
-        src = build_tiny_model(texts, target, mc, cfg.seed)
-    if mc.sft_passes:
-        from emdpo_ray.models.loading import load_tokenizer
-        from emdpo_ray.train.sft import run_sft
-        from emdpo_ray.utils import fault_point
-
-        arrays = encode(records, load_tokenizer(src, mc), cfg.data).arrays()
-        run_sft(cfg, src, rd.base_model_dir, arrays, mc.sft_passes, rt, say, on_steps,
-                before_save=lambda: fault_point("sft", 0))
-        shutil.rmtree(rd.base_init_dir, ignore_errors=True)
-    return rd.shared_base_path()
+    texts = [t for r in records for t in (r.prompt, *r.responses)]
+    target = rd.base_init_dir if mc.sft_passes else rd.base_model_dir
+    return build_tiny_model(texts, target, mc, cfg.seed), bool(mc.sft_passes)
 
 
 def cached(path: str, compute) -> tuple[np.ndarray, bool]:
@@ -109,13 +98,21 @@ def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool =
                  say=lambda m: None, on_steps=None) -> Prepared:
     """Base model, token arrays, cached reference log-probs, shards in the object store.
     `on_steps(phase, done, total, loss)` follows long phases (SFT)."""
-    rt = RayRuntime(cfg, verbose)
-    sft_steps = (lambda done, total, loss: on_steps("SFT", done, total, loss)) if on_steps else None
-    base_path = resolve_base(cfg, records, rd, rt, say, sft_steps)
     from emdpo_ray.models.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(base_path, cfg.model)
+    rt = RayRuntime(cfg, verbose)
+    src, needs_sft = base_source(cfg, records, rd)
+    tokenizer = load_tokenizer(src, cfg.model)  # SFT keeps the tokenizer: encode once
     enc = encode(records, tokenizer, cfg.data)
+    if needs_sft:
+        from emdpo_ray.train.sft import run_sft
+        from emdpo_ray.utils import fault_point
+
+        steps = (lambda done, total, loss: on_steps("SFT", done, total, loss)) if on_steps else None
+        run_sft(cfg, src, rd.base_model_dir, enc.arrays(), cfg.model.sft_passes, rt, say, steps,
+                before_save=lambda: fault_point("sft", 0))
+        shutil.rmtree(rd.base_init_dir, ignore_errors=True)
+    base_path = src if src == cfg.model.name_or_path and not needs_sft else rd.shared_base_path()
     cuts = shard_indices(len(records), cfg.ray.num_workers)
     shards = [enc.arrays(c) for c in cuts]
     t = time.perf_counter()
