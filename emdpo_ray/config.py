@@ -196,14 +196,14 @@ class ServeConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description=(
         "Ray cluster address; None joins RAY_ADDRESS if set, else starts a local Ray."))
-    num_workers: int = Field(1, ge=1, description="Ray Train workers per M-step.")
+    num_workers: int = Field(1, ge=1, description="DeepSpeed workers (resident Ray actors, one per rank) for the M-steps.")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker.")
     use_gpu: bool = Field(False, description="One GPU per worker; NCCL + bf16 when on.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     storage_path: str | None = Field(None, description=(
-        "Ray Train storage (checkpoints). None: <run_dir>/ray_results."))
+        "Where M-step checkpoints go (local path or s3://...). None: <run_dir>/ray_results."))
     max_failures: int = Field(2, ge=-1, description=(
-        "Worker-group restarts per M-step (Ray Train FailureConfig); -1: unlimited."))
+        "Worker-group replacements per M-step after a lost worker; -1: unlimited."))
     checkpoint_every_steps: int = Field(25, ge=0, description=(
         "Steps between mid-M-step checkpoints (a restarted worker group resumes from the "
         "last one); 0: only the final checkpoint."))

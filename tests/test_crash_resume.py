@@ -146,12 +146,11 @@ def test_driver_sigkill_in_mstep_estep_and_checkpoint_then_resume(tmp_path, reli
 
 
 def _kill_worker_after_first_checkpoint(run_dir: str, killed: list, stop: threading.Event):
-    """Wait until Ray Train has registered a mid-M-step checkpoint, then SIGKILL a worker."""
+    """Wait until every rank has written a mid-M-step checkpoint, then SIGKILL a worker."""
     while not stop.is_set():
-        if glob.glob(os.path.join(run_dir, "ray_results", "mstep-001-*",
-                                  "checkpoint_manager_snapshot.json")):
+        if glob.glob(os.path.join(run_dir, "ray_results", "mstep-001-*", "step-*", "COMPLETE")):
             for p in psutil.process_iter(["pid", "cmdline"]):
-                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                if "PolicyWorker" in " ".join(p.info["cmdline"] or []):
                     os.kill(p.info["pid"], signal.SIGKILL)
                     killed.append(p.info["pid"])
                     return

@@ -90,17 +90,23 @@ def pair_logps(model, batch, pairs, device) -> tuple[torch.Tensor, torch.Tensor,
     return out, cnt, mask
 
 
-def score_pairs(model, arrays, ref_logps, beta, pairs, device, rows_per_batch=512):
-    """Plackett-Luce log-likelihood of each (record, policy) pair's ranking; no gradients."""
+def score_pairs(model, arrays, ref_logps, beta, pairs, device, rows_per_batch=512,
+                pairs_per_batch: int | None = None, min_batches: int = 0):
+    """Plackett-Luce log-likelihood of each (record, policy) pair's ranking; no gradients.
+    `min_batches`: run the first batch again until that many forwards ran (ZeRO-3 ranks
+    must run the same number of forwards; the repeats are discarded)."""
     m = arrays["input_ids"].shape[1]
-    per = max(1, rows_per_batch // m)
+    per = pairs_per_batch or max(1, rows_per_batch // m)
     out = np.empty(len(pairs))
+    starts = list(range(0, len(pairs), per))
     with torch.no_grad():
-        for s in range(0, len(pairs), per):
+        for b in range(max(len(starts), min_batches)):
+            s = starts[b] if b < len(starts) else 0
             chunk = pairs[s:s + per]
             lp, _, mask = pair_logps(model, arrays, chunk, device)
-            ref = torch.as_tensor(ref_logps[chunk[:, 0]], device=lp.device)
-            out[s:s + per] = plackett_luce_logp(beta * (lp - ref), mask).double().cpu().numpy()
+            if b < len(starts):
+                ref = torch.as_tensor(ref_logps[chunk[:, 0]], device=lp.device)
+                out[s:s + per] = plackett_luce_logp(beta * (lp - ref), mask).double().cpu().numpy()
     return out
 
 

@@ -4,8 +4,8 @@
     parts = rt.fan_out(score_chunk, [(chunk, ...) for chunk in chunks])
 
 Without an address a fresh in-process local Ray starts (never a stray `ray start` cluster
-found on the machine); inside a Ray job `RAY_ADDRESS` names the cluster. The training
-workers themselves are Ray Train's (train/mstep.py); this covers everything else.
+found on the machine); inside a Ray job `RAY_ADDRESS` names the cluster. The resident
+training workers are train/workers.py's; this covers start-up and plain tasks.
 """
 
 from __future__ import annotations

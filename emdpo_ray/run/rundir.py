@@ -94,9 +94,10 @@ class RunDir:
             self.push(STATE)
 
     def ray_storage(self, cfg: Config) -> str:
-        """Where Ray Train keeps this run's checkpoints."""
+        """Where the M-steps keep their checkpoints (train/mstep.py)."""
         if cfg.ray.storage_path:
-            return cfg.ray.storage_path
+            sp = cfg.ray.storage_path
+            return sp.rstrip("/") if "://" in sp else os.path.abspath(sp)
         return f"{self.uri}/{RAY_RESULTS}" if self.remote else self.file(RAY_RESULTS)
 
     # -- identity --

@@ -18,10 +18,10 @@ from emdpo_ray.train.prepare import prepare_data
 def train_single_policy(rd: RunDir, cfg: Config, say=lambda m: None) -> str:
     """Train it and install it in the run directory; returns its folder."""
     records = load_records(rd.data_path, cfg.data.user_field)
-    prep = prepare_data(cfg, records, rd, say=say)
     n = len(records)
-    res = prep.run_mstep(names=[SINGLE_DPO], num_types=1, weights=np.ones((n, 1)),
-                         score_mask=np.zeros((n, 1), dtype=bool),
-                         run_name=f"single-{time.time_ns()}", seed=cfg.seed * 100003 + 99991)
+    with prepare_data(cfg, records, rd, say=say) as prep:
+        res = prep.run_mstep(names=[SINGLE_DPO], num_types=1, weights=np.ones((n, 1)),
+                             score_mask=np.zeros((n, 1), dtype=bool),
+                             run_name=f"single-{time.time_ns()}", seed=cfg.seed * 100003 + 99991)
     with res.checkpoint.as_directory() as d:
         return rd.install_baseline(d, SINGLE_DPO)

@@ -1,7 +1,7 @@
 """The EM driver: `emdpo-ray train --data data.jsonl --types 3 --out runs/demo`.
 
     records -> tokenize -> reference log-probs (Ray tasks, cached) -> initial posteriors
-    loop: M-step (one Ray Train fit: all policies) -> scores -> E-step -> state on disk
+    loop: M-step (the resident worker group: all policies) -> scores -> E-step -> state
     -> policies/type_k, posteriors.jsonl, history.json, plots, mmra.json
 
 A SIGKILL at any moment loses at most the iteration in flight: `state.json` is written
@@ -124,70 +124,73 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
                               epochs=cfg.em.warm_epochs if init_from is not None else cfg.dpo.epochs,
                               on_steps=steps)
 
-    history: list[dict] = []
-    if state is not None:
-        log_gamma = rd.load_log_gamma(state)
-        gamma = np.exp(log_gamma)
-        eta, it0 = np.asarray(state["eta"]), state["iteration"] + 1
-        prev = EStep(log_gamma, eta, state["loglik"])
-        ckpt = checkpoint_from(state["checkpoint"])
-        # history.json is written before state.json: after a crash between the two it holds
-        # the iteration in flight, which is redone, so drop it rather than count it twice.
-        history = [h for h in rd.history() if h["iteration"] <= state["iteration"]]
-        done = state.get("converged", False)
-        say(f"resuming after iteration {state['iteration']}")
-    else:
-        t = time.perf_counter()
+    try:
+        history: list[dict] = []
+        if state is not None:
+            log_gamma = rd.load_log_gamma(state)
+            gamma = np.exp(log_gamma)
+            eta, it0 = np.asarray(state["eta"]), state["iteration"] + 1
+            prev = EStep(log_gamma, eta, state["loglik"])
+            ckpt = checkpoint_from(state["checkpoint"])
+            # history.json is written before state.json: after a crash between the two it holds
+            # the iteration in flight, which is redone, so drop it rather than count it twice.
+            history = [h for h in rd.history() if h["iteration"] <= state["iteration"]]
+            done = state.get("converged", False)
+            say(f"resuming after iteration {state['iteration']}")
+        else:
+            t = time.perf_counter()
 
-        def restart(g, r):
-            res = mstep(g, 0, None, f"restart{r}")
-            return e_step(type_scores(res.scores, k, fold_rec), ui, u_count, g.mean(0)).loglik
+            def restart(g, r):
+                res = mstep(g, 0, None, f"restart{r}")
+                return e_step(type_scores(res.scores, k, fold_rec), ui, u_count, g.mean(0)).loglik
 
-        gamma = initial_gamma(cfg, k, records, ui, u_count, restart)
-        with np.errstate(divide="ignore"):
-            log_gamma = np.log(gamma)
-        eta, it0, prev, ckpt, done = gamma.mean(0), 1, None, None, False
-        a = ari(true_types, gamma)
-        # Iteration 0: the start. Every policy is still the reference (rewards 0), so the
-        # mixture's log-likelihood is that of uniformly random rankings.
-        ll0 = e_step(np.repeat(reference_loglik(prep.enc.resp_mask)[:, None], k, 1), ui,
-                     u_count, eta).loglik
-        history.append({"iteration": 0, "init": cfg.em.init, "log_likelihood": ll0,
-                        "mixing_weights": eta.tolist(), "ari": a,
-                        "timings": {"init_s": time.perf_counter() - t}})
-        say(f"init ({cfg.em.init}): eta={np.round(eta, 3).tolist()}"
-            + (f" ari={a:.3f}" if a is not None else "") + f" ({time.perf_counter() - t:.1f}s)")
+            gamma = initial_gamma(cfg, k, records, ui, u_count, restart)
+            with np.errstate(divide="ignore"):
+                log_gamma = np.log(gamma)
+            eta, it0, prev, ckpt, done = gamma.mean(0), 1, None, None, False
+            a = ari(true_types, gamma)
+            # Iteration 0: the start. Every policy is still the reference (rewards 0), so the
+            # mixture's log-likelihood is that of uniformly random rankings.
+            ll0 = e_step(np.repeat(reference_loglik(prep.enc.resp_mask)[:, None], k, 1), ui,
+                         u_count, eta).loglik
+            history.append({"iteration": 0, "init": cfg.em.init, "log_likelihood": ll0,
+                            "mixing_weights": eta.tolist(), "ari": a,
+                            "timings": {"init_s": time.perf_counter() - t}})
+            say(f"init ({cfg.em.init}): eta={np.round(eta, 3).tolist()}"
+                + (f" ari={a:.3f}" if a is not None else "") + f" ({time.perf_counter() - t:.1f}s)")
 
-    for it in range(it0, cfg.em.max_iterations + 1):
-        if done:
-            break
-        say(f"iter {it}: M-step")
-        res = mstep(gamma, it, ckpt if cfg.em.warm_start else None, "mstep")
-        fault_point("estep", it)
-        t = time.perf_counter()
-        cur = e_step(type_scores(res.scores, k, fold_rec), ui, u_count, eta)
-        t_e = time.perf_counter() - t
-        d_gamma = float(np.abs(cur.gamma - gamma).max())
-        drop = warn_if_loglik_fell(prev, cur, it, say)
-        done = converged(prev, cur, cfg.em.tol_loglik, cfg.em.tol_posterior)
-        gamma, log_gamma, eta, prev, ckpt = cur.gamma, cur.log_gamma, cur.eta, cur, res.checkpoint
-        a = ari(true_types, gamma)
-        m = res.metrics
-        history.append({
-            "iteration": it, "log_likelihood": cur.loglik, "mixing_weights": eta.tolist(),
-            "max_delta_gamma": d_gamma, "ari": a, "loglik_drop": drop,
-            "timings": {"fit_wall_s": res.wall_s, "startup_s": m.get("time/startup_s"),
-                        "train_s": m.get("time/train_s"), "score_s": m.get("time/score_s"),
-                        "estep_s": t_e},
-            "metrics": {key: v for key, v in m.items() if "/" in key and not key.startswith("time/")},
-        })
-        rd.save_iteration(it, log_gamma, history,
-                          {"eta": eta.tolist(), "loglik": cur.loglik, "converged": done,
-                           "checkpoint": rd.store.checkpoint_uri(ckpt)},
-                          before_state=lambda: fault_point("checkpoint", it))
-        say(f"iter {it}: loglik={cur.loglik:.2f} eta={np.round(eta, 3).tolist()} "
-            f"max|dgamma|={d_gamma:.3g}" + (f" ari={a:.3f}" if a is not None else "")
-            + f" (fit {res.wall_s:.1f}s)")
+        for it in range(it0, cfg.em.max_iterations + 1):
+            if done:
+                break
+            say(f"iter {it}: M-step")
+            res = mstep(gamma, it, ckpt if cfg.em.warm_start else None, "mstep")
+            fault_point("estep", it)
+            t = time.perf_counter()
+            cur = e_step(type_scores(res.scores, k, fold_rec), ui, u_count, eta)
+            t_e = time.perf_counter() - t
+            d_gamma = float(np.abs(cur.gamma - gamma).max())
+            drop = warn_if_loglik_fell(prev, cur, it, say)
+            done = converged(prev, cur, cfg.em.tol_loglik, cfg.em.tol_posterior)
+            gamma, log_gamma, eta, prev, ckpt = cur.gamma, cur.log_gamma, cur.eta, cur, res.checkpoint
+            a = ari(true_types, gamma)
+            m = res.metrics
+            history.append({
+                "iteration": it, "log_likelihood": cur.loglik, "mixing_weights": eta.tolist(),
+                "max_delta_gamma": d_gamma, "ari": a, "loglik_drop": drop,
+                "timings": {"fit_wall_s": res.wall_s, "startup_s": m.get("time/startup_s"),
+                            "train_s": m.get("time/train_s"), "score_s": m.get("time/score_s"),
+                            "estep_s": t_e},
+                "metrics": {key: v for key, v in m.items() if "/" in key and not key.startswith("time/")},
+            })
+            rd.save_iteration(it, log_gamma, history,
+                              {"eta": eta.tolist(), "loglik": cur.loglik, "converged": done,
+                               "checkpoint": rd.store.checkpoint_uri(ckpt)},
+                              before_state=lambda: fault_point("checkpoint", it))
+            say(f"iter {it}: loglik={cur.loglik:.2f} eta={np.round(eta, 3).tolist()} "
+                f"max|dgamma|={d_gamma:.3g}" + (f" ari={a:.3f}" if a is not None else "")
+                + f" (fit {res.wall_s:.1f}s)")
+    finally:
+        prep.close()  # the workers' CPUs go back before MMRA's tasks need them
 
     summary = finalize(rd, records, users, log_gamma, eta, history, ckpt, true_types)
     rd.push_all()

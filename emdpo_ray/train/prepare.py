@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emdpo_ray.config import Config, ModelConfig
+from emdpo_ray.config import Config
 from emdpo_ray.data.encode import Encoded, encode, fingerprint, shard_indices
 from emdpo_ray.data.records import Record
 from emdpo_ray.run.ray_runtime import RayRuntime
@@ -55,43 +55,49 @@ def cached(path: str, compute) -> tuple[np.ndarray, bool]:
     return arr, False
 
 
-def _reference_task(base_path: str, model_cfg: dict, arrays: dict, threads: int) -> np.ndarray:
-    import torch
-
-    from emdpo_ray.models.bank import sequence_logps
-    from emdpo_ray.models.loading import load_base
-    from emdpo_ray.models.scoring import reference_logps
-
-    torch.set_num_threads(threads)
-    base = load_base(base_path, ModelConfig.model_validate(model_cfg)).eval()
-
-    def forward(input_ids, attention_mask, loss_mask, policy):
-        return sequence_logps(base, input_ids, attention_mask, loss_mask)
-
-    return reference_logps(forward, arrays, torch.device("cpu"))
-
-
 @dataclass
 class Prepared:
+    """The run's data on the workers. The resident worker group (train/workers.py) starts on
+    first use and lives until `close()` (or the end of a `with` block)."""
     cfg: Config
     base_path: str
     enc: Encoded
     shard_refs: list
     sizes: list[int]
     threads: int
-    storage: str          # where Ray Train keeps this run's checkpoints
+    storage: str          # where the M-steps keep their checkpoints
+    reference: np.ndarray | None = None   # [N, m] reference log-probs, once known
+    _group: object = None
+
+    @property
+    def group(self):
+        if self._group is None:
+            from emdpo_ray.train.workers import WorkerGroup
+
+            self._group = WorkerGroup(self.cfg, self.base_path, self.shard_refs, self.sizes,
+                                      self.threads, self.storage, self.reference)
+        return self._group
+
+    def close(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+
+    def __enter__(self) -> "Prepared":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def run_mstep(self, *, names: list[str], num_types: int, weights: np.ndarray,
                   score_mask: np.ndarray, run_name: str, seed: int, init_from=None,
-                  epochs: float | None = None, threads: int | None = None, on_steps=None):
-        """One M-step on these shards (train/mstep.py); see `run_mstep` for the arguments."""
-        from emdpo_ray.train.mstep import run_mstep
-
-        return run_mstep(self.cfg, names=names, num_types=num_types, base_path=self.base_path,
-                         shard_refs=self.shard_refs, shard_sizes=self.sizes, weights=weights,
-                         score_mask=score_mask, storage_path=self.storage, run_name=run_name,
-                         seed=seed, init_from=init_from, threads=threads or self.threads,
-                         epochs=epochs, on_steps=on_steps)
+                  epochs: float | None = None, on_steps=None):
+        """One M-step on the resident group: train `names` on `weights` [N, A], score
+        `score_mask` [N, A]; `on_steps(done, total, loss)` follows the steps."""
+        job = {"names": names, "num_types": num_types, "seed": seed, "init_from": init_from,
+               "run_name": run_name,
+               "epochs": self.cfg.dpo.epochs if epochs is None else epochs}
+        return self.group.fit(job, weights, score_mask, on_steps)
 
 
 def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool = False,
@@ -115,13 +121,12 @@ def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool =
     base_path = src if src == cfg.model.name_or_path and not needs_sft else rd.shared_base_path()
     cuts = shard_indices(len(records), cfg.ray.num_workers)
     shards = [enc.arrays(c) for c in cuts]
+    prep = Prepared(cfg, base_path, enc, [rt.put(s) for s in shards], [len(c) for c in cuts],
+                    rt.threads, rd.ray_storage(cfg))
     t = time.perf_counter()
-    key = fingerprint(records, base_path, tokenizer, cfg.data)
-    model_json = cfg.model.model_dump(mode="json")
-    ref, hit = cached(rd.reference_cache(key), lambda: np.concatenate(rt.fan_out(
-        _reference_task, [(base_path, model_json, s, rt.threads) for s in shards])))
-    say(f"reference log-probs: {'cache hit' if hit else 'computed'} "
+    # the policies' dtype is part of the key: bf16 reference log-probs on GPU
+    key = fingerprint(records, base_path, tokenizer, cfg.data) + ("-bf16" if cfg.ray.use_gpu else "")
+    prep.reference, hit = cached(rd.reference_cache(key), lambda: prep.group.reference_logps())
+    say(f"reference log-probs: {'cache hit' if hit else 'computed by the workers'} "
         f"({len(records)} records, {time.perf_counter() - t:.1f}s)")
-    shard_refs = [rt.put({**s, "ref_logps": ref[c]}) for s, c in zip(shards, cuts)]
-    return Prepared(cfg, base_path, enc, shard_refs, [len(c) for c in cuts], rt.threads,
-                    rd.ray_storage(cfg))
+    return prep

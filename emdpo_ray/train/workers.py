@@ -1,0 +1,234 @@
+"""The resident DeepSpeed worker group: started once per run, called every M-step.
+
+    group = WorkerGroup(cfg, base_path, shard_refs, sizes, threads, storage, reference=None)
+    ref = group.reference_logps()           # once, in the policies' dtype (cached by the caller)
+    res = group.fit(job, weights, score_mask)   # per M-step: only weights [N, A] travel
+    group.close()
+
+Long-lived Ray actors, one per rank, each holding its process-group rank, the base model and
+its data shard (the pattern of OpenRLHF's `RayActorGroup` and verl's `RayWorkerGroup`). An
+M-step costs its forward/backward and scoring plus a DeepSpeed engine over a fresh copy of the
+base: no worker start, no process group, no model load, no data transfer.
+
+Faults: when a worker dies its peers are stuck in a collective, so the whole group is replaced
+(new actors, new process group) and the M-step resumes from its newest complete checkpoint
+(train/mstep.py), up to `ray.max_failures` times. Ray Train owns nothing here: its `fit()`
+starts a new worker group each call, and V2 has no public way to keep one alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from emdpo_ray.config import Config
+
+log = logging.getLogger(__name__)
+
+# PEFT runs a mixed batch's adapters in set order; under ZeRO-3 each one's weights are
+# gathered collectively, so every rank must iterate in the same order: one hash seed.
+WORKER_ENV = {"PYTHONHASHSEED": "0"}
+
+
+class PolicyWorker:
+    """One rank: process group, base model, data shard; trains and scores on request."""
+
+    def __init__(self, cfg_json: dict, rank: int, world: int, threads: int):
+        import torch
+
+        self.cfg = Config.model_validate(cfg_json)
+        self.rank, self.world = rank, world
+        torch.set_num_threads(threads)
+        self.shard = self.ref = self.base = None
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        from emdpo_ray.utils import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master: tuple[str, int], base_path: str, shard: dict) -> None:
+        import deepspeed
+        import torch
+
+        from emdpo_ray.models.loading import load_base
+
+        addr, port = master
+        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world), LOCAL_RANK="0")
+        gpu = self.cfg.ray.use_gpu
+        if gpu:
+            torch.cuda.set_device(0)  # Ray exposes this worker's GPU as device 0
+        self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo",
+                                   auto_mpi_discovery=False, verbose=False,
+                                   init_method=f"tcp://{addr}:{port}",
+                                   rank=self.rank, world_size=self.world)
+        self.dtype = torch.bfloat16 if gpu else torch.float32
+        self.base = load_base(base_path, self.cfg.model, dtype=self.dtype).to(self.device)
+        self.shard = shard
+
+    def reference_logps(self) -> np.ndarray:
+        """This shard's reference log-probs, in the dtype the policies train in."""
+        from emdpo_ray.models.bank import sequence_logps
+        from emdpo_ray.models.scoring import reference_logps
+
+        self.base.eval()
+
+        def forward(input_ids, attention_mask, loss_mask, policy):
+            return sequence_logps(self.base, input_ids, attention_mask, loss_mask)
+
+        self.ref = reference_logps(forward, self.shard, self.device)
+        return self.ref
+
+    def set_reference(self, ref: np.ndarray) -> None:
+        self.ref = ref
+
+    def fit(self, job: dict, weights: np.ndarray, score_mask: np.ndarray, progress=None):
+        import copy
+
+        from emdpo_ray.train.mstep import run_fit
+
+        # A fresh copy each M-step: PEFT injects the adapters into the model it wraps.
+        return run_fit(self.cfg, job, copy.deepcopy(self.base), self.shard, self.ref, weights,
+                       score_mask, self.rank, self.world, self.device, progress)
+
+
+@dataclass
+class MStepResult:
+    scores: np.ndarray            # [N, A] Plackett-Luce log-lik per record and policy (NaN: unscored)
+    checkpoint: object            # ray.train.Checkpoint of final/: policies/<name>/
+    metrics: dict
+    wall_s: float
+
+
+class WorkerFailure(RuntimeError):
+    """A worker of the group died (process or node lost)."""
+
+
+class WorkerGroup:
+    def __init__(self, cfg: Config, base_path: str, shard_refs: list, sizes: list[int],
+                 threads: int, storage: str, reference: np.ndarray | None = None):
+        import ray
+
+        self.cfg, self.base_path, self.threads = cfg, base_path, threads
+        self.shard_refs, self.sizes, self.storage = shard_refs, sizes, storage
+        bounds = np.cumsum([0, *sizes])
+        self.cuts = [slice(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
+        self.ref_refs = None if reference is None else [ray.put(reference[c]) for c in self.cuts]
+        self.actors: list = []
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        import ray
+
+        cfg = self.cfg
+        world = len(self.shard_refs)
+        actor = ray.remote(PolicyWorker).options(
+            num_cpus=self.threads, num_gpus=1 if cfg.ray.use_gpu else 0, max_restarts=0,
+            runtime_env={"env_vars": {**WORKER_ENV,
+                                      "DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu else "cpu"}})
+        cfg_json = cfg.model_dump(mode="json")
+        self.actors = [actor.remote(cfg_json, r, world, self.threads) for r in range(world)]
+        master = ray.get(self.actors[0].address.remote())
+        ray.get([a.setup.remote(master, self.base_path, s)
+                 for a, s in zip(self.actors, self.shard_refs)])
+        if self.ref_refs is not None:
+            ray.get([a.set_reference.remote(r) for a, r in zip(self.actors, self.ref_refs)])
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+
+    def reference_logps(self) -> np.ndarray:
+        import ray
+
+        parts = ray.get([a.reference_logps.remote() for a in self.actors])
+        self.ref_refs = [ray.put(p) for p in parts]  # a replaced worker gets them back
+        return np.concatenate(parts)
+
+    def fit(self, job: dict, weights: np.ndarray, score_mask: np.ndarray,
+            on_steps=None) -> MStepResult:
+        """Train and score on every rank; a lost worker replaces the group and the M-step
+        resumes from its newest checkpoint. `job`: names, num_types, seed, epochs, init_from
+        (a Checkpoint or None), run_name."""
+        import ray
+
+        t0 = time.perf_counter()
+        w_refs = [ray.put(weights[c]) for c in self.cuts]
+        m_refs = [ray.put(score_mask[c]) for c in self.cuts]
+        job = {**job, "fit_uri": f"{self.storage}/{job['run_name']}", "max_shard": max(self.sizes),
+               "weight_means": weights.mean(0).tolist(), "resume": False}
+        failures = 0
+        while True:
+            queue = _queue() if on_steps is not None else None
+            refs = [a.fit.remote(job, w, m, queue if r == 0 else None)
+                    for r, (a, w, m) in enumerate(zip(self.actors, w_refs, m_refs))]
+            try:
+                out = _gather(refs, queue, on_steps)[0]
+                break
+            except WorkerFailure as e:
+                failures += 1
+                limit = self.cfg.ray.max_failures
+                if limit != -1 and failures > limit:
+                    raise WorkerFailure(f"M-step {job['run_name']}: {failures} worker failures "
+                                        f"(ray.max_failures={limit}): {e}") from e
+                log.warning("M-step %s: %s; replacing the worker group (%d/%s)",
+                            job["run_name"], e, failures, limit)
+                self.close()
+                self._start()
+                self.restarts += 1
+                job["resume"] = True
+            finally:
+                if queue is not None:
+                    ray.kill(queue.actor)
+        from emdpo_ray.run.storage import checkpoint_from
+
+        return MStepResult(out["scores"], checkpoint_from(out["checkpoint"]), out["metrics"],
+                           time.perf_counter() - t0)
+
+
+def _queue():
+    from ray.util.queue import Queue
+
+    return Queue()
+
+
+def _gather(refs: list, queue, on_steps) -> list:
+    """Every rank's result, passing rank 0's step reports on as they come. A dead worker
+    raises WorkerFailure once its peers have failed or had time to; any other error in a
+    live worker is a bug and is raised as is."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    pending, done = list(refs), {}
+    first_error = None
+    deadline = None
+    while pending:
+        ready, pending = ray.wait(pending, timeout=0.5)
+        for r in ready:
+            try:
+                done[r] = ray.get(r)
+            except RayActorError as e:
+                raise WorkerFailure(str(e).splitlines()[0]) from e
+            except Exception as e:  # a peer's collective failing may precede the death report
+                first_error = first_error or e
+                deadline = deadline or time.monotonic() + 20
+        if queue is not None:
+            while not queue.empty():
+                on_steps(*queue.get())
+        if first_error is not None and (not pending or time.monotonic() > deadline):
+            raise first_error
+    if queue is not None:
+        while not queue.empty():
+            on_steps(*queue.get())
+    return [done[r] for r in refs]
