@@ -157,6 +157,14 @@ def load_step(engine, fit_uri: str, step: int) -> dict:
             return json.load(f)["sums"]
 
 
+def optimizer_state_tensors(engine) -> int:
+    """Tensors in the innermost torch optimizer's state (Adam moments once it has stepped)."""
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return sum(torch.is_tensor(v) for st in opt.state.values() for v in st.values())
+
+
 def _gathered(engine, stage: int):
     """Full trainable weights on every rank (ZeRO-3 keeps only a partition), for saving."""
     import contextlib
@@ -191,10 +199,11 @@ def run_fit(cfg: Config, job: dict, base, shard: dict, ref: np.ndarray, weights:
     engine, _, _, _ = deepspeed.initialize(model=bank, model_parameters=params,
                                            config=deepspeed_config(cfg, bs))
     fit_uri = job["fit_uri"]
-    first, sums = 0, {}
+    first, sums, restored = 0, {}, 0
     resume_at = latest_complete_step(fit_uri) if job.get("resume") else None
     if resume_at is not None:
         sums, first = load_step(engine, fit_uri, resume_at), resume_at
+        restored = optimizer_state_tensors(engine)
     t_start = time.perf_counter() - t0
 
     # Every rank takes the same number of steps (collectives must line up); shorter shards
@@ -260,5 +269,6 @@ def run_fit(cfg: Config, job: dict, base, shard: dict, ref: np.ndarray, weights:
     metrics = {k: v / steps for k, v in sums.items()}
     metrics.update({"time/startup_s": t_start, "time/train_s": t_train,
                     "time/score_s": t_score, "train/steps": steps,
-                    "train/resumed_from_step": first})
+                    "train/resumed_from_step": first,
+                    "train/restored_optimizer_tensors": restored})
     return {"scores": np.concatenate(gathered), "metrics": metrics, "checkpoint": final}
