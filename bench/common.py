@@ -79,8 +79,8 @@ TARGETS = [
     ("load_p50_ms", "(report)", "latency p50 of that load"),
     ("load_p99_ms", "(report)", "latency p99 of that load"),
     ("load_throughput_rps", "(report)", "completions per second under that load"),
-    ("k_in_one_fit_speedup", "(choice)", "K concurrent one-adapter fits' wall over one fit "
-     "training all K adapters: > 1 means one worker group wins here"),
+    ("mstep_fixed_cost_s", "<= 2", "per M-step after the first: all but forward/backward "
+     "and scoring (resident worker group)"),
     ("scaling_users_slope", "~1", "log-log slope of EM iteration time in users"),
     ("scaling_types_slope", "~1", "log-log slope of EM iteration time in K"),
     ("demo_wall_s", "(report)", "`make demo` after setup"),

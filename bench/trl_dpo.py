@@ -14,7 +14,8 @@ import time
 from common import THREADS, em_run, local_ray, make_data, record, setup
 
 
-def trl_dpo(base: str, data: str, steps: int, bs: int, rank: int, lr: float, beta: float):
+def trl_dpo(base: str, data: str, steps: int, bs: int, rank: int, lr: float, beta: float,
+            target_modules="all-linear", max_length: int = 256):
     """TRL DPOTrainer, precompute_ref_log_probs=True, LoRA of the same rank, same pairs."""
     import torch
     from datasets import Dataset
@@ -43,11 +44,11 @@ def trl_dpo(base: str, data: str, steps: int, bs: int, rank: int, lr: float, bet
                          learning_rate=lr, beta=beta, precompute_ref_log_probs=True,
                          report_to=[], logging_steps=10 ** 6, save_strategy="no",
                          use_cpu=True, dataloader_num_workers=0, lr_scheduler_type="constant",
-                         warmup_steps=0, max_length=256, disable_tqdm=True)
+                         warmup_steps=0, max_length=max_length, disable_tqdm=True)
         trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(base), args=args,
                              train_dataset=ds, processing_class=tok,
                              peft_config=LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                    target_modules="all-linear",
+                                                    target_modules=target_modules,
                                                     task_type="CAUSAL_LM"),
                              callbacks=[Clock()])
         trainer.train()

@@ -180,6 +180,11 @@ class ServeConfig(_Section):
     snapshot_every: int = Field(100, ge=1, description=(
         "Online updates between atomic snapshots of the user state (a write-ahead log "
         "keeps every acknowledged update in between)."))
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field("EveryNode", description=(
+        "Where Serve runs HTTP proxies: every node (a load balancer in front), or the head."))
+    state_actor_options: dict = Field(default_factory=dict, description=(
+        "Ray actor options of the online user-state actor, e.g. {resources: {state: 0.01}} "
+        "to keep it off nodes that may go away; its journal is on the run's storage."))
     max_batch_size: int = Field(16, ge=1, description=(
         "Requests for any mix of types decoded together in one batched forward."))
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="Wait to fill a batch.")
@@ -196,7 +201,8 @@ class ServeConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description=(
         "Ray cluster address; None joins RAY_ADDRESS if set, else starts a local Ray."))
-    num_workers: int = Field(1, ge=1, description="DeepSpeed workers (resident Ray actors, one per rank) for the M-steps.")
+    num_workers: int = Field(1, ge=1, description=(
+        "DeepSpeed workers (resident Ray actors, one per rank) for the M-steps."))
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker.")
     use_gpu: bool = Field(False, description="One GPU per worker; NCCL + bf16 when on.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")

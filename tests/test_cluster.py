@@ -299,7 +299,7 @@ def test_s3_run_directory_for_train_mmra_and_serve(s3, tmp_path):
     for k in ("exp1/posteriors.jsonl", "exp1/history.json", "exp1/state.json", "exp1/mmra.json",
               "exp1/policies/type_0/adapter_model.safetensors", "exp1/base_model/config.json"):
         assert k in keys, sorted(keys)
-    assert any(k.startswith("exp1/ray_results/") for k in keys)  # Ray Train checkpoints
+    assert any(k.startswith("exp1/ray_results/") for k in keys)  # M-step checkpoints
 
     # MMRA again from the S3 run, on a fresh cache (another machine)
     env2 = {**env, "EMDPO_CACHE": str(tmp_path / "cache2")}

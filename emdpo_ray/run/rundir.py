@@ -36,10 +36,10 @@ BASELINES = "baselines"             # baselines/single_dpo/
 BASE_MODEL = "base_model"           # the default tiny model, built once per run
 CACHE = "cache"                     # cache/ref_logps-<key>.npy
 PLOTS = "plots"
-ONLINE = "online"                   # online/wal.jsonl, online/snapshot.json
+ONLINE = "online"                   # online/wal.jsonl (s3: online/log/<seq>.json), online/snapshot.json
 ONLINE_WAL = "wal.jsonl"
 ONLINE_SNAPSHOT = "snapshot.json"
-RAY_RESULTS = "ray_results"         # Ray Train checkpoints (stay remote for s3:// runs)
+RAY_RESULTS = "ray_results"         # M-step checkpoints (stay remote for s3:// runs)
 SINGLE_DPO = "single_dpo"
 REFERENCE_NAME = "reference"        # the reference policy's name in samples and reports
 
@@ -82,7 +82,7 @@ class RunDir:
 
     # -- storage --
     def pull(self) -> None:
-        self.store.pull(skip=(RAY_RESULTS + "/",), always=(STATE,))
+        self.store.pull(skip=(RAY_RESULTS + "/", ONLINE + "/"), always=(STATE,))
 
     def push(self, *names: str) -> None:
         self.store.push(*names)
@@ -257,6 +257,15 @@ class RunDir:
     @property
     def online_dir(self) -> str:
         return self.file(ONLINE)
+
+    def online_journal(self):
+        """Durable log of the online user state: on the run's shared storage for a remote
+        run (any node recovers it), an fsynced local file otherwise."""
+        from emdpo_ray.run.journal import LocalJournal, ObjectJournal
+
+        if self.remote:
+            return ObjectJournal(self.store, ONLINE, ONLINE_SNAPSHOT)
+        return LocalJournal(self.online_dir, ONLINE_WAL, ONLINE_SNAPSHOT)
 
     # -- models --
     def base_path(self, cfg: Config) -> str:

@@ -85,6 +85,34 @@ class RunStore:
                 self.fs.open_output_stream(dst) as out:
             out.write(src.read())
 
+    # -- single objects on the remote store itself (no local mirror) --
+    def put_bytes(self, rel: str, data: bytes) -> None:
+        dst = f"{self.root}/{rel}"
+        self.fs.create_dir(os.path.dirname(dst), recursive=True)
+        with self.fs.open_output_stream(dst) as out:
+            out.write(data)
+
+    def get_bytes(self, rel: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(f"{self.root}/{rel}") as src:
+                return src.read()
+        except FileNotFoundError:
+            return None
+
+    def list_files(self, rel_dir: str) -> list[str]:
+        """Files under `rel_dir`, relative to the run."""
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(f"{self.root}/{rel_dir}", allow_not_found=True, recursive=True)
+        return [os.path.relpath(i.path, self.root) for i in self.fs.get_file_info(sel)
+                if i.type == pafs.FileType.File]
+
+    def delete_file(self, rel: str) -> None:
+        try:
+            self.fs.delete_file(f"{self.root}/{rel}")
+        except FileNotFoundError:
+            pass
+
     def delete(self) -> None:
         import shutil
 

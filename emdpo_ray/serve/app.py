@@ -77,7 +77,7 @@ def serve_config(run_dir: str, host: str = "0.0.0.0", port: int = 8000) -> dict:
     else:
         deployments += [{"name": f"PolicyServer_{type_name(j)}", **deployment_options(sv.policy)}
                         for j in range(rd.types)]
-    return {"proxy_location": "EveryNode", "http_options": {"host": host, "port": port},
+    return {"proxy_location": sv.proxy_location, "http_options": {"host": host, "port": port},
             "applications": [{"name": "emdpo", "route_prefix": "/", "import_path": IMPORT_PATH,
                               "args": {"run_dir": rd.uri}, "deployments": deployments}]}
 
@@ -87,8 +87,9 @@ def start(run_dir: str, host: str = "127.0.0.1", port: int = 8000, verbose: bool
     from emdpo_ray.run.ray_runtime import RayRuntime
 
     args = AppArgs(run_dir=run_dir)
-    RayRuntime(RunDir.open(args.run_dir).config(), verbose)
-    serve.start(http_options={"host": host, "port": port})
+    cfg = RunDir.open(args.run_dir).config()
+    RayRuntime(cfg, verbose)
+    serve.start(proxy_location=cfg.serve.proxy_location, http_options={"host": host, "port": port})
     serve.run(app_builder(args), name="emdpo", route_prefix="/")
     return f"http://{host}:{port}"
 

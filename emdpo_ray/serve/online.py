@@ -6,9 +6,11 @@ feedback's Plackett-Luce log-likelihoods per type update the user's posterior by
 Everything is kept in log space: a trained posterior of exp(-746) is 0.0 as a float, and
 no feedback could ever move a user off an exact zero.
 
-Durability: an update is appended (and fsynced) to `online/wal.jsonl` before the router
-answers 200; every `serve.snapshot_every` updates the state is written atomically to
-`online/snapshot.json` and the log restarts. A restarted actor loads snapshot + log.
+Durability: an update reaches the run's journal (run/journal.py) before the router answers
+200: an fsynced local log, or for a run on shared storage (s3://) one object per update, so
+that an actor that Ray restarts on another node (a node lost, a pod rescheduled) recovers
+every acknowledged update. Every `serve.snapshot_every` updates the state is written as a
+snapshot and the journal before it dropped. A restarted actor loads snapshot + journal.
 
 Memory is bounded: at most `serve.max_online_users` users (least recently updated evicted
 first; a trained user evicted this way falls back to its trained posterior) and at most
@@ -17,25 +19,21 @@ first; a trained user evicted this way falls back to its trained posterior) and 
 
 from __future__ import annotations
 
-import json
-import os
 from collections import OrderedDict, deque
 
 import numpy as np
 
 from emdpo_ray.core.estep import bayes_update, entropy
-from emdpo_ray.run.rundir import ONLINE_SNAPSHOT, ONLINE_WAL, RunDir
-from emdpo_ray.utils import atomic_write_json
+from emdpo_ray.run.rundir import RunDir
 
 
 class UserState:
     """Plain class; `actor()` wraps it as the shared Ray actor. `trained` maps users seen
     in training to their log-posteriors."""
 
-    def __init__(self, run_dir: str, eta: list[float], trained: dict[str, list[float]],
+    def __init__(self, run_uri: str, eta: list[float], trained: dict[str, list[float]],
                  max_users: int = 100_000, max_history: int = 32, snapshot_every: int = 100):
-        self.dir = RunDir(run_dir).online_dir
-        os.makedirs(self.dir, exist_ok=True)
+        self.journal = RunDir(run_uri).online_journal()
         with np.errstate(divide="ignore"):
             self.log_eta = np.log(np.asarray(eta, float))
         self.trained = trained
@@ -44,26 +42,15 @@ class UserState:
         self.users: OrderedDict[str, dict] = OrderedDict()
         self.since_snapshot = 0
         self._load()
-        self.wal = open(os.path.join(self.dir, ONLINE_WAL), "a", encoding="utf-8")
 
     # -- persistence --
     def _load(self) -> None:
-        snap = os.path.join(self.dir, ONLINE_SNAPSHOT)
-        if os.path.exists(snap):
-            with open(snap, encoding="utf-8") as f:
-                for u, s in json.load(f)["users"].items():
-                    self._put(u, s["log_posterior"], s["feedbacks"], s.get("history", []))
-        wal = os.path.join(self.dir, ONLINE_WAL)
-        if os.path.exists(wal):
-            with open(wal, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        e = json.loads(line)
-                    except json.JSONDecodeError:  # a torn last line from a crash: not acked
-                        continue
-                    old = self.users.get(e["user"], {}).get("history", ())
-                    self._put(e["user"], e["log_posterior"], e["feedbacks"],
-                              [*old, e["record"]])
+        users, entries = self.journal.load()
+        for u, s in users.items():
+            self._put(u, s["log_posterior"], s["feedbacks"], s.get("history", []))
+        for e in entries:
+            old = self.users.get(e["user"], {}).get("history", ())
+            self._put(e["user"], e["log_posterior"], e["feedbacks"], [*old, e["record"]])
 
     def _put(self, user, log_post, feedbacks, history) -> None:
         self.users[user] = {"log_posterior": list(map(float, log_post)), "feedbacks": feedbacks,
@@ -73,10 +60,8 @@ class UserState:
             self.users.popitem(last=False)
 
     def snapshot(self) -> None:
-        atomic_write_json(os.path.join(self.dir, ONLINE_SNAPSHOT), {"users": {
-            u: {**s, "history": list(s["history"])} for u, s in self.users.items()}})
-        self.wal.close()
-        self.wal = open(os.path.join(self.dir, ONLINE_WAL), "w", encoding="utf-8")
+        self.journal.snapshot({u: {**s, "history": list(s["history"])}
+                               for u, s in self.users.items()})
         self.since_snapshot = 0
 
     # -- queries --
@@ -106,9 +91,7 @@ class UserState:
         post = bayes_update(self.prior(user), np.asarray(scores, float))
         n = (self.users[user]["feedbacks"] if user in self.users else 0) + 1
         entry = {"user": user, "log_posterior": post.tolist(), "feedbacks": n, "record": record}
-        self.wal.write(json.dumps(entry) + "\n")
-        self.wal.flush()
-        os.fsync(self.wal.fileno())  # durable before the router acknowledges
+        self.journal.append(entry)  # durable before the router acknowledges
         history = list(self.users[user]["history"]) if user in self.users else []
         self._put(user, post, n, history + [record])
         self.since_snapshot += 1
@@ -121,20 +104,21 @@ class UserState:
                 "max_history": max((len(s["history"]) for s in self.users.values()), default=0)}
 
 
-def actor_name(run_dir: str) -> str:
+def actor_name(run_uri: str) -> str:
     import hashlib
 
-    return "emdpo-users-" + hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+    return "emdpo-users-" + hashlib.sha1(RunDir(run_uri).uri.encode()).hexdigest()[:12]
 
 
-def actor(run_dir: str, eta, trained, *, max_users: int, max_history: int,
-          snapshot_every: int):
-    """The shared state actor for this run (created once, found by name afterwards)."""
+def actor(run_uri: str, eta, trained, *, max_users: int, max_history: int,
+          snapshot_every: int, options: dict | None = None):
+    """The shared state actor for this run (created once, found by name afterwards).
+    `options`: Ray actor options (serve.state_actor_options), e.g. where it may run."""
     import ray
 
-    name = actor_name(run_dir)
-    # Restarts reload snapshot + log; calls in flight at a crash fail instead of re-applying.
+    name = actor_name(run_uri)
+    # Restarts reload snapshot + journal; calls in flight at a crash fail, not re-applied.
     cls = ray.remote(num_cpus=0, max_restarts=-1)(UserState)
-    return cls.options(name=name, namespace="emdpo", get_if_exists=True,
-                       lifetime="detached").remote(run_dir, eta, trained, max_users,
-                                                   max_history, snapshot_every)
+    return cls.options(name=name, namespace="emdpo", get_if_exists=True, lifetime="detached",
+                       **(options or {})).remote(run_uri, eta, trained, max_users,
+                                                 max_history, snapshot_every)

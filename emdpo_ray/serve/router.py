@@ -73,10 +73,11 @@ class Router:
         self.weights = w / w.sum()
         self.rng = np.random.default_rng()
         sv = cfg.serve
-        self.state = online.actor(rd.path, rd.mixing_weights(), rd.log_posteriors(),
+        self.state = online.actor(rd.uri, rd.mixing_weights(), rd.log_posteriors(),
                                   max_users=sv.max_online_users,
                                   max_history=sv.max_feedback_history,
-                                  snapshot_every=sv.snapshot_every)
+                                  snapshot_every=sv.snapshot_every,
+                                  options=sv.state_actor_options)
         self.api_key = sv.api_key or os.environ.get(API_KEY_ENV) or None
         self.requests = metrics.Counter(
             "emdpo_requests", description="Requests answered, per type and route reason.",

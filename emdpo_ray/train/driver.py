@@ -155,7 +155,8 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
                          u_count, eta).loglik
             history.append({"iteration": 0, "init": cfg.em.init, "log_likelihood": ll0,
                             "mixing_weights": eta.tolist(), "ari": a,
-                            "timings": {"init_s": time.perf_counter() - t}})
+                            "timings": {**(prep.timings or {}),
+                                        "init_s": time.perf_counter() - t}})
             say(f"init ({cfg.em.init}): eta={np.round(eta, 3).tolist()}"
                 + (f" ari={a:.3f}" if a is not None else "") + f" ({time.perf_counter() - t:.1f}s)")
 
@@ -177,6 +178,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             history.append({
                 "iteration": it, "log_likelihood": cur.loglik, "mixing_weights": eta.tolist(),
                 "max_delta_gamma": d_gamma, "ari": a, "loglik_drop": drop,
+                "worker_failures": res.worker_failures,
                 "timings": {"fit_wall_s": res.wall_s, "startup_s": m.get("time/startup_s"),
                             "train_s": m.get("time/train_s"), "score_s": m.get("time/score_s"),
                             "estep_s": t_e},

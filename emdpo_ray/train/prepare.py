@@ -67,6 +67,7 @@ class Prepared:
     threads: int
     storage: str          # where the M-steps keep their checkpoints
     reference: np.ndarray | None = None   # [N, m] reference log-probs, once known
+    timings: dict | None = None           # sft_s, reference_s (seconds, this process)
     _group: object = None
 
     @property
@@ -110,23 +111,29 @@ def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool =
     src, needs_sft = base_source(cfg, records, rd)
     tokenizer = load_tokenizer(src, cfg.model)  # SFT keeps the tokenizer: encode once
     enc = encode(records, tokenizer, cfg.data)
+    timings = {}
     if needs_sft:
         from emdpo_ray.train.sft import run_sft
         from emdpo_ray.utils import fault_point
 
         steps = (lambda done, total, loss: on_steps("SFT", done, total, loss)) if on_steps else None
+        t = time.perf_counter()
         run_sft(cfg, src, rd.base_model_dir, enc.arrays(), cfg.model.sft_passes, rt, say, steps,
                 before_save=lambda: fault_point("sft", 0))
+        timings["sft_s"] = time.perf_counter() - t
         shutil.rmtree(rd.base_init_dir, ignore_errors=True)
     base_path = src if src == cfg.model.name_or_path and not needs_sft else rd.shared_base_path()
     cuts = shard_indices(len(records), cfg.ray.num_workers)
     shards = [enc.arrays(c) for c in cuts]
     prep = Prepared(cfg, base_path, enc, [rt.put(s) for s in shards], [len(c) for c in cuts],
-                    rt.threads, rd.ray_storage(cfg))
+                    rt.threads, rd.ray_storage(cfg), timings=timings)
     t = time.perf_counter()
     # the policies' dtype is part of the key: bf16 reference log-probs on GPU
     key = fingerprint(records, base_path, tokenizer, cfg.data) + ("-bf16" if cfg.ray.use_gpu else "")
     prep.reference, hit = cached(rd.reference_cache(key), lambda: prep.group.reference_logps())
+    if not hit:  # the group started for it: count that apart
+        timings["worker_group_start_s"] = prep.group.start_s
+        timings["reference_s"] = time.perf_counter() - t - prep.group.start_s
     say(f"reference log-probs: {'cache hit' if hit else 'computed by the workers'} "
         f"({len(records)} records, {time.perf_counter() - t:.1f}s)")
     return prep

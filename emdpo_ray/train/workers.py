@@ -105,6 +105,7 @@ class MStepResult:
     checkpoint: object            # ray.train.Checkpoint of final/: policies/<name>/
     metrics: dict
     wall_s: float
+    worker_failures: int = 0      # groups replaced during this M-step
 
 
 class WorkerFailure(RuntimeError):
@@ -128,6 +129,7 @@ class WorkerGroup:
     def _start(self) -> None:
         import ray
 
+        t = time.perf_counter()
         cfg = self.cfg
         world = len(self.shard_refs)
         actor = ray.remote(PolicyWorker).options(
@@ -141,6 +143,7 @@ class WorkerGroup:
                  for a, s in zip(self.actors, self.shard_refs)])
         if self.ref_refs is not None:
             ray.get([a.set_reference.remote(r) for a, r in zip(self.actors, self.ref_refs)])
+        self.start_s = time.perf_counter() - t
 
     def close(self) -> None:
         import ray
@@ -194,7 +197,7 @@ class WorkerGroup:
         from emdpo_ray.run.storage import checkpoint_from
 
         return MStepResult(out["scores"], checkpoint_from(out["checkpoint"]), out["metrics"],
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, failures)
 
 
 def _queue():
