@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python bench/demo_wall.py
 	$(BIN)/python bench/em_speed.py
 	$(BIN)/python bench/trl_dpo.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/smollm2_speed.py
 	$(BIN)/python bench/serve_speed.py
 
 # SmolLM2-135M-Instruct end to end at smoke size, fully offline: runs/smoke-smollm2/

@@ -68,6 +68,14 @@ TARGETS = [
     ("dpo_throughput_vs_trl", ">= 1.5", "M-step training records/s over TRL DPOTrainer's "
      "(precompute_ref_log_probs, same LoRA rank, model, pairs, batch, steps)"),
     ("dpo_wall_vs_trl", "(report)", "TRL wall / our wall, start-up included"),
+    ("dpo_throughput_vs_trl_smollm2", ">= 1.5", "the same on SmolLM2-135M-Instruct (LoRA r8 "
+     "q/v, batch 4 pairs)"),
+    ("estep_vs_forward_bound_smollm2", ">= 0.7", "E-step scoring on SmolLM2 over a bare "
+     "in-process forward"),
+    ("smollm2_train_flop_fraction", "(report)", "SmolLM2 training tokens/s x 4N FLOPs over "
+     "the measured matmul FLOP/s"),
+    ("smollm2_score_flop_fraction", "(report)", "SmolLM2 scoring tokens/s x 2N FLOPs over "
+     "the measured matmul FLOP/s"),
     ("estep_records_per_s", "(report)", "E-step scoring records/s inside the M-step"),
     ("estep_vs_forward_bound", ">= 0.7", "E-step scoring over a bare in-process forward"),
     ("em_overhead_fraction", "<= 0.15", "share of EM wall time that is not model compute"),

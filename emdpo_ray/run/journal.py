@@ -55,39 +55,52 @@ class LocalJournal:
 
 
 class ObjectJournal:
-    """`<prefix>/<snapshot>` holds {"users", "upto": last sequence number in it};
-    `<prefix>/log/<seq>.json` one update each, sequence numbers zero-padded so that their
-    names sort in order."""
+    """`<prefix>/log/<seq>-<writer>.json`: one update each, named so that they sort in
+    order and two writers (the old and new cluster of a RayService upgrade) never overwrite
+    each other. `<prefix>/<snapshot>` holds {"users", "applied": the log objects folded into
+    it}; they are deleted after it is written, and skipped on load if a crash left them."""
 
     def __init__(self, store, prefix: str, snapshot_name: str):
+        import uuid
+
         self.store, self.prefix = store, prefix
         self.snap = f"{prefix}/{snapshot_name}"
         self.log_dir = f"{prefix}/log"
+        self.writer = uuid.uuid4().hex[:8]
         self.seq = 0
+        self.applied: set[str] = set()      # log objects in memory, not yet in a snapshot
+        self.folded: set[str] = set()       # log objects the last snapshot holds
 
-    def _key(self, seq: int) -> str:
-        return f"{self.log_dir}/{seq:012d}.json"
+    @staticmethod
+    def _seq(rel: str) -> int:
+        return int(os.path.basename(rel).split("-")[0].split(".")[0])
 
     def load(self) -> tuple[dict, list[dict]]:
         raw = self.store.get_bytes(self.snap)
-        snap = json.loads(raw) if raw is not None else {"users": {}, "upto": 0}
-        entries, self.seq = [], snap["upto"]
+        snap = json.loads(raw) if raw is not None else {"users": {}, "applied": []}
+        self.folded = set(snap.get("applied", []))
+        entries = []
         for rel in sorted(self.store.list_files(self.log_dir)):
-            seq = int(os.path.basename(rel).split(".")[0])
-            if seq <= snap["upto"]:
+            self.seq = max(self.seq, self._seq(rel))
+            if rel in self.folded:
                 continue
             data = self.store.get_bytes(rel)
             if data is not None:
                 entries.append(json.loads(data))
-            self.seq = max(self.seq, seq)
+                self.applied.add(rel)
         return snap["users"], entries
 
     def append(self, entry: dict) -> None:
-        self.store.put_bytes(self._key(self.seq + 1), json.dumps(entry).encode())
         self.seq += 1
+        rel = f"{self.log_dir}/{self.seq:012d}-{self.writer}.json"
+        self.store.put_bytes(rel, json.dumps(entry).encode())
+        self.applied.add(rel)
 
     def snapshot(self, users: dict) -> None:
-        self.store.put_bytes(self.snap, json.dumps({"users": users, "upto": self.seq}).encode())
-        for rel in self.store.list_files(self.log_dir):
-            if int(os.path.basename(rel).split(".")[0]) <= self.seq:
-                self.store.delete_file(rel)
+        existing = set(self.store.list_files(self.log_dir))
+        folded = self.applied | (self.folded & existing)
+        self.store.put_bytes(self.snap, json.dumps({"users": users,
+                                                    "applied": sorted(folded)}).encode())
+        for rel in folded:
+            self.store.delete_file(rel)
+        self.folded, self.applied = folded, set()

@@ -29,10 +29,33 @@ def test_object_journal_replays_after_its_snapshot_and_never_reuses_a_key(tmp_pa
     users, entries = third.load()
     assert users == {"a": {"n": 2}} and [e["n"] for e in entries] == [3]
     third.append({"user": "b", "n": 4})                              # after seq 4, not over it
-    assert sorted(os.listdir(tmp_path / "online" / "log")) == ["000000000004.json",
-                                                               "000000000005.json"]
+    assert [n[:12] for n in sorted(os.listdir(tmp_path / "online" / "log"))] == [
+        "000000000004", "000000000005"]
     assert [e["n"] for e in ObjectJournal(_store(tmp_path), "online",
                                           "snapshot.json").load()[1]] == [3, 4]
+
+
+def test_object_journal_never_drops_another_writers_updates(tmp_path):
+    """Two writers (old and new cluster during an upgrade): a snapshot deletes only what it
+    folded in, and a crash between the snapshot and its deletes re-applies nothing."""
+    a = ObjectJournal(_store(tmp_path), "online", "snapshot.json")
+    a.load()
+    a.append({"n": "a1"})
+    b = ObjectJournal(_store(tmp_path), "online", "snapshot.json")
+    b.load()                                                         # b holds a1
+    b.append({"n": "b1"})
+    a.append({"n": "a2"})
+    a.snapshot({"from": "a"})                                        # folds a1, a2; not b1
+    assert [n[13:] for n in os.listdir(tmp_path / "online" / "log")] == [f"{b.writer}.json"]
+    users, entries = ObjectJournal(_store(tmp_path), "online", "snapshot.json").load()
+    assert users == {"from": "a"} and [e["n"] for e in entries] == ["b1"]
+
+    c = ObjectJournal(_store(tmp_path), "online", "snapshot.json")
+    c.load()
+    c.store.delete_file = lambda rel: None                           # crash before the deletes
+    c.snapshot({"from": "c"})
+    users, entries = ObjectJournal(_store(tmp_path), "online", "snapshot.json").load()
+    assert users == {"from": "c"} and entries == []
 
 
 def test_local_journal_skips_a_torn_last_line(tmp_path):
