@@ -43,15 +43,28 @@ while True:
 
 
 class Node:
-    def __init__(self, name, proc, manager_port, cache):
+    def __init__(self, name, proc, manager_port, cache, temp):
         self.name, self.proc, self.manager_port, self.cache = name, proc, manager_port, cache
+        self.temp = temp
+
+    def processes(self) -> list:
+        """`ray start`, every process naming this node's temp dir (raylet, agents), and
+        everything below them (the raylet's workers, whatever their process title)."""
+        roots = [self.proc.pid] + [p.pid for p in psutil.process_iter(["cmdline"])
+                                   if self.temp in " ".join(p.info["cmdline"] or [])]
+        out = {}
+        for pid in roots:
+            try:
+                root = psutil.Process(pid)
+                for p in [root, *root.children(recursive=True)]:
+                    out[p.pid] = p
+            except psutil.NoSuchProcess:
+                pass
+        return list(out.values())
 
     def kill(self):
-        """SIGKILL the node: `ray start` and every process below it (raylet, workers)."""
-        try:
-            procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(True)]
-        except psutil.NoSuchProcess:
-            procs = []
+        """SIGKILL the node: its raylet and every process it started."""
+        procs = self.processes()
         for p in procs:
             try:
                 p.kill()
@@ -89,7 +102,7 @@ def cluster(s3, tmp_path):
         proc = subprocess.Popen(args, env={**env, "EMDPO_CACHE": cache},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        nodes[name] = Node(name, proc, mport, cache)
+        nodes[name] = Node(name, proc, mport, cache, temp)
 
     def alive_nodes():
         out = subprocess.run([sys.executable, "-c", (
@@ -120,6 +133,31 @@ def cluster(s3, tmp_path):
             shutil.rmtree(t, ignore_errors=True)
 
 
+def _journal_ms(cluster) -> dict:
+    """The state actor's own measure of its S3 journal writes (one PUT per feedback)."""
+    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
+            "a = [x for x in ray.util.list_named_actors(all_namespaces=True) "
+            "if x['name'].startswith('emdpo-users-')][0]; "
+            "print(json.dumps(ray.get(ray.get_actor(a['name'], namespace=a['namespace'])"
+            ".stats.remote())))") % cluster["address"]
+    out = subprocess.run([sys.executable, "-c", code], env=cluster["env"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _state_actor_node(cluster) -> str | None:
+    """Node id of the live user-state actor, asked of the cluster now."""
+    code = ("import json, ray; from ray.util.state import list_actors; "
+            "ray.init(address=%r, logging_level='ERROR'); "
+            "print(json.dumps([a.node_id for a in list_actors(filters=[('state', '=', 'ALIVE')],"
+            " limit=1000) if (a.name or '').startswith('emdpo-users-')]))") % cluster["address"]
+    out = subprocess.run([sys.executable, "-c", code], env=cluster["env"], capture_output=True,
+                         text=True, timeout=120)
+    found = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+    return found[0] if found else None
+
+
 def _post_timed(client, path, body):
     t = time.perf_counter()
     r = client.post(path, json=body)
@@ -140,7 +178,7 @@ def test_three_nodes_train_serve_autoscale_and_lose_the_state_node(cluster, tmp_
             "mmra.bootstrap=20", "mmra.single_dpo_baseline=false",
             "serve.proxy_location=HeadOnly",
             "serve.state_actor_options={resources: {state_host: 0.01}}",
-            "serve.policy.ray_actor_options={num_cpus: 0.4}",
+            "serve.policy.ray_actor_options={num_cpus: 0.6}",  # two do not fit one node
             "serve.router.ray_actor_options={num_cpus: 0.1}",
             "serve.policy.autoscaling_config={min_replicas: 1, max_replicas: 2, "
             "target_ongoing_requests: 1, upscale_delay_s: 1, downscale_delay_s: 8, "
@@ -231,11 +269,21 @@ def test_three_nodes_train_serve_autoscale_and_lose_the_state_node(cluster, tmp_
             acked[user] = r.json()["feedbacks"]
             lat.append(ms)
         before = {u: client.get(f"/v1/users/{u}").json() for u in acked}
+        journal = _journal_ms(cluster)
         state_node = [s for s in samples if s.get("state_nodes")][-1]["state_nodes"][0]
         victim = [n for n in cluster["nodes"].values() if n.node_id == state_node]
         assert victim and victim[0].name in ("a", "b"), (state_node, samples[-1])
         t_kill = time.time()
+        killed = victim[0].processes()
+        assert any("raylet" in " ".join(p.cmdline()) for p in killed)
         victim[0].kill()
+        _, alive = psutil.wait_procs(killed, timeout=10)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+        deadline = time.time() + 180
+        while victim[0].node_id in cluster["alive"]():
+            assert time.time() < deadline, "Ray never noticed the node was gone"
+            time.sleep(2)
+        node_dead_s = time.time() - t_kill
         recovered = None
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -261,8 +309,15 @@ def test_three_nodes_train_serve_autoscale_and_lose_the_state_node(cluster, tmp_
             if r.status_code != 200:
                 time.sleep(1)
         assert answered == 5
-        moved = [s for s in samples if s.get("t", 0) > t_kill and s.get("state_nodes")]
-        assert moved and moved[-1]["state_nodes"][0] != state_node  # restarted elsewhere
+        # the state actor now lives on the surviving worker node
+        deadline, where = time.time() + 120, None
+        while time.time() < deadline:
+            where = _state_actor_node(cluster)
+            if where and where != state_node:
+                break
+            time.sleep(2)
+        survivor = [n for n in cluster["nodes"].values() if n.name in ("a", "b") and n is not victim[0]]
+        assert where == survivor[0].node_id, (where, state_node)
 
         q = statistics.quantiles(lat, n=100)
         reliability_report("multinode", {
@@ -270,7 +325,12 @@ def test_three_nodes_train_serve_autoscale_and_lose_the_state_node(cluster, tmp_
             "feedbacks_lost_after_state_node_kill": 0,
             "feedback_ms_p50_s3": round(statistics.median(lat), 1),
             "feedback_ms_p99_s3": round(q[98], 1),
-            "state_recovery_s": round(recovered, 1),
+            "journal_put_ms_p50": round(journal["journal_ms_p50"], 1),
+            "journal_put_ms_p99": round(journal["journal_ms_p99"], 1),
+            "policy_replicas_over_time": [
+                [round(x["t"] - t_load, 1), len(x["policy_nodes"])] for x in samples
+                if "policy_nodes" in x and t_load <= x["t"] <= scaled_in["t"]],
+            "state_recovery_s": round(recovered, 1), "node_death_noticed_s": round(node_dead_s, 1),
             "scale_out_s": round(scaled_out["t"] - t_load, 1),
             "scale_in_s": round(scaled_in["t"] - t_idle, 1),
             "requests_during_scaling": len(outcomes), "failed_requests": len(failed)})

@@ -19,6 +19,7 @@ first; a trained user evicted this way falls back to its trained posterior) and 
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 
 import numpy as np
@@ -41,6 +42,7 @@ class UserState:
         self.snapshot_every = snapshot_every
         self.users: OrderedDict[str, dict] = OrderedDict()
         self.since_snapshot = 0
+        self.journal_ms: deque = deque(maxlen=1000)   # the durability cost per update
         self._load()
 
     # -- persistence --
@@ -91,7 +93,9 @@ class UserState:
         post = bayes_update(self.prior(user), np.asarray(scores, float))
         n = (self.users[user]["feedbacks"] if user in self.users else 0) + 1
         entry = {"user": user, "log_posterior": post.tolist(), "feedbacks": n, "record": record}
+        t = time.perf_counter()
         self.journal.append(entry)  # durable before the router acknowledges
+        self.journal_ms.append((time.perf_counter() - t) * 1000)
         history = list(self.users[user]["history"]) if user in self.users else []
         self._put(user, post, n, history + [record])
         self.since_snapshot += 1
@@ -100,8 +104,11 @@ class UserState:
         return self.get(user)
 
     def stats(self) -> dict:
+        ms = sorted(self.journal_ms)
         return {"users": len(self.users),
-                "max_history": max((len(s["history"]) for s in self.users.values()), default=0)}
+                "max_history": max((len(s["history"]) for s in self.users.values()), default=0),
+                "journal_ms_p50": ms[len(ms) // 2] if ms else None,
+                "journal_ms_p99": ms[min(len(ms) - 1, int(len(ms) * 0.99))] if ms else None}
 
 
 def actor_name(run_uri: str) -> str:
