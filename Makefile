@@ -8,7 +8,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-unit test-heavy demo bench identifiability policies-serve-types sft-reference smoke-smollm2 lint clean
+.PHONY: setup test test-unit test-heavy demo bench identifiability policies-serve-types sft-reference em-ground smoke-smollm2 lint clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,10 @@ policies-serve-types: setup
 # (about 10 minutes)
 sft-reference: setup
 	$(BIN)/python experiments/sft_reference.py
+
+# EM started from the true labels, per family and M-step scheme: docs/em_ground.json
+em-ground: setup
+	$(BIN)/python experiments/em_ground.py
 
 lint: setup
 	$(BIN)/ruff check emdpo_ray tests
