@@ -37,10 +37,10 @@ def test_smollm2_lora_dpo_step_and_scoring(ray_local, tmp_path, monkeypatch):
                           "rejected": "Perhaps ask a chef!"}, "t:2")]
     run = str(tmp_path / "run")
     os.makedirs(run)
-    prep = prepare_data(cfg, recs, RunDir(run), False, lambda m: None)
-    res = prep.run_mstep(names=["type_0", "type_1"], num_types=2,
-                         weights=np.array([[1.0, 0.0], [0.0, 1.0]]),
-                         score_mask=np.ones((2, 2), dtype=bool), run_name="smollm2", seed=0)
+    with prepare_data(cfg, recs, RunDir(run), False, lambda m: None) as prep:
+        res = prep.run_mstep(names=["type_0", "type_1"], num_types=2,
+                             weights=np.array([[1.0, 0.0], [0.0, 1.0]]),
+                             score_mask=np.ones((2, 2), dtype=bool), run_name="smollm2", seed=0)
     assert res.metrics["train/steps"] == 1
     assert np.isfinite(res.scores).all() and (res.scores < 0).all()
     assert np.isfinite(res.metrics["train/loss"])
