@@ -213,6 +213,9 @@ class RayConfig(_Section):
     checkpoint_every_steps: int = Field(25, ge=0, description=(
         "Steps between mid-M-step checkpoints (a restarted worker group resumes from the "
         "last one); 0: only the final checkpoint."))
+    worker_start_timeout_s: float = Field(600.0, gt=0, description=(
+        "How long the M-step worker group may wait for its CPUs/GPUs (an autoscaling "
+        "cluster adds nodes meanwhile) before a clear error."))
     dashboard: bool = Field(False, description=(
         "Start the Ray dashboard (and job API) with the local Ray; bound to 127.0.0.1."))
 

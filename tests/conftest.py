@@ -20,10 +20,11 @@ settings.load_profile("default")
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray with 2 CPUs, shared by every test that needs one."""
+    """A real local Ray shared by every test that needs one: 3 logical CPUs on this 2-core
+    machine, so that the session's Serve app (1 CPU) and a 2-worker M-step fit together."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

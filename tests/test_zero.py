@@ -109,3 +109,17 @@ def test_zero3_worker_killed_resumes_with_its_optimizer_state(zero_data, ray_loc
     assert killed[2]["train/restored_optimizer_tensors"] > 0
     # Adam's moments restored: a restart with fresh moments would not end at the same point
     assert _max_diff(clean, killed) < 1e-5
+
+
+def test_a_group_that_cannot_be_placed_fails_clearly(zero_data, ray_local, tmp_path):
+    """Eight 1-CPU ranks on a 3-CPU Ray: a clear error naming what it needs, not a hang,
+    and nothing left holding resources."""
+    from emdpo_ray.run.rundir import RunDir
+    from emdpo_ray.train.prepare import prepare_data
+
+    cfg = load_config(None, ["ray.num_workers=8", "ray.worker_start_timeout_s=3"])
+    free = ray_local.available_resources().get("CPU")
+    with pytest.raises(RuntimeError, match=r"needs 8 x \{'CPU': 1\}.*worker_start_timeout_s"):
+        prepare_data(cfg, zero_data, RunDir(str(tmp_path)))
+    time.sleep(1)
+    assert ray_local.available_resources().get("CPU") == free

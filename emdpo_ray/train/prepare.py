@@ -130,7 +130,11 @@ def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool =
     t = time.perf_counter()
     # the policies' dtype is part of the key: bf16 reference log-probs on GPU
     key = fingerprint(records, base_path, tokenizer, cfg.data) + ("-bf16" if cfg.ray.use_gpu else "")
-    prep.reference, hit = cached(rd.reference_cache(key), lambda: prep.group.reference_logps())
+    try:
+        prep.reference, hit = cached(rd.reference_cache(key), lambda: prep.group.reference_logps())
+    except BaseException:
+        prep.close()  # no worker group outlives a failed preparation
+        raise
     if not hit:  # the group started for it: count that apart
         timings["worker_group_start_s"] = prep.group.start_s
         timings["reference_s"] = time.perf_counter() - t - prep.group.start_s

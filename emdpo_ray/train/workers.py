@@ -123,26 +123,48 @@ class WorkerGroup:
         self.cuts = [slice(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
         self.ref_refs = None if reference is None else [ray.put(reference[c]) for c in self.cuts]
         self.actors: list = []
+        self.pg = None
         self.restarts = 0
         self._start()
 
     def _start(self) -> None:
         import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         t = time.perf_counter()
         cfg = self.cfg
         world = len(self.shard_refs)
-        actor = ray.remote(PolicyWorker).options(
-            num_cpus=self.threads, num_gpus=1 if cfg.ray.use_gpu else 0, max_restarts=0,
-            runtime_env={"env_vars": {**WORKER_ENV,
-                                      "DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu else "cpu"}})
+        # All ranks or none (a half-placed group would wait in its first collective).
+        bundle = {"CPU": self.threads, **({"GPU": 1} if cfg.ray.use_gpu else {})}
+        self.pg = placement_group([bundle] * world, strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=cfg.ray.worker_start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(self.pg)
+            self.pg = None
+            raise RuntimeError(
+                f"the M-step worker group needs {world} x {bundle} and the cluster could not "
+                f"place them within ray.worker_start_timeout_s={cfg.ray.worker_start_timeout_s}"
+                f" (free now: {ray.available_resources()}); lower ray.num_workers or "
+                "ray.cpus_per_worker, or free resources") from None
+        env = {**WORKER_ENV, "DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu else "cpu"}
         cfg_json = cfg.model_dump(mode="json")
-        self.actors = [actor.remote(cfg_json, r, world, self.threads) for r in range(world)]
-        master = ray.get(self.actors[0].address.remote())
-        ray.get([a.setup.remote(master, self.base_path, s)
-                 for a, s in zip(self.actors, self.shard_refs)])
-        if self.ref_refs is not None:
-            ray.get([a.set_reference.remote(r) for a, r in zip(self.actors, self.ref_refs)])
+        self.actors = [ray.remote(PolicyWorker).options(
+            num_cpus=self.threads, num_gpus=1 if cfg.ray.use_gpu else 0, max_restarts=0,
+            runtime_env={"env_vars": env},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=r)).remote(
+                    cfg_json, r, world, self.threads) for r in range(world)]
+        try:
+            master = ray.get(self.actors[0].address.remote())
+            ray.get([a.setup.remote(master, self.base_path, s)
+                     for a, s in zip(self.actors, self.shard_refs)])
+            if self.ref_refs is not None:
+                ray.get([a.set_reference.remote(r) for a, r in zip(self.actors, self.ref_refs)])
+        except BaseException:
+            self.close()
+            raise
         self.start_s = time.perf_counter() - t
 
     def close(self) -> None:
@@ -151,6 +173,9 @@ class WorkerGroup:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+        if self.pg is not None:
+            ray.util.remove_placement_group(self.pg)
+            self.pg = None
 
     def reference_logps(self) -> np.ndarray:
         import ray
