@@ -32,7 +32,7 @@ from ray.util.state import list_actors
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 while True:
     try:
-        acts = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        acts = list_actors(address=sys.argv[1], filters=[("state", "=", "ALIVE")], limit=1000)
         pol = [a.node_id for a in acts if "PolicyServer" in (a.class_name or "")]
         st = [a.node_id for a in acts if (a.name or "").startswith("emdpo-users-")]
         print(json.dumps({"t": time.time(), "policy_nodes": pol, "state_nodes": st}), flush=True)
@@ -150,8 +150,9 @@ def _state_actor_node(cluster) -> str | None:
     """Node id of the live user-state actor, asked of the cluster now."""
     code = ("import json, ray; from ray.util.state import list_actors; "
             "ray.init(address=%r, logging_level='ERROR'); "
-            "print(json.dumps([a.node_id for a in list_actors(filters=[('state', '=', 'ALIVE')],"
-            " limit=1000) if (a.name or '').startswith('emdpo-users-')]))") % cluster["address"]
+            "print(json.dumps([a.node_id for a in list_actors(address=%r, filters=[('state', '=', "
+            "'ALIVE')], limit=1000) if (a.name or '').startswith('emdpo-users-')]))") % (
+                cluster["address"], cluster["address"])
     out = subprocess.run([sys.executable, "-c", code], env=cluster["env"], capture_output=True,
                          text=True, timeout=120)
     found = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
