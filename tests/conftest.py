@@ -108,3 +108,22 @@ def server(trained_run, tmp_path_factory):
     serve.shutdown()
 
 
+
+
+def kill_a_worker_after_a_checkpoint(fit_glob: str, killed: list, stop) -> None:
+    """Wait until every rank has written a mid-M-step checkpoint (`fit_glob` names the
+    fit folder), then SIGKILL one resident M-step worker process."""
+    import glob
+    import signal
+    import time
+
+    import psutil
+
+    while not stop.is_set():
+        if glob.glob(os.path.join(fit_glob, "step-*", "COMPLETE")):
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                if "PolicyWorker" in " ".join(p.info["cmdline"] or []):
+                    os.kill(p.info["pid"], signal.SIGKILL)
+                    killed.append(p.info["pid"])
+                    return
+        time.sleep(0.02)

@@ -1,8 +1,7 @@
 """Training under faults: the driver SIGKILLed at random moments and resumed, a Ray Train
-worker killed mid-M-step. Real processes, real signals, real Ray Train + DeepSpeed (CPU).
+worker killed mid-M-step. Real processes, real signals, real Ray and DeepSpeed (CPU).
 Figures go to the session report (runs/reliability/report.json)."""
 
-import glob
 import json
 import os
 import random
@@ -13,8 +12,8 @@ import threading
 import time
 
 import numpy as np
-import psutil
 import pytest
+from conftest import kill_a_worker_after_a_checkpoint
 
 
 def _cli_train(data, out, env_extra=None):
@@ -145,25 +144,14 @@ def test_driver_sigkill_in_mstep_estep_and_checkpoint_then_resume(tmp_path, reli
                                         "iterations_lost_or_doubled": 0})
 
 
-def _kill_worker_after_first_checkpoint(run_dir: str, killed: list, stop: threading.Event):
-    """Wait until every rank has written a mid-M-step checkpoint, then SIGKILL a worker."""
-    while not stop.is_set():
-        if glob.glob(os.path.join(run_dir, "ray_results", "mstep-001-*", "step-*", "COMPLETE")):
-            for p in psutil.process_iter(["pid", "cmdline"]):
-                if "PolicyWorker" in " ".join(p.info["cmdline"] or []):
-                    os.kill(p.info["pid"], signal.SIGKILL)
-                    killed.append(p.info["pid"])
-                    return
-        time.sleep(0.05)
-
-
 def _train_one_iteration(data, run, kill: bool):
     from emdpo_ray.config import load_config
     from emdpo_ray.train.driver import train
 
     killed, stop = [], threading.Event()
     if kill:
-        threading.Thread(target=_kill_worker_after_first_checkpoint, args=(run, killed, stop),
+        threading.Thread(target=kill_a_worker_after_a_checkpoint,
+                         args=(os.path.join(run, "ray_results", "mstep-001-*"), killed, stop),
                          daemon=True).start()
     cfg = load_config(None, ["em.max_iterations=1", "dpo.min_steps=60", "ray.num_workers=2",
                              "ray.checkpoint_every_steps=15", "ray.max_failures=2",

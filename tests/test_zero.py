@@ -1,16 +1,13 @@
 """ZeRO stages 1-3 on two CPU workers (gloo): the same M-step as ZeRO 0, and a worker killed
 under ZeRO-3 resumes from DeepSpeed's partitioned checkpoint (optimizer state included)."""
 
-import glob
 import os
-import signal
 import threading
-import time
 
 import numpy as np
-import psutil
 import pytest
 
+from conftest import kill_a_worker_after_a_checkpoint
 from emdpo_ray.config import load_config
 
 STEPS = 24
@@ -24,17 +21,6 @@ def zero_data(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("zero") / "d.jsonl")
     synth.write(path, *synth.generate(users=12, types=2, rankings_per_user=3, seed=11))
     return load_records(path)
-
-
-def _kill_a_worker_after_a_checkpoint(fit_dir: str, killed: list, stop: threading.Event):
-    while not stop.is_set():
-        if glob.glob(os.path.join(fit_dir, "step-*", "COMPLETE")):
-            for p in psutil.process_iter(["pid", "cmdline"]):
-                if "PolicyWorker" in " ".join(p.info["cmdline"] or []):
-                    os.kill(p.info["pid"], signal.SIGKILL)
-                    killed.append(p.info["pid"])
-                    return
-        time.sleep(0.02)
 
 
 def _mstep(records, run: str, stage: int, kill: bool = False):
@@ -56,7 +42,7 @@ def _mstep(records, run: str, stage: int, kill: bool = False):
     killed, stop = [], threading.Event()
     with prepare_data(cfg, records, rd) as prep:
         if kill:
-            threading.Thread(target=_kill_a_worker_after_a_checkpoint,
+            threading.Thread(target=kill_a_worker_after_a_checkpoint,
                              args=(os.path.join(rd.ray_storage(cfg), "fit"), killed, stop),
                              daemon=True).start()
         try:
