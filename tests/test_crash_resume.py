@@ -1,4 +1,4 @@
-"""Training under faults: the driver SIGKILLed at random moments and resumed, a Ray Train
+"""Training under faults: the driver SIGKILLed at random moments and resumed, a resident M-step
 worker killed mid-M-step. Real processes, real signals, real Ray and DeepSpeed (CPU).
 Figures go to the session report (runs/reliability/report.json)."""
 
