@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "main knobs (--set key=value), defaults shown:\n"
                            "  em.max_iterations=3  em.init=kmeans|random|labels  "
                            "em.warm_start=true  em.warm_epochs=1  em.cross_fit=false\n"
-                           "  dpo.beta=1.0  dpo.learning_rate=5e-3  dpo.epochs=2  "
+                           "  dpo.beta=1.0  dpo.learning_rate=1e-3  dpo.epochs=2  "
                            "dpo.min_steps=60  dpo.batch_size=32\n"
                            "  model.name_or_path=DIR|HF_ID|smollm2-135m-instruct  "
                            "model.finetune=lora|full  model.lora.r=8\n"

@@ -91,7 +91,9 @@ class ModelConfig(_Section):
 
 class DPOConfig(_Section):
     beta: float = Field(1.0, gt=0, description="KL strength: reward = beta * log(pi/pi_ref).")
-    learning_rate: float = Field(5e-3, gt=0, description="AdamW learning rate.")
+    learning_rate: float = Field(1e-3, gt=0, description=(
+        "AdamW learning rate. 5e-3 fits the training rankings faster but the policies then "
+        "predict new rankings worse than chance (docs/starts.md)."))
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     epochs: float = Field(2.0, gt=0, description="Passes over the records in the first M-step.")
     min_steps: int = Field(60, ge=1, description=(
@@ -110,6 +112,11 @@ class EMConfig(_Section):
     init_refine_iterations: int = Field(20, ge=0, description=(
         "After k-means, EM iterations of a linear Plackett-Luce mixture on the same "
         "bag-of-tokens features (cheap, no language model); 0 keeps plain k-means."))
+    init_features: Literal["auto", "tokens", "reference", "both"] = Field("auto", description=(
+        "What the kmeans start clusters on: 'tokens' (bag-of-tokens counts), 'reference' (the "
+        "reference model's states over the beginning, middle and end of each response), "
+        "'both', or 'auto': the one of the three whose start best predicts held-out rankings "
+        "(train/start.py)."))
     restarts: int = Field(3, ge=1, description="Random starts tried by init=random.")
     init_smoothing: float = Field(0.05, ge=0, lt=1, description=(
         "Initial posteriors are (1 - s) on the assigned type and s spread over the others."))

@@ -74,7 +74,7 @@ class Node:
 
 
 @pytest.fixture
-def cluster(s3, tmp_path):
+def cluster(s3, tmp_path):  # noqa: F811  (the fixture above)
     """Head (no CPUs: the driver's node) + worker nodes a, b (1 CPU and a `state_host`
     resource each), every node with its own temp dir and cache."""
     env = {**s3, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",

@@ -144,7 +144,9 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
                 res = mstep(g, 0, None, f"restart{r}")
                 return e_step(type_scores(res.scores, k, fold_rec), ui, u_count, g.mean(0)).loglik
 
-            gamma = initial_gamma(cfg, k, records, ui, u_count, restart)
+            start_info: dict = {}
+            gamma = initial_gamma(cfg, k, records, ui, u_count, restart,
+                                  lambda: prep.group.response_features(), start_info)
             with np.errstate(divide="ignore"):
                 log_gamma = np.log(gamma)
             eta, it0, prev, ckpt, done = gamma.mean(0), 1, None, None, False
@@ -153,11 +155,13 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             # mixture's log-likelihood is that of uniformly random rankings.
             ll0 = e_step(np.repeat(reference_loglik(prep.enc.resp_mask)[:, None], k, 1), ui,
                          u_count, eta).loglik
-            history.append({"iteration": 0, "init": cfg.em.init, "log_likelihood": ll0,
+            history.append({"iteration": 0, "init": cfg.em.init, "start": start_info,
+                            "log_likelihood": ll0,
                             "mixing_weights": eta.tolist(), "ari": a,
                             "timings": {**(prep.timings or {}),
                                         "init_s": time.perf_counter() - t}})
-            say(f"init ({cfg.em.init}): eta={np.round(eta, 3).tolist()}"
+            chose = f", {start_info['features']} features" if "features" in start_info else ""
+            say(f"init ({cfg.em.init}{chose}): eta={np.round(eta, 3).tolist()}"
                 + (f" ari={a:.3f}" if a is not None else "") + f" ({time.perf_counter() - t:.1f}s)")
 
         for it in range(it0, cfg.em.max_iterations + 1):

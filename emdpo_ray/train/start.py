@@ -1,13 +1,19 @@
 """Initial posteriors that leave EM's symmetric point (`em.init`).
 
 From near-uniform posteriors every type sees the same weighted data and EM never moves, so
-the start must already split users. `kmeans` (default):
+the start must already split users. `kmeans` (default), on per-response features:
 
-1. per-user preference embeddings: bag-of-tokens of the responses, rank-weighted from +1
+1. per-user preference embeddings: the features of the responses, rank-weighted from +1
    (best) to -1 (worst), averaged per user, L2-normalised; k-means (scikit-learn) on them;
 2. refinement: a few EM iterations of a mixture of *linear* Plackett-Luce models on the same
-   bag-of-tokens features (a cheap stand-in for the policies, fitted with L-BFGS), which
-   sharpens the k-means split before any language model is trained.
+   features (a cheap stand-in for the policies, fitted with L-BFGS), which sharpens the
+   k-means split before any policy is trained.
+
+The features (`em.init_features`): `tokens`, bag-of-tokens counts (blind to order and to
+how a preference depends on the prompt); `reference`, the reference model's states pooled
+over the beginning, middle and end of each response (models/features.py); `both`; or `auto`
+(default), each of the three tried on 80% of every user's rankings and the one whose
+mixture best predicts the other 20% kept (held-out predictive log-likelihood).
 
 `labels` starts from the records' `true_type` (an upper bound for evaluation); `random`
 tries `em.restarts` random hard starts, each scored by one M-step and E-step.
@@ -15,11 +21,15 @@ tries `em.restarts` random hard starts, each scored by one M-step and E-step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from scipy.special import logsumexp
 
 from emdpo_ray.config import Config
-from emdpo_ray.core.estep import e_step, smoothed_onehot
+from emdpo_ray.core.estep import e_step, smoothed_onehot, user_loglik
 from emdpo_ray.core.losses import plackett_luce_logp
 from emdpo_ray.data.records import Record
 
@@ -62,14 +72,29 @@ def kmeans_labels(emb: np.ndarray, k: int, seed: int) -> np.ndarray:
     return KMeans(n_clusters=k, n_init=20, random_state=seed).fit_predict(normalize(emb))
 
 
-def linear_pl_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
-                      gamma: np.ndarray, iterations: int, l2: float = 1e-2) -> np.ndarray:
-    """EM for a mixture of linear Plackett-Luce models r_k = x . theta_k; returns gamma."""
+@dataclass
+class LinearMixture:
+    theta: np.ndarray   # [K, V] reward weights per type
+    eta: np.ndarray     # [K] mixing weights
+    gamma: np.ndarray   # [U, K] posteriors
+
+
+def record_logliks(x: np.ndarray, mask: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """[N, K] Plackett-Luce log-likelihood of each record's ranking under r_k = x . theta_k."""
+    r = torch.einsum("nmv,kv->knm", torch.from_numpy(x), torch.from_numpy(theta).float())
+    mt = torch.from_numpy(mask)
+    return torch.stack([plackett_luce_logp(r[j], mt) for j in range(len(theta))], 1).double().numpy()
+
+
+def fit_linear_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
+                       gamma: np.ndarray, iterations: int, l2: float = 1e-2) -> LinearMixture:
+    """EM for a mixture of linear Plackett-Luce models r_k = x . theta_k, from posteriors
+    `gamma`; at least one M-step, so theta always fits the returned posteriors' split."""
     k = gamma.shape[1]
     xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
     theta = torch.zeros(k, x.shape[-1], requires_grad=True)
     eta = gamma.mean(0)
-    for _ in range(iterations):
+    for it in range(max(iterations, 1)):
         w = torch.tensor(gamma[user_index], dtype=torch.float32)
         opt = torch.optim.LBFGS([theta], max_iter=50, line_search_fn="strong_wolfe")
 
@@ -84,15 +109,100 @@ def linear_pl_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, n
             return loss
 
         opt.step(closure)
-        with torch.no_grad():
-            es = e_step(scores().double().numpy(), user_index, num_users, eta)
-        gamma, eta = es.gamma, es.eta
-    return gamma
+        if it < iterations:
+            with torch.no_grad():
+                es = e_step(scores().double().numpy(), user_index, num_users, eta)
+            gamma, eta = es.gamma, es.eta
+    return LinearMixture(theta.detach().numpy(), np.asarray(eta), gamma)
+
+
+def linear_pl_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
+                      gamma: np.ndarray, iterations: int, l2: float = 1e-2) -> np.ndarray:
+    """Posteriors [U, K] after `iterations` of the linear Plackett-Luce mixture's EM."""
+    return fit_linear_mixture(x, mask, user_index, num_users, gamma, iterations, l2).gamma
+
+
+def heldout_records(user_index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """[N] bool: round(fraction * n_u) of each user's records, never all of them."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(user_index), bool)
+    for u in np.unique(user_index):
+        idx = np.flatnonzero(user_index == u)
+        n = min(int(round(fraction * len(idx))), len(idx) - 1)
+        held[rng.choice(idx, size=n, replace=False)] = True
+    return held
+
+
+def predictive_loglik(scores: np.ndarray, held: np.ndarray, user_index: np.ndarray,
+                      num_users: int, eta: np.ndarray) -> float:
+    """sum_u log p(held rankings of u | u's other rankings) under a mixture with per-record
+    log-likelihoods [N, K]: the type posterior from a user's other rankings predicts the
+    held-out ones, as the E-step would predict a user's next ranking."""
+    with np.errstate(divide="ignore"):
+        log_eta = np.log(np.asarray(eta, float))
+    seen = log_eta + user_loglik(np.where(held[:, None], 0.0, scores), user_index, num_users)
+    both = log_eta + user_loglik(scores, user_index, num_users)
+    return float((logsumexp(both, 1) - logsumexp(seen, 1)).sum())
+
+
+def standardized(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Features scaled to mean 0 and variance 1 over the real responses (padding stays 0)."""
+    real = x[mask]
+    return np.where(mask[..., None], (x - real.mean(0)) / (real.std(0) + 1e-6), 0).astype(np.float32)
+
+
+def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
+                  k: int, seed: int, refine_iterations: int) -> LinearMixture:
+    """k-means on preference embeddings, refined by the linear Plackett-Luce mixture."""
+    labels = kmeans_labels(preference_embeddings(x, mask, user_index, num_users), k, seed)
+    return fit_linear_mixture(x, mask, user_index, num_users, smoothed_onehot(labels, k, 0.05),
+                              refine_iterations)
+
+
+def choose_features(candidates: dict[str, np.ndarray], mask: np.ndarray, user_index: np.ndarray,
+                    num_users: int, k: int, seed: int, refine_iterations: int,
+                    holdout: float = 0.2) -> tuple[str, dict[str, float]]:
+    """The candidate whose start best predicts held-out rankings: (name, {name: held-out
+    log-likelihood per held-out ranking})."""
+    held = heldout_records(user_index, holdout, seed)
+    keep = ~held
+    out = {}
+    for name, x in candidates.items():
+        mix = feature_start(x[keep], mask[keep], user_index[keep], num_users, k, seed,
+                            refine_iterations)
+        s = record_logliks(x, mask, mix.theta)
+        out[name] = predictive_loglik(s, held, user_index, num_users, mix.eta) / max(held.sum(), 1)
+    return max(out, key=out.get), out
 
 
 def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k: int,
-                seed: int, smoothing: float, refine_iterations: int) -> np.ndarray:
-    x, mask = response_features(records)
+                seed: int, smoothing: float, refine_iterations: int,
+                features: str = "tokens", reference_features: Callable[[], np.ndarray] | None = None,
+                info: dict | None = None) -> np.ndarray:
+    """The `kmeans` start on `features` (tokens, reference, both or auto); the reference
+    model's features come from `reference_features()` [N, m, D], called only if needed."""
+    x_tok, mask = response_features(records)
+    candidates: dict[str, np.ndarray] = {}
+    if features in ("tokens", "both", "auto"):
+        candidates["tokens"] = x_tok
+    if features in ("reference", "both", "auto"):
+        if reference_features is None:
+            raise ValueError(f"em.init_features={features} needs the reference model's features")
+        x_ref = standardized(reference_features(), mask)
+        candidates["reference"] = x_ref
+        if features != "reference":
+            candidates["both"] = np.concatenate([x_tok, x_ref], -1)
+    if features == "both":
+        candidates = {"both": candidates["both"]}
+    chosen = next(iter(candidates))
+    if len(candidates) > 1 and k > 1:
+        chosen, scores = choose_features(candidates, mask, user_index, num_users, k, seed,
+                                         max(refine_iterations, 1))
+        if info is not None:
+            info["heldout_loglik_per_ranking"] = scores
+    if info is not None:
+        info["features"] = chosen
+    x = candidates[chosen]
     labels = kmeans_labels(preference_embeddings(x, mask, user_index, num_users), k, seed)
     gamma = smoothed_onehot(labels, k, smoothing)
     if refine_iterations and k > 1:
@@ -116,11 +226,15 @@ def labels_from_records(records: list[Record], user_index: np.ndarray, num_users
 
 
 def initial_gamma(cfg: Config, k: int, records: list[Record], user_index: np.ndarray,
-                  num_users: int, restart_fn=None) -> np.ndarray:
-    """[U, K] starting posteriors; `restart_fn(gamma, r)` scores a random start (log-lik)."""
+                  num_users: int, restart_fn=None, reference_features=None,
+                  info: dict | None = None) -> np.ndarray:
+    """[U, K] starting posteriors; `restart_fn(gamma, r)` scores a random start (log-lik);
+    `reference_features()` gives the reference model's features; `info` gets what the
+    start chose."""
     if cfg.em.init == "kmeans":
         return kmeans_init(records, user_index, num_users, k, cfg.seed,
-                           cfg.em.init_smoothing, cfg.em.init_refine_iterations)
+                           cfg.em.init_smoothing, cfg.em.init_refine_iterations,
+                           cfg.em.init_features, reference_features, info)
     if cfg.em.init == "labels":
         labels = labels_from_records(records, user_index, num_users, k)
         return smoothed_onehot(labels, k, cfg.em.init_smoothing)

@@ -89,6 +89,13 @@ class PolicyWorker:
     def set_reference(self, ref: np.ndarray) -> None:
         self.ref = ref
 
+    def response_features(self, segments: int, dims: int) -> np.ndarray:
+        """This shard's segment-pooled reference states (models/features.py), for the start."""
+        from emdpo_ray.models.features import response_representations
+
+        self.base.eval()
+        return response_representations(self.base, self.shard, self.device, segments, dims)
+
     def fit(self, job: dict, weights: np.ndarray, score_mask: np.ndarray, progress=None):
         import copy
 
@@ -183,6 +190,15 @@ class WorkerGroup:
         parts = ray.get([a.reference_logps.remote() for a in self.actors])
         self.ref_refs = [ray.put(p) for p in parts]  # a replaced worker gets them back
         return np.concatenate(parts)
+
+    def response_features(self) -> np.ndarray:
+        """[N, m, D] reference representations of every response, in record order."""
+        import ray
+
+        from emdpo_ray.models.features import DIMS, SEGMENTS
+
+        return np.concatenate(ray.get([a.response_features.remote(SEGMENTS, DIMS)
+                                       for a in self.actors]))
 
     def fit(self, job: dict, weights: np.ndarray, score_mask: np.ndarray,
             on_steps=None) -> MStepResult:

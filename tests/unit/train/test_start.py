@@ -76,3 +76,65 @@ def test_random_start_keeps_the_best_scored_restart():
 
     g = initial_gamma(cfg, 2, recs, ui, 6, score)
     assert len(seen) == 3 and g is seen[1]
+
+
+def test_record_loglik_by_hand():
+    from emdpo_ray.train.start import record_logliks
+
+    # rewards log 3 and 0: the ranked-first response wins with probability 3 / (3 + 1)
+    x = np.array([[[1.0], [0.0]]], np.float32)
+    s = record_logliks(x, np.array([[True, True]]), np.array([[np.log(3.0)]]))
+    np.testing.assert_allclose(s, [[np.log(0.75)]], rtol=1e-6)
+
+
+def test_predictive_loglik_by_hand():
+    from emdpo_ray.train.start import predictive_loglik
+
+    # one user, two records, two types, eta 1/2 each; record 1 is held out. After record 0
+    # the posterior is (0.5, 0.25) normalised = (2/3, 1/3); record 1 then has probability
+    # 2/3 * 0.5 + 1/3 * 0.75 = 7/12.
+    scores = np.log([[0.5, 0.25], [0.5, 0.75]])
+    got = predictive_loglik(scores, np.array([False, True]), np.array([0, 0]), 1,
+                            np.array([0.5, 0.5]))
+    assert got == pytest.approx(np.log(7 / 12))
+
+
+def test_heldout_records_keep_every_user_some_rankings():
+    from emdpo_ray.train.start import heldout_records
+
+    ui = np.array([0] * 10 + [1] * 1 + [2] * 3)
+    held = heldout_records(ui, 0.2, seed=0)
+    assert held[ui == 0].sum() == 2 and held[ui == 1].sum() == 0 and held[ui == 2].sum() == 1
+    np.testing.assert_array_equal(held, heldout_records(ui, 0.2, seed=0))  # seeded
+
+
+def test_auto_features_keep_the_candidate_that_predicts_held_out_rankings():
+    from emdpo_ray.train.start import choose_features
+
+    recs, ui, truth = _two_opposite_types(20, 5)
+    x, mask = response_features(recs)
+    noise = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
+    name, scores = choose_features({"noise": noise, "tokens": x}, mask, ui, 20, 2, seed=0,
+                                   refine_iterations=2)
+    assert name == "tokens" and scores["tokens"] > scores["noise"]
+    assert scores["tokens"] > -np.log(6)  # better than a random order of 3
+
+
+def test_reference_features_are_asked_for_only_when_used():
+    recs, ui, truth = _two_opposite_types(8, 2)
+    calls = []
+
+    def ref():
+        calls.append(1)
+        return np.zeros((len(recs), 3, 4), np.float32)
+
+    kmeans_init(recs, ui, 8, 2, 0, 0.1, 2, features="tokens", reference_features=ref)
+    assert not calls
+    info: dict = {}
+    g = kmeans_init(recs, ui, 8, 2, 0, 0.1, 2, features="auto", reference_features=ref, info=info)
+    assert calls == [1] and set(info["heldout_loglik_per_ranking"]) == {"tokens", "reference", "both"}
+    labels = g.argmax(1)
+    if info["features"] != "reference":  # all-zero reference features carry nothing
+        assert (labels == truth).all() or (labels == 1 - truth).all()
+    with pytest.raises(ValueError, match="needs the reference model's features"):
+        kmeans_init(recs, ui, 8, 2, 0, 0.1, 2, features="reference")

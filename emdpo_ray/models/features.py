@@ -1,0 +1,63 @@
+"""What the reference model sees in each response: features for the start (train/start.py).
+
+A response's representation is the reference's last hidden state pooled over the response
+tokens in `segments` equal parts (beginning, middle, end, ...), concatenated. Pooling by
+part keeps *where* things are said (token counts cannot: reordered sentences have the same
+counts), and hidden states are conditioned on the prompt. Wide models are projected down
+to `dims` with a fixed Gaussian projection, so the start's cost does not grow with them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from emdpo_ray.models.bank import REFERENCE
+from emdpo_ray.models.scoring import flat_rows
+
+SEGMENTS = 3   # beginning, middle, end
+DIMS = 64      # wider features are projected down to this
+
+
+def segment_pool(hidden: torch.Tensor, loss_mask: torch.Tensor, segments: int) -> torch.Tensor:
+    """[B, T, H] states, [B, T] response mask -> [B, segments * H]: mean state of the
+    response tokens in each of `segments` equal parts of the response (0 where a part has no
+    token). The mask is used as is: token t's state is the one that predicts token t + 1,
+    so the response's own tokens are read, the prompt only through them."""
+    m = loss_mask.to(hidden.dtype)
+    n = m.sum(1, keepdim=True).clamp_min(1)
+    pos = (m.cumsum(1) - 1) / n                       # 0 ... (n-1)/n within the response
+    parts = []
+    for s in range(segments):
+        w = m * (pos >= s / segments) * (pos < (s + 1) / segments)
+        parts.append((hidden * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1))
+    return torch.cat(parts, -1)
+
+
+def projection(width: int, dims: int, seed: int = 0) -> np.ndarray | None:
+    """[width, dims] Gaussian projection, or None when the features are narrow enough."""
+    if width <= dims:
+        return None
+    return (np.random.default_rng(seed).normal(size=(width, dims)) / np.sqrt(dims)).astype(np.float32)
+
+
+def response_representations(model, arrays: dict, device, segments: int = SEGMENTS, dims: int = DIMS,
+                             rows_per_batch: int = 256) -> np.ndarray:
+    """[n, m, D] segment-pooled reference states of every response (0 for padding)."""
+    n, m = arrays["resp_mask"].shape
+    per = max(1, rows_per_batch // m)
+    out = None
+    proj = None
+    with torch.no_grad():
+        for s in range(0, n, per):
+            idx = np.arange(s, min(n, s + per))
+            rows = flat_rows(arrays, np.stack([idx, np.full(len(idx), REFERENCE)], 1), device)
+            h = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                      output_hidden_states=True).hidden_states[-1].float()
+            f = segment_pool(h, rows["loss_mask"], segments).cpu().numpy()
+            if out is None:
+                proj = projection(f.shape[1], dims)
+                out = np.zeros((n, m, f.shape[1] if proj is None else dims), np.float32)
+            p_idx, j_idx = (t.numpy() for t in rows["scatter"])
+            out[idx[p_idx], j_idx] = f if proj is None else f @ proj
+    return out if out is not None else np.zeros((n, m, 0), np.float32)
