@@ -8,7 +8,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-unit test-heavy demo bench identifiability policies-serve-types sft-reference em-ground smoke-smollm2 lint clean
+.PHONY: setup test test-unit test-heavy demo bench identifiability starts policies-serve-types sft-reference em-ground smoke-smollm2 lint clean
 
 setup: $(STAMP)
 
@@ -55,9 +55,15 @@ smoke-smollm2: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m emdpo_ray.data.texttask --out runs/smoke-smollm2-data.jsonl --prompts 8 --users 16 --rankings-per-user 3
 	HF_HUB_OFFLINE=1 $(BIN)/emdpo-ray train --config jobs/smollm2-lora.yaml --data runs/smoke-smollm2-data.jsonl --types 2 --out runs/smoke-smollm2 --overwrite
 
-# Binary vs ternary annotations: runs/identifiability/result.json and result.png
+# Binary vs ternary annotations at matched information, 3 seeds: docs/identifiability.{json,png}
+# (about 25 minutes)
 identifiability: setup
 	$(BIN)/python experiments/identifiability.py
+
+# Which start recovers the types, per family, and what EM adds: docs/starts.{json,md}
+# (about 55 minutes: 3 families x 2 seeds x 2 starts)
+starts: setup
+	$(BIN)/python experiments/starts.py
 
 # Do the policies serve their types? Reward matrices of generations on held-out prompts,
 # two typed sets: docs/policies_serve_types.{json,png} (about 6 minutes a set)

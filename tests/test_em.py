@@ -38,6 +38,11 @@ def test_run_directory_contract(finished_run):
     hist = json.load(open(os.path.join(run, "history.json")))
     assert [h["iteration"] for h in hist] == [0, 1, 2]  # 0: the start
     assert hist[0]["init"] == "kmeans" and hist[0]["log_likelihood"] < hist[1]["log_likelihood"]
+    # the auto start tried token counts and the workers' reference features, and kept one
+    start = hist[0]["start"]
+    assert set(start["heldout_loglik_per_ranking"]) == {"tokens", "reference", "both"}
+    assert start["heldout_loglik_per_ranking"][start["features"]] == max(
+        start["heldout_loglik_per_ranking"].values())
     for h in hist[1:]:
         assert np.isfinite(h["log_likelihood"]) and len(h["mixing_weights"]) == 3
         assert {"startup_s", "train_s", "score_s", "estep_s", "fit_wall_s"} <= set(h["timings"])
@@ -226,3 +231,4 @@ def test_eval_reward_matrix_of_generations(finished_run, synth_data):
     assert gen["types_served"] == sum(gen["own_is_best"])
     assert os.path.exists(os.path.join(run, "plots", "rewards.png"))
     assert json.load(open(os.path.join(run, "eval.json")))["generations"]["reward"] == gen["reward"]
+

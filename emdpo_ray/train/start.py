@@ -152,11 +152,11 @@ def standardized(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
-                  k: int, seed: int, refine_iterations: int) -> LinearMixture:
+                  k: int, seed: int, refine_iterations: int, l2: float = 1e-2) -> LinearMixture:
     """k-means on preference embeddings, refined by the linear Plackett-Luce mixture."""
     labels = kmeans_labels(preference_embeddings(x, mask, user_index, num_users), k, seed)
     return fit_linear_mixture(x, mask, user_index, num_users, smoothed_onehot(labels, k, 0.05),
-                              refine_iterations)
+                              refine_iterations, l2)
 
 
 def choose_features(candidates: dict[str, np.ndarray], mask: np.ndarray, user_index: np.ndarray,
