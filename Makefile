@@ -55,8 +55,8 @@ smoke-smollm2: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m emdpo_ray.data.texttask --out runs/smoke-smollm2-data.jsonl --prompts 8 --users 16 --rankings-per-user 3
 	HF_HUB_OFFLINE=1 $(BIN)/emdpo-ray train --config jobs/smollm2-lora.yaml --data runs/smoke-smollm2-data.jsonl --types 2 --out runs/smoke-smollm2 --overwrite
 
-# Binary vs ternary annotations at matched information, 3 seeds: docs/identifiability.{json,png}
-# (about 25 minutes)
+# Binary vs ternary annotations at matched information, 2 seeds: docs/identifiability.{json,png}
+# (about 15 minutes)
 identifiability: setup
 	$(BIN)/python experiments/identifiability.py
 

@@ -1,7 +1,7 @@
 """`make identifiability`: one binary comparison per user does not identify user types; a
 ranking of three does; at matched information, what do rankings add?
 
-    .venv/bin/python experiments/identifiability.py [--users 160] [--seeds 0,1,2]
+    .venv/bin/python experiments/identifiability.py [--users 160] [--seeds 0,1]
 
 Two opposite types in equal shares (theta_1 = -theta_0, the linear family). Per user and
 seed the same prompts and the same three responses are annotated five ways:
@@ -179,7 +179,7 @@ def interval(values: list[float]) -> list[float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--users", type=int, default=160)
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1")
     p.add_argument("--labels-seeds", default="0")
     p.add_argument("--out", default=os.path.join(REPO, "runs", "identifiability"))
     a = p.parse_args()
