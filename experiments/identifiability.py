@@ -247,7 +247,8 @@ def plot(summary: list[dict], path: str, n_seeds: int) -> None:
     ax.set_xticks(xs, [s["case"] for s in summary])
     ax.axhline(0, color="black", lw=0.6)
     ax.set(ylabel="type recovery (ARI)", ylim=(-0.1, 1.05),
-           title=f"two opposite types, equal shares ({n_seeds} seeds, 95% intervals)")
+           title="two opposite types, equal shares (" + (
+               f"{n_seeds} seeds, 95% intervals)" if n_seeds > 1 else "one seed)"))
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
