@@ -202,14 +202,10 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
             info["heldout_loglik_per_ranking"] = scores
     if info is not None:
         info["features"] = chosen
-    x = candidates[chosen]
-    labels = kmeans_labels(preference_embeddings(x, mask, user_index, num_users), k, seed)
-    gamma = smoothed_onehot(labels, k, smoothing)
-    if refine_iterations and k > 1:
-        gamma = linear_pl_mixture(x, mask, user_index, num_users, gamma, refine_iterations)
-        # Keep the refined split but never start fully certain: the policies get a say.
-        gamma = smoothed_onehot(gamma.argmax(1), k, smoothing)
-    return gamma
+    mix = feature_start(candidates[chosen], mask, user_index, num_users, k, seed,
+                        refine_iterations if k > 1 else 0)
+    # Keep the refined split but never start fully certain: the policies get a say.
+    return smoothed_onehot(mix.gamma.argmax(1), k, smoothing)
 
 
 def labels_from_records(records: list[Record], user_index: np.ndarray, num_users: int,
