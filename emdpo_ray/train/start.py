@@ -116,12 +116,6 @@ def fit_linear_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, 
     return LinearMixture(theta.detach().numpy(), np.asarray(eta), gamma)
 
 
-def linear_pl_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
-                      gamma: np.ndarray, iterations: int, l2: float = 1e-2) -> np.ndarray:
-    """Posteriors [U, K] after `iterations` of the linear Plackett-Luce mixture's EM."""
-    return fit_linear_mixture(x, mask, user_index, num_users, gamma, iterations, l2).gamma
-
-
 def heldout_records(user_index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """[N] bool: round(fraction * n_u) of each user's records, never all of them."""
     rng = np.random.default_rng(seed)
