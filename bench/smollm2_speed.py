@@ -40,25 +40,29 @@ def matmul_flops(threads: int, n: int = 1024, reps: int = 20) -> float:
 
 
 def bare_forward(folder: str, prep, per: int) -> float:
-    """Records/s of a plain forward (no Ray, no adapters) over the same token arrays."""
+    """Records/s of a plain forward (no Ray, no adapters, no DeepSpeed) over the same rows."""
     import torch
 
-    from emdpo_ray.models.bank import sequence_logps
+    from emdpo_ray.models.bank import token_logps
     from emdpo_ray.models.loading import load_base
-    from emdpo_ray.models.scoring import flat_rows
+    from emdpo_ray.models.packing import packed_rows
 
     torch.set_num_threads(THREADS)
     model = load_base(folder, prep.cfg.model).eval()
     arrays = prep.enc.arrays()
     n = len(arrays["input_ids"])
     pairs = np.stack([np.arange(n), np.zeros(n, int)], 1)
+
+    def forward(chunk):
+        rows = {k: torch.as_tensor(v) for k, v in packed_rows(arrays, chunk).items()
+                if k not in ("shape", "policy", "target")}
+        token_logps(model, **rows)
+
     with torch.no_grad():
-        rows = flat_rows(arrays, pairs[:per], torch.device("cpu"))
-        sequence_logps(model, rows["input_ids"], rows["attention_mask"], rows["loss_mask"])
+        forward(pairs[:per])
         t = time.perf_counter()
         for s in range(0, n, per):
-            rows = flat_rows(arrays, pairs[s:s + per], torch.device("cpu"))
-            sequence_logps(model, rows["input_ids"], rows["attention_mask"], rows["loss_mask"])
+            forward(pairs[s:s + per])
     return n / (time.perf_counter() - t)
 
 

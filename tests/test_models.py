@@ -1,4 +1,5 @@
-"""Tiny default model, tokenizer training, batched sequence log-probs, multi-adapter bank."""
+"""Tiny default model, tokenizer training, batched sequence log-probs, packed scoring rows,
+multi-adapter bank."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from emdpo_ray.config import Config
 from emdpo_ray.data.encode import encode
 from emdpo_ray.models.bank import sequence_logps, PolicyBank
 from emdpo_ray.models.loading import load_base, load_tokenizer
+from emdpo_ray.models.scoring import pair_logps
 from emdpo_ray.models.tiny import build_tiny_model
 from emdpo_ray.data.sources import load_records
 
@@ -88,35 +90,65 @@ def test_ranked_order_and_truncation_rule(tiny):
     assert prompt.tolist() == [tok.bos_token_id] + tok(r.prompt, add_special_tokens=False)["input_ids"][-2:]
 
 
-def test_mixed_adapter_rows_match_single_adapter(tiny, tmp_path):
-    """One forward with per-row adapters equals each adapter (and the reference) alone."""
+def test_packed_pair_logps_match_each_response_alone(tiny):
+    """Prompts shared across responses and rankings packed into rows score every response
+    exactly as its own unpadded forward does, under the reference and under a policy."""
     path, recs, cfg, _ = tiny
+    tok = load_tokenizer(path)
     names = ["type_0", "type_1"]
     bank = PolicyBank(load_base(path, cfg.model), cfg.model, names)
-    with torch.no_grad():  # make the adapters differ from the base and from each other
+    with torch.no_grad():
         for n, p in bank.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    ids = torch.randint(3, 100, (6, 10))
-    att, lm = torch.ones_like(ids), torch.ones_like(ids)
-    pol = torch.tensor([0, 1, -1, 1, 0, -1])
+    arrays = encode(recs[:4], tok, cfg.data).arrays()
+    pairs = np.array([[0, 0], [1, 1], [2, -1], [3, 0], [0, 1], [1, -1]])
     with torch.no_grad():
-        mixed, _ = bank.logps(ids, att, lm, pol)
-        for k in (0, 1):
-            bank.model.set_adapter(names[k])
-            alone, _ = sequence_logps(bank.model, ids, att, lm)
-            torch.testing.assert_close(mixed[pol == k], alone[pol == k], rtol=1e-5, atol=1e-5)
-        with bank.model.disable_adapter():
-            ref, _ = sequence_logps(bank.model, ids, att, lm)
-        torch.testing.assert_close(mixed[pol == -1], ref[pol == -1], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(mixed[0], ref[0])
+        got, cnt, mask = pair_logps(bank.logps, arrays, pairs, torch.device("cpu"))
+        for i, (r, k) in enumerate(pairs):
+            for j in np.nonzero(arrays["resp_mask"][r])[0]:
+                pos = np.nonzero(arrays["loss_mask"][r, j])[0]
+                ids = torch.as_tensor(arrays["input_ids"][r, j], dtype=torch.long)
+                if k >= 0:
+                    bank.model.set_adapter(names[k])
+                    want = naive_logp(bank.model, ids, int(pos[0]), int(pos[-1]) + 1)
+                else:
+                    with bank.model.disable_adapter():
+                        want = naive_logp(bank.model, ids, int(pos[0]), int(pos[-1]) + 1)
+                assert got[i, j].item() == pytest.approx(want, abs=1e-4)
+                assert cnt[i, j].item() == len(pos)
+    assert mask.tolist() == arrays["resp_mask"][pairs[:, 0]].tolist()
+    assert not torch.allclose(got[0], got[4])  # the two adapters differ
+
+
+def test_bank_save_and_warm_start_score_identically(tiny, tmp_path):
+    path, recs, cfg, _ = tiny
+    names = ["type_0", "type_1"]
+    bank = PolicyBank(load_base(path, cfg.model), cfg.model, names)
+    with torch.no_grad():
+        for n, p in bank.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    arrays = encode(recs[:3], load_tokenizer(path), cfg.data).arrays()
+    pairs = np.array([[0, 0], [1, 1], [2, -1]])
     bank.save(str(tmp_path / "policies"))
     for n in names:
         assert (tmp_path / "policies" / n / "adapter_model.safetensors").exists()
     again = PolicyBank(load_base(path, cfg.model), cfg.model, names,
                        init_from=str(tmp_path / "policies"))
     with torch.no_grad():
-        torch.testing.assert_close(again.logps(ids, att, lm, pol)[0], mixed)
+        torch.testing.assert_close(pair_logps(again.logps, arrays, pairs, "cpu")[0],
+                                   pair_logps(bank.logps, arrays, pairs, "cpu")[0])
+
+
+def test_an_adapter_on_the_output_head_is_refused(tiny):
+    from emdpo_ray.config import ConfigError
+
+    path, _, cfg, _ = tiny
+    lora = cfg.model.lora.model_copy(update={"target_modules": ["q_proj", "lm_head"]})
+    with pytest.raises(ConfigError, match="output head"):
+        PolicyBank(load_base(path, cfg.model), cfg.model.model_copy(update={"lora": lora}),
+                   ["type_0"])
 
 
 def test_top_p_filter_keeps_the_nucleus_and_never_empties_a_row():

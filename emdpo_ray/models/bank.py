@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-from emdpo_ray.config import ModelConfig
+from emdpo_ray.config import ConfigError, ModelConfig
 from emdpo_ray.models.loading import check_weights_format, load_base, load_tokenizer
 
 REFERENCE = -1  # policy index meaning "the reference model"
@@ -31,6 +31,27 @@ def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     mask = loss_mask[:, 1:].to(logits.dtype)
     token_logps = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(-1)).squeeze(-1)
     return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def token_logps(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor, tok_row: torch.Tensor, pred_pos: torch.Tensor,
+                label_pos: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+    """Log-probs of the scored tokens of packed rows (models/packing.py), one forward.
+
+    `attention_mask` is the boolean [R, 1, L, L] tree mask. The output head runs only on the
+    hidden states that predict a scored token, not on every position of the vocabulary."""
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(attention_mask.shape, dtype=dtype, device=input_ids.device)
+    mask = mask.masked_fill(~attention_mask, torch.finfo(dtype).min)
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                output_hidden_states=True, logits_to_keep=1, **forward_kwargs)
+    hidden = out.hidden_states[-1][tok_row, pred_pos]
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    labels = input_ids[tok_row, label_pos]
+    return logits.gather(1, labels[:, None]).squeeze(1) - logits.logsumexp(-1)
 
 
 class PolicyBank(nn.Module):
@@ -71,6 +92,9 @@ class PolicyBank(nn.Module):
                     sd = load_file(st) if os.path.exists(st) else torch.load(
                         os.path.join(warm(name), "adapter_model.bin"), weights_only=True)
                     set_peft_model_state_dict(model, sd, adapter_name=name)
+            if hasattr(model.get_output_embeddings(), "lora_A"):
+                raise ConfigError("model.lora.target_modules: the output head cannot carry an "
+                                 "adapter (scoring runs it outside the per-row adapter pass)")
             # PEFT marks only the active adapter trainable; here every adapter trains at once.
             for n, p in model.named_parameters():
                 p.requires_grad = "lora_" in n
@@ -93,23 +117,27 @@ class PolicyBank(nn.Module):
             self.policies = nn.ModuleList(policies)
             self.reference = base.requires_grad_(False)
 
-    def logps(self, input_ids, attention_mask, loss_mask, policy: torch.Tensor):
-        """Per-row summed response log-probs; `policy[b]` is a type index or REFERENCE."""
+    def logps(self, input_ids, position_ids, attention_mask, policy, tok_row, pred_pos,
+              label_pos) -> torch.Tensor:
+        """Log-probs of the scored tokens of packed rows; `policy[r]` is row r's type index or
+        REFERENCE."""
         if self.kind == "lora":
             names = [self.names[k] if k >= 0 else "__base__" for k in policy.tolist()]
             # PEFT mixes adapters per row only in eval mode; dropout is 0 so nothing changes.
             self.model.eval()
-            return sequence_logps(self.model, input_ids, attention_mask, loss_mask,
-                                  adapter_names=names)
-        total = torch.zeros(len(policy), device=input_ids.device)
-        count = torch.zeros(len(policy), device=input_ids.device)
+            return token_logps(self.model, input_ids, position_ids, attention_mask, tok_row,
+                               pred_pos, label_pos, adapter_names=names)
+        out = torch.zeros(len(tok_row), device=input_ids.device)
+        local = torch.zeros(len(policy), dtype=torch.long, device=input_ids.device)
         for k in policy.unique().tolist():
             rows = (policy == k).nonzero(as_tuple=True)[0]
+            local[rows] = torch.arange(len(rows), device=input_ids.device)
+            sel = (policy[tok_row] == k).nonzero(as_tuple=True)[0]
             m = self.reference if k < 0 else self.policies[k]
-            s, c = sequence_logps(m, input_ids[rows], attention_mask[rows], loss_mask[rows])
-            total = total.index_put((rows,), s.to(total.dtype))
-            count = count.index_put((rows,), c.to(count.dtype))
-        return total, count
+            lp = token_logps(m, input_ids[rows], position_ids[rows], attention_mask[rows],
+                             local[tok_row[sel]], pred_pos[sel], label_pos[sel])
+            out = out.index_put((sel,), lp.to(out.dtype))
+        return out
 
     def save(self, out_dir: str) -> None:
         """One folder per policy name: a PEFT adapter or a full model, safetensors."""

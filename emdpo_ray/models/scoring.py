@@ -11,6 +11,7 @@ import torch
 
 from emdpo_ray.core.losses import plackett_luce_logp
 from emdpo_ray.models.bank import REFERENCE
+from emdpo_ray.models.packing import packed_rows
 
 
 def prompt_token_ids(tokenizer, prompts: list, max_prompt_tokens: int) -> list[list[int]]:
@@ -79,14 +80,19 @@ def flat_rows(batch: dict[str, np.ndarray], pairs: np.ndarray, device) -> dict[s
 
 
 def pair_logps(model, batch, pairs, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed response log-probs [P, m], token counts [P, m] and response mask [P, m]."""
-    rows = flat_rows(batch, pairs, device)
-    s, c = model(rows["input_ids"], rows["attention_mask"], rows["loss_mask"], rows["policy"])
-    out = torch.zeros(rows["shape"], dtype=s.dtype, device=s.device)
-    cnt = torch.zeros(rows["shape"], dtype=s.dtype, device=s.device)
-    out = out.index_put(rows["scatter"], s)
-    cnt = cnt.index_put(rows["scatter"], c.to(s.dtype))
-    mask = torch.as_tensor(batch["resp_mask"][pairs[:, 0]], device=s.device)
+    """Summed response log-probs [P, m], token counts [P, m] and response mask [P, m].
+
+    `model(input_ids, position_ids, attention_mask, policy, tok_row, pred_pos, label_pos)`
+    returns scored-token log-probs of packed rows (`PolicyBank.logps`, or a DeepSpeed engine
+    around it)."""
+    rows = packed_rows(batch, pairs)
+    t = {k: torch.as_tensor(v, device=device) for k, v in rows.items() if k != "shape"}
+    lp = model(t["input_ids"], t["position_ids"], t["attention_mask"], t["policy"],
+               t["tok_row"], t["pred_pos"], t["label_pos"])
+    size = rows["shape"][0] * rows["shape"][1]
+    out = lp.new_zeros(size).index_add(0, t["target"], lp).view(rows["shape"])
+    cnt = torch.bincount(t["target"], minlength=size).to(lp.dtype).view(rows["shape"])
+    mask = torch.as_tensor(batch["resp_mask"][pairs[:, 0]], device=lp.device)
     return out, cnt, mask
 
 

@@ -75,13 +75,13 @@ class PolicyWorker:
 
     def reference_logps(self) -> np.ndarray:
         """This shard's reference log-probs, in the dtype the policies train in."""
-        from emdpo_ray.models.bank import sequence_logps
+        from emdpo_ray.models.bank import token_logps
         from emdpo_ray.models.scoring import reference_logps
 
         self.base.eval()
 
-        def forward(input_ids, attention_mask, loss_mask, policy):
-            return sequence_logps(self.base, input_ids, attention_mask, loss_mask)
+        def forward(input_ids, position_ids, attention_mask, policy, *scored):
+            return token_logps(self.base, input_ids, position_ids, attention_mask, *scored)
 
         self.ref = reference_logps(forward, self.shard, self.device)
         return self.ref
