@@ -41,7 +41,7 @@ demo: setup
 	$(BIN)/emdpo-ray eval --run runs/demo/run --data runs/demo/data.jsonl
 	$(BIN)/python -m emdpo_ray.demo --run runs/demo/run
 
-# Figures of bench/README.md (under 25 minutes on 2 cores); each script merges its own
+# Figures of bench/README.md (under 35 minutes on 2 cores); each script merges its own
 # figures into bench/results.json, so one can be rerun alone.
 bench: setup
 	$(BIN)/python bench/demo_wall.py
@@ -49,6 +49,7 @@ bench: setup
 	$(BIN)/python bench/trl_dpo.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/smollm2_speed.py
 	$(BIN)/python bench/serve_speed.py
+	$(BIN)/python bench/prepare_memory.py
 
 # SmolLM2-135M-Instruct end to end at smoke size, fully offline: runs/smoke-smollm2/
 smoke-smollm2: setup
@@ -61,7 +62,7 @@ identifiability: setup
 	$(BIN)/python experiments/identifiability.py
 
 # Which start recovers the types, per family, and what EM adds: docs/starts.{json,md}
-# (about 55 minutes: 3 families x 2 seeds x 2 starts)
+# (about 25 minutes: 3 families x 2 seeds, the default start)
 starts: setup
 	$(BIN)/python experiments/starts.py
 

@@ -123,6 +123,12 @@ class EMConfig(_Section):
     tol_loglik: float = Field(1e-4, ge=0, description=(
         "Stop when |delta log-likelihood| / |log-likelihood| falls below this ..."))
     tol_posterior: float = Field(1e-3, ge=0, description="... and max |delta gamma| below this.")
+    guard_holdout: float = Field(0.2, ge=0, lt=1, description=(
+        "Share of each user's rankings kept out of every M-step's training. An E-step's new "
+        "types are kept only if its policies predict these rankings (from the user's other "
+        "rankings) at least as well as the model behind the current types did: the start's "
+        "mixture, or the previous iteration's policies; otherwise EM stops with the current "
+        "types and the policies trained on them. 0: no check, train on every ranking."))
     warm_start: bool = Field(True, description=(
         "Start each M-step from the previous iteration's policies (else from the base)."))
     warm_epochs: float = Field(1.0, gt=0, description=(

@@ -23,7 +23,18 @@ def finished_run(trained_run):
 def test_recovers_three_types(finished_run):
     run, summary, msgs = finished_run
     assert summary["ari"] >= 0.9, msgs
-    assert summary["iterations"] == 2
+    hist = RunDir(run).history()
+    # every iteration's types were checked on held-out rankings; EM ran to the end unless
+    # the check refused an update, and then it ended there with the types it had
+    guards = [h["guard"] for h in hist[1:]]
+    assert all(g["heldout_loglik_per_ranking"] < 0 for g in guards)
+    assert guards[0]["baseline"] == hist[0]["start"]["heldout_loglik_per_ranking"][
+        hist[0]["start"]["features"]]
+    refused = [i for i, g in enumerate(guards, 1) if not g["accepted"]]
+    assert summary["iterations"] == (refused[0] if refused else 2), guards
+    if refused:
+        assert hist[-1]["ari"] == hist[-2]["ari"]
+        assert any("keeping the current types and stopping" in m for m in msgs)
 
 
 def test_run_directory_contract(finished_run):
@@ -36,7 +47,7 @@ def test_run_directory_contract(finished_run):
         np.testing.assert_allclose(np.exp(p["log_posterior"]), p["posterior"], atol=1e-12)
         assert p["type"] == int(np.argmax(p["posterior"]))
     hist = json.load(open(os.path.join(run, "history.json")))
-    assert [h["iteration"] for h in hist] == [0, 1, 2]  # 0: the start
+    assert [h["iteration"] for h in hist] == list(range(summary["iterations"] + 1))  # 0: the start
     assert hist[0]["init"] == "kmeans" and hist[0]["log_likelihood"] < hist[1]["log_likelihood"]
     # the auto start tried token counts and the workers' reference features, and kept one
     start = hist[0]["start"]

@@ -29,7 +29,7 @@ class RecordError(ValueError):
     """A record (or a whole file) does not follow the contract. `str()` is one line."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     user_id: str
     prompt: str                         # plain text (a conversation: its contents, one a line)

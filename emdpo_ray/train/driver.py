@@ -23,7 +23,7 @@ from emdpo_ray.data.sources import load_records
 from emdpo_ray.run.rundir import RunDir, RunDirError, type_name
 from emdpo_ray.run.storage import checkpoint_from
 from emdpo_ray.train.prepare import prepare_data
-from emdpo_ray.train.start import initial_gamma
+from emdpo_ray.train.start import heldout_records, initial_gamma, predictive_loglik
 from emdpo_ray.utils import fault_point
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,16 @@ def warn_if_loglik_fell(prev: EStep | None, cur: EStep, it: int, say) -> float |
     return drop
 
 
+def guard_check(scores: np.ndarray, held: np.ndarray, user_index: np.ndarray, num_users: int,
+                eta: np.ndarray, baseline: float | None) -> dict:
+    """Do this iteration's policies predict the held-out rankings (from each user's other
+    rankings) at least as well as the model behind the current types (`baseline`, per
+    ranking)? {"heldout_loglik_per_ranking", "baseline", "accepted"}."""
+    pred = float(predictive_loglik(scores, held, user_index, num_users, eta) / held.sum())
+    return {"heldout_loglik_per_ranking": pred, "baseline": baseline,
+            "accepted": bool(baseline is None or pred >= baseline)}
+
+
 def run_identity(cfg: Config, data_path: str, k: int) -> dict:
     return {"data": data_path if "://" in data_path else os.path.abspath(data_path),
             "types": k, "config": cfg.model_dump(mode="json")}
@@ -114,9 +124,14 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
     names = policy_names(k, cfg.em.cross_fit)
     fold = np.random.default_rng(cfg.seed + 17).permutation(u_count) % 2
     fold_rec = fold[ui] if cfg.em.cross_fit else None
+    held = heldout_records(ui, cfg.em.guard_holdout, cfg.seed) if cfg.em.guard_holdout else None
+    if held is not None and not held.any():
+        held = None  # no user has two rankings: nothing to hold out
 
     def mstep(gamma: np.ndarray, it: int, init_from, tag: str):
         w, need = record_weights(gamma[ui], fold_rec)
+        if held is not None:
+            w[held] = 0.0  # the guard's rankings: scored, never trained on
         steps = (lambda d, t, loss: on_steps(f"M-step {it}", d, t, loss)) if on_steps else None
         return prep.run_mstep(names=names, num_types=k, weights=w, score_mask=need,
                               run_name=f"{tag}-{it:03d}-{time.time_ns()}",
@@ -132,6 +147,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             eta, it0 = np.asarray(state["eta"]), state["iteration"] + 1
             prev = EStep(log_gamma, eta, state["loglik"])
             ckpt = checkpoint_from(state["checkpoint"])
+            baseline = state.get("heldout_loglik_per_ranking")
             # history.json is written before state.json: after a crash between the two it holds
             # the iteration in flight, which is redone, so drop it rather than count it twice.
             history = [h for h in rd.history() if h["iteration"] <= state["iteration"]]
@@ -146,7 +162,9 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
 
             start_info: dict = {}
             gamma = initial_gamma(cfg, k, records, ui, u_count, restart,
-                                  lambda: prep.group.response_features(), start_info)
+                                  lambda: prep.group.response_features(), start_info, held)
+            baseline = (start_info.get("heldout_loglik_per_ranking", {}).get(
+                start_info.get("features")) if held is not None else None)
             with np.errstate(divide="ignore"):
                 log_gamma = np.log(gamma)
             eta, it0, prev, ckpt, done = gamma.mean(0), 1, None, None, False
@@ -176,12 +194,25 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             d_gamma = float(np.abs(cur.gamma - gamma).max())
             drop = warn_if_loglik_fell(prev, cur, it, say)
             done = converged(prev, cur, cfg.em.tol_loglik, cfg.em.tol_posterior)
-            gamma, log_gamma, eta, prev, ckpt = cur.gamma, cur.log_gamma, cur.eta, cur, res.checkpoint
+            guard = None
+            if held is not None:
+                guard = guard_check(type_scores(res.scores, k, fold_rec), held, ui, u_count,
+                                    eta, baseline)
+            if guard is None or guard["accepted"]:
+                gamma, log_gamma, eta, prev = cur.gamma, cur.log_gamma, cur.eta, cur
+                baseline = guard["heldout_loglik_per_ranking"] if guard else None
+            else:  # keep the current types; this M-step's policies were trained on them
+                done, d_gamma = True, 0.0
+                say(f"iter {it}: these policies predict held-out rankings worse than "
+                    f"{'the start' if it == 1 else f'iteration {it - 1}'} did "
+                    f"({guard['heldout_loglik_per_ranking']:.3f} vs {guard['baseline']:.3f} "
+                    "per ranking): keeping the current types and stopping")
+            ckpt = res.checkpoint
             a = ari(true_types, gamma)
             m = res.metrics
             history.append({
                 "iteration": it, "log_likelihood": cur.loglik, "mixing_weights": eta.tolist(),
-                "max_delta_gamma": d_gamma, "ari": a, "loglik_drop": drop,
+                "max_delta_gamma": d_gamma, "ari": a, "loglik_drop": drop, "guard": guard,
                 "worker_failures": res.worker_failures,
                 "timings": {"fit_wall_s": res.wall_s, "startup_s": m.get("time/startup_s"),
                             "train_s": m.get("time/train_s"), "score_s": m.get("time/score_s"),
@@ -190,6 +221,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             })
             rd.save_iteration(it, log_gamma, history,
                               {"eta": eta.tolist(), "loglik": cur.loglik, "converged": done,
+                               "heldout_loglik_per_ranking": baseline,
                                "checkpoint": rd.store.checkpoint_uri(ckpt)},
                               before_state=lambda: fault_point("checkpoint", it))
             say(f"iter {it}: loglik={cur.loglik:.2f} eta={np.round(eta, 3).tolist()} "

@@ -101,6 +101,17 @@ class Prepared:
         return self.group.fit(job, weights, score_mask, on_steps)
 
 
+def ship_shards(enc: Encoded, num_shards: int, put) -> tuple[list, list[int]]:
+    """Contiguous shards into the object store one at a time: views of the token arrays,
+    their masks built for that shard only and dropped once stored (the driver never holds
+    a second copy of the data)."""
+    refs, sizes = [], []
+    for c in shard_indices(len(enc), num_shards):
+        refs.append(put(enc.arrays(slice(int(c[0]), int(c[-1]) + 1) if len(c) else c)))
+        sizes.append(len(c))
+    return refs, sizes
+
+
 def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool = False,
                  say=lambda m: None, on_steps=None) -> Prepared:
     """Base model, token arrays, cached reference log-probs, shards in the object store.
@@ -123,10 +134,9 @@ def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool =
         timings["sft_s"] = time.perf_counter() - t
         shutil.rmtree(rd.base_init_dir, ignore_errors=True)
     base_path = src if src == cfg.model.name_or_path and not needs_sft else rd.shared_base_path()
-    cuts = shard_indices(len(records), cfg.ray.num_workers)
-    shards = [enc.arrays(c) for c in cuts]
-    prep = Prepared(cfg, base_path, enc, [rt.put(s) for s in shards], [len(c) for c in cuts],
-                    rt.threads, rd.ray_storage(cfg), timings=timings)
+    refs, sizes = ship_shards(enc, cfg.ray.num_workers, rt.put)
+    prep = Prepared(cfg, base_path, enc, refs, sizes, rt.threads, rd.ray_storage(cfg),
+                    timings=timings)
     t = time.perf_counter()
     # the policies' dtype is part of the key: bf16 reference log-probs on GPU
     key = fingerprint(records, base_path, tokenizer, cfg.data) + ("-bf16" if cfg.ray.use_gpu else "")

@@ -155,10 +155,9 @@ def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_u
 
 def choose_features(candidates: dict[str, np.ndarray], mask: np.ndarray, user_index: np.ndarray,
                     num_users: int, k: int, seed: int, refine_iterations: int,
-                    holdout: float = 0.2) -> tuple[str, dict[str, float]]:
-    """The candidate whose start best predicts held-out rankings: (name, {name: held-out
-    log-likelihood per held-out ranking})."""
-    held = heldout_records(user_index, holdout, seed)
+                    held: np.ndarray) -> tuple[str, dict[str, float]]:
+    """The candidate whose start, fitted without the `held` records, best predicts them:
+    (name, {name: held-out log-likelihood per held-out ranking})."""
     keep = ~held
     out = {}
     for name, x in candidates.items():
@@ -172,9 +171,11 @@ def choose_features(candidates: dict[str, np.ndarray], mask: np.ndarray, user_in
 def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k: int,
                 seed: int, smoothing: float, refine_iterations: int,
                 features: str = "tokens", reference_features: Callable[[], np.ndarray] | None = None,
-                info: dict | None = None) -> np.ndarray:
+                info: dict | None = None, held: np.ndarray | None = None) -> np.ndarray:
     """The `kmeans` start on `features` (tokens, reference, both or auto); the reference
-    model's features come from `reference_features()` [N, m, D], called only if needed."""
+    model's features come from `reference_features()` [N, m, D], called only if needed.
+    `held` [N] bool: the records on which candidates are compared and the chosen one's
+    held-out log-likelihood is measured (`info`); by default 20% of each user's."""
     x_tok, mask = response_features(records)
     candidates: dict[str, np.ndarray] = {}
     if features in ("tokens", "both", "auto"):
@@ -189,9 +190,11 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
     if features == "both":
         candidates = {"both": candidates["both"]}
     chosen = next(iter(candidates))
-    if len(candidates) > 1 and k > 1:
+    if held is None:
+        held = heldout_records(user_index, 0.2, seed)
+    if k > 1 and held.any() and (len(candidates) > 1 or info is not None):
         chosen, scores = choose_features(candidates, mask, user_index, num_users, k, seed,
-                                         max(refine_iterations, 1))
+                                         max(refine_iterations, 1), held)
         if info is not None:
             info["heldout_loglik_per_ranking"] = scores
     if info is not None:
@@ -217,14 +220,14 @@ def labels_from_records(records: list[Record], user_index: np.ndarray, num_users
 
 def initial_gamma(cfg: Config, k: int, records: list[Record], user_index: np.ndarray,
                   num_users: int, restart_fn=None, reference_features=None,
-                  info: dict | None = None) -> np.ndarray:
+                  info: dict | None = None, held: np.ndarray | None = None) -> np.ndarray:
     """[U, K] starting posteriors; `restart_fn(gamma, r)` scores a random start (log-lik);
     `reference_features()` gives the reference model's features; `info` gets what the
-    start chose."""
+    start chose; `held` are the records its held-out log-likelihood is measured on."""
     if cfg.em.init == "kmeans":
         return kmeans_init(records, user_index, num_users, k, cfg.seed,
                            cfg.em.init_smoothing, cfg.em.init_refine_iterations,
-                           cfg.em.init_features, reference_features, info)
+                           cfg.em.init_features, reference_features, info, held)
     if cfg.em.init == "labels":
         labels = labels_from_records(records, user_index, num_users, k)
         return smoothed_onehot(labels, k, cfg.em.init_smoothing)

@@ -1,5 +1,6 @@
 """E-step: hand-worked posteriors, mixing weights and log-likelihood."""
 
+import json
 import math
 
 import numpy as np
@@ -72,3 +73,17 @@ def test_loglik_drop_and_the_driver_warning(caplog):
     assert "iter 2: log-likelihood fell by 3 nats" in caplog.text
     assert said and said[0].startswith("warning: iter 2")
     assert warn_if_loglik_fell(es(-100.0), es(-99.0), 3, said.append) is None and len(said) == 1
+
+
+def test_guard_keeps_an_update_only_if_held_out_rankings_are_predicted_as_well():
+    from emdpo_ray.train.driver import guard_check
+
+    # the worked case of test_predictive_loglik_by_hand: log(7/12) = -0.539 per held ranking
+    scores = np.log([[0.5, 0.25], [0.5, 0.75]])
+    held, ui, eta = np.array([False, True]), np.array([0, 0]), np.array([0.5, 0.5])
+    g = guard_check(scores, held, ui, 1, eta, baseline=None)
+    assert g["heldout_loglik_per_ranking"] == pytest.approx(np.log(7 / 12)) and g["accepted"]
+    json.dumps(g)  # history.json takes it as is
+    assert guard_check(scores, held, ui, 1, eta, baseline=-0.6)["accepted"]
+    rejected = guard_check(scores, held, ui, 1, eta, baseline=-0.5)
+    assert not rejected["accepted"] and rejected["baseline"] == -0.5

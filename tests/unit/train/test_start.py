@@ -109,27 +109,31 @@ def test_heldout_records_keep_every_user_some_rankings():
 
 
 def test_auto_features_keep_the_candidate_that_predicts_held_out_rankings():
-    from emdpo_ray.train.start import choose_features
+    from emdpo_ray.train.start import choose_features, heldout_records
 
     recs, ui, truth = _two_opposite_types(20, 5)
     x, mask = response_features(recs)
     noise = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
     name, scores = choose_features({"noise": noise, "tokens": x}, mask, ui, 20, 2, seed=0,
-                                   refine_iterations=2)
+                                   refine_iterations=2, held=heldout_records(ui, 0.2, 0))
     assert name == "tokens" and scores["tokens"] > scores["noise"]
     assert scores["tokens"] > -np.log(6)  # better than a random order of 3
 
 
 def test_reference_features_are_asked_for_only_when_used():
-    recs, ui, truth = _two_opposite_types(8, 2)
+    recs, ui, truth = _two_opposite_types(8, 5)
     calls = []
 
     def ref():
         calls.append(1)
         return np.zeros((len(recs), 3, 4), np.float32)
 
-    kmeans_init(recs, ui, 8, 2, 0, 0.1, 2, features="tokens", reference_features=ref)
+    tok_info: dict = {}
+    kmeans_init(recs, ui, 8, 2, 0, 0.1, 2, features="tokens", reference_features=ref,
+                info=tok_info)
     assert not calls
+    # one candidate: its held-out log-likelihood is still measured (EM's guard compares to it)
+    assert tok_info["features"] == "tokens" and set(tok_info["heldout_loglik_per_ranking"]) == {"tokens"}
     info: dict = {}
     g = kmeans_init(recs, ui, 8, 2, 0, 0.1, 2, features="auto", reference_features=ref, info=info)
     assert calls == [1] and set(info["heldout_loglik_per_ranking"]) == {"tokens", "reference", "both"}
