@@ -70,7 +70,7 @@ def main() -> int:
     ours, theirs = [], []
     for rep in range(2):  # A B A B
         run = os.path.join(tmp, f"dpo{rep}")
-        r = em_run(pairs, 1, run, ["em.max_iterations=1", "em.init=labels",
+        r = em_run(pairs, 1, run, ["em.max_iterations=1", "em.init=labels", "em.guard_holdout=0",
                                    f"dpo.min_steps={steps}", "dpo.epochs=0.01", "dpo.beta=0.1"])
         tm = r["history"][-1]["timings"]
         ours.append({"rate": steps * 32 / tm["train_s"], "wall": r["wall"]})

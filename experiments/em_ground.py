@@ -41,8 +41,10 @@ def run_one(family: str, scheme: str, seed: int, users: int, out: str) -> dict:
                                           responses=3, shares=[0.5, 0.3, 0.2], seed=seed,
                                           family=family))
     run = os.path.join(out, f"{family}-{scheme}-{seed}")
+    # EM itself, unguarded: every iteration runs and trains on every ranking
     cfg = load_config(None, ["em.init=labels", "em.max_iterations=3", "em.tol_loglik=0",
-                             "em.tol_posterior=0", "mmra.enabled=false", f"seed={seed}",
+                             "em.tol_posterior=0", "em.guard_holdout=0", "mmra.enabled=false",
+                             f"seed={seed}",
                              *SCHEMES[scheme]])
     train(cfg, data, 3, run, overwrite=True)
     hist = RunDir(run).history()
