@@ -12,6 +12,8 @@ import yaml
 
 from conftest import KEY
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def complete(client, **body):
     return client.post("/v1/completions", json={"prompt": "Explain rivers.", "max_tokens": 6,
@@ -243,12 +245,10 @@ def test_streams_beside_batches_keep_their_own_adapters(server):
     assert [r.json()["choices"][0]["text"] for r in rs] == [alone[i % 3] for i in range(12)]
 
 
-@pytest.mark.slow
-def test_conversational_parquet_shards_train_and_answer_chat_through_the_same_format(
-        server, tmp_path):
-    """A TRL conversational dataset in three Parquet shards trains K = 2 on the default model;
-    a known user's /v1/chat/completions is answered by their type, the prompt rendered as
-    training rendered it."""
+def _conversational_shards_serve(url, tmp_path, config, sets, tokenizer_dir, name):
+    """A TRL conversational dataset in three Parquet shards trains K = 2; a known user's
+    /v1/chat/completions is answered by their type, the prompt rendered as training
+    rendered it (the same token count as `prompt_token_ids`)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -262,7 +262,6 @@ def test_conversational_parquet_shards_train_and_answer_chat_through_the_same_fo
     from emdpo_ray.serving import app_builder
     from emdpo_ray.train.driver import train
 
-    url, _, _ = server
     recs, _ = synth.generate(users=12, types=2, rankings_per_user=4, seed=7)
     pairs = [{"user_id": r["user_id"], "prompt": [{"role": "user", "content": r["prompt"]}],
               "chosen": [{"role": "assistant", "content": r["responses"][r["ranking"][0]]}],
@@ -272,27 +271,60 @@ def test_conversational_parquet_shards_train_and_answer_chat_through_the_same_fo
     data.mkdir()
     for s in range(3):
         pq.write_table(pa.Table.from_pylist(pairs[s::3]), data / f"train-{s:05d}.parquet")
-    run = str(tmp_path / "conv")
-    cfg = load_config(None, ["em.max_iterations=1", "dpo.min_steps=4", "mmra.enabled=false",
-                             "model.tiny.sft_epochs=1", "serve.min_confidence=10",
-                             # beside the `server` app on the tests' 2-CPU Ray
-                             *[f"serve.{d}.{k}" for d in ("policy", "router") for k in
-                               ("num_replicas=1", "ray_actor_options={num_cpus: 0.25}")]])
+    run = str(tmp_path / name)
+    cfg = load_config(config, ["em.max_iterations=1", "mmra.enabled=false",
+                               "serve.min_confidence=10", *sets,
+                               # beside the `server` app on the tests' 2-CPU Ray
+                               *[f"serve.{d}.{k}" for d in ("policy", "router") for k in
+                                 ("num_replicas=1", "ray_actor_options={num_cpus: 0.25}")]])
     summary = train(cfg, str(data), 2, run)
     assert summary["records"] == len(pairs) and summary["users"] == 12
-    serve.run(app_builder({"run_dir": run}), name="conv", route_prefix="/conv")
+    serve.run(app_builder({"run_dir": run}), name=name, route_prefix=f"/{name}")
     try:
         user, post = next(iter(RunDir(run).posteriors().items()))
         conversation = [{"role": "user", "content": "Explain owls."}]
-        r = httpx.post(f"{url}/conv/v1/chat/completions", timeout=120, json={
+        r = httpx.post(f"{url}/{name}/v1/chat/completions", timeout=300, json={
             "messages": conversation, "user": user, "max_tokens": 8, "seed": 0})
         assert r.status_code == 200, r.text
         assert r.headers["x-emdpo-route"] == "known_user"
         assert r.headers["x-emdpo-type"] == str(int(np.argmax(post)))
         out = r.json()
         assert out["choices"][0]["message"]["role"] == "assistant"
-        tok = load_tokenizer(RunDir(run).base_model_dir)
-        assert out["usage"]["prompt_tokens"] == len(
-            prompt_token_ids(tok, [(("user", "Explain owls."),)], 10 ** 9)[0])
+        tok = load_tokenizer(tokenizer_dir(run))
+        ids = prompt_token_ids(tok, [(("user", "Explain owls."),)], 10 ** 9)[0]
+        assert out["usage"]["prompt_tokens"] == len(ids)
+        return tok, ids
     finally:
-        serve.delete("conv")
+        serve.delete(name)
+
+
+@pytest.mark.slow
+def test_conversational_parquet_shards_train_and_answer_chat_through_the_same_format(
+        server, tmp_path):
+    """The default model (no chat template: the contents one a line after bos)."""
+    from emdpo_ray.run.rundir import RunDir
+
+    url, _, _ = server
+    tok, ids = _conversational_shards_serve(
+        url, tmp_path, None, ["dpo.min_steps=4", "model.tiny.sft_epochs=1"],
+        lambda run: RunDir(run).base_model_dir, "conv")
+    assert ids[0] == tok.bos_token_id
+
+
+@pytest.mark.slow
+def test_conversational_parquet_shards_on_smollm2_answer_chat_through_its_template(
+        server, tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct at smoke size: its chat template renders the conversation in
+    training and in /v1/chat/completions alike."""
+    from emdpo_ray.config import load_config
+    from emdpo_ray.models.sources import resolve_named_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    url, _, _ = server
+    config = os.path.join(REPO, "jobs", "smollm2-lora.yaml")
+    folder = resolve_named_model(load_config(config).model)
+    tok, ids = _conversational_shards_serve(
+        url, tmp_path, config, ["dpo.min_steps=2", "dpo.epochs=0.05", "dpo.batch_size=2",
+                                "ray.cpus_per_worker=1"],
+        lambda run: folder, "conv-smollm2")
+    assert tok.chat_template and tok.decode(ids).startswith("<|im_start|>")
