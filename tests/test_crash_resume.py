@@ -106,9 +106,11 @@ def test_driver_sigkill_in_mstep_estep_and_checkpoint_then_resume(tmp_path, reli
     state = os.path.join(cut, "state.json")
     rng = random.Random(int(time.time()))
     kills = []
+    # a random moment inside an M-step: a share of how long the uninterrupted run's took
+    fit_s = [h["timings"]["fit_wall_s"] for h in json.load(open(os.path.join(full, "history.json")))[1:]]
 
-    # 1. a random moment of iteration 1's M-step (Ray Train fit in progress)
-    delay = rng.uniform(0.5, 8.0)
+    # 1. a random moment of iteration 1's M-step (the worker group training)
+    delay = rng.uniform(0.05, 0.6) * fit_s[0]
     _kill_during(_cli_train(data, cut), "iter 1: M-step", delay)
     assert not os.path.exists(state)
     kills.append(f"M-step 1 (+{delay:.1f}s)")
@@ -125,7 +127,7 @@ def test_driver_sigkill_in_mstep_estep_and_checkpoint_then_resume(tmp_path, reli
     kills.append("checkpoint 2")
     # 4. a random moment of iteration 2's M-step, resumed from iteration 1's state
     p = _cli_train(data, cut)
-    delay = rng.uniform(0.5, 8.0)
+    delay = rng.uniform(0.05, 0.6) * fit_s[1]
     _kill_during(p, "iter 2: M-step", delay)
     assert json.load(open(state))["iteration"] == 1
     kills.append(f"M-step 2 (+{delay:.1f}s)")
