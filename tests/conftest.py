@@ -127,3 +127,17 @@ def kill_a_worker_after_a_checkpoint(fit_glob: str, killed: list, stop) -> None:
                     killed.append(p.info["pid"])
                     return
         time.sleep(0.02)
+
+
+def sequence_logps(model, input_ids, attention_mask, loss_mask, **forward_kwargs):
+    """The plain reference for scoring: one padded row per response, logits at every
+    position. Sum and count of response-token log-probs per row; token t is predicted from
+    the logits at t - 1, so the mask is shifted by one. The package scores packed rows
+    (models/packing.py); tests check both against each other and against TRL."""
+    import torch
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).logits
+    logits = logits[:, :-1].float()
+    mask = loss_mask[:, 1:].to(logits.dtype)
+    token = torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (token * mask).sum(-1), mask.sum(-1)

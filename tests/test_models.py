@@ -7,11 +7,13 @@ import torch
 
 from emdpo_ray.config import Config
 from emdpo_ray.data.encode import encode
-from emdpo_ray.models.bank import sequence_logps, PolicyBank
+from emdpo_ray.models.bank import PolicyBank
 from emdpo_ray.models.loading import load_base, load_tokenizer
 from emdpo_ray.models.scoring import pair_logps
 from emdpo_ray.models.tiny import build_tiny_model
 from emdpo_ray.data.sources import load_records
+
+from conftest import sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +92,23 @@ def test_ranked_order_and_truncation_rule(tiny):
     assert prompt.tolist() == [tok.bos_token_id] + tok(r.prompt, add_special_tokens=False)["input_ids"][-2:]
 
 
+def distinct_bank(path, cfg, names):
+    """A bank whose adapters differ from the base and from each other."""
+    bank = PolicyBank(load_base(path, cfg.model), cfg.model, names)
+    with torch.no_grad():
+        for n, p in bank.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return bank
+
+
 def test_packed_pair_logps_match_each_response_alone(tiny):
     """Prompts shared across responses and rankings packed into rows score every response
     exactly as its own unpadded forward does, under the reference and under a policy."""
     path, recs, cfg, _ = tiny
     tok = load_tokenizer(path)
     names = ["type_0", "type_1"]
-    bank = PolicyBank(load_base(path, cfg.model), cfg.model, names)
-    with torch.no_grad():
-        for n, p in bank.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    bank = distinct_bank(path, cfg, names)
     arrays = encode(recs[:4], tok, cfg.data).arrays()
     pairs = np.array([[0, 0], [1, 1], [2, -1], [3, 0], [0, 1], [1, -1]])
     with torch.no_grad():
@@ -124,11 +132,7 @@ def test_packed_pair_logps_match_each_response_alone(tiny):
 def test_bank_save_and_warm_start_score_identically(tiny, tmp_path):
     path, recs, cfg, _ = tiny
     names = ["type_0", "type_1"]
-    bank = PolicyBank(load_base(path, cfg.model), cfg.model, names)
-    with torch.no_grad():
-        for n, p in bank.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    bank = distinct_bank(path, cfg, names)
     arrays = encode(recs[:3], load_tokenizer(path), cfg.data).arrays()
     pairs = np.array([[0, 0], [1, 1], [2, -1]])
     bank.save(str(tmp_path / "policies"))

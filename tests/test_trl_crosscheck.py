@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from emdpo_ray.core.losses import pl_dpo_loss
-from emdpo_ray.models.bank import sequence_logps
+from conftest import sequence_logps
 
 
 @pytest.mark.slow

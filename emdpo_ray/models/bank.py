@@ -18,21 +18,6 @@ from emdpo_ray.models.loading import check_weights_format, load_base, load_token
 REFERENCE = -1  # policy index meaning "the reference model"
 
 
-def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   loss_mask: torch.Tensor, **forward_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum and count of response-token log-probs per row, all rows in one forward pass.
-
-    `loss_mask[b, t]` is 1 where token t belongs to the response; prompt and padding are 0.
-    Token t is predicted from the logits at t-1, so the mask is shifted by one.
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).logits
-    logits = logits[:, :-1].float()
-    labels = input_ids[:, 1:]
-    mask = loss_mask[:, 1:].to(logits.dtype)
-    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
-
-
 def token_logps(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor, tok_row: torch.Tensor, pred_pos: torch.Tensor,
                 label_pos: torch.Tensor, **forward_kwargs) -> torch.Tensor:
