@@ -86,34 +86,48 @@ def record_logliks(x: np.ndarray, mask: np.ndarray, theta: np.ndarray) -> np.nda
     return torch.stack([plackett_luce_logp(r[j], mt) for j in range(len(theta))], 1).double().numpy()
 
 
+def lbfgs(loss_fn, theta0: np.ndarray, max_iter: int = 50) -> np.ndarray:
+    """argmin of loss_fn(theta) (a torch scalar) by scipy's L-BFGS-B, torch giving the
+    gradient. (torch.optim would import the compiler stack into the driver: 2 s here.) BLAS
+    runs on one thread: its spinning threads and torch's would fight over the cores."""
+    from scipy.optimize import minimize
+    from threadpoolctl import threadpool_limits
+
+    def f(v: np.ndarray):
+        t = torch.tensor(v.reshape(theta0.shape), dtype=torch.float32, requires_grad=True)
+        loss = loss_fn(t)
+        loss.backward()
+        return float(loss.detach()), t.grad.double().numpy().ravel()
+
+    with threadpool_limits(1, user_api="blas"):
+        res = minimize(f, theta0.astype(np.float64).ravel(), jac=True, method="L-BFGS-B",
+                       options={"maxiter": max_iter, "ftol": 1e-6})
+    return res.x.reshape(theta0.shape).astype(np.float32)
+
+
 def fit_linear_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
                        gamma: np.ndarray, iterations: int, l2: float = 1e-2) -> LinearMixture:
     """EM for a mixture of linear Plackett-Luce models r_k = x . theta_k, from posteriors
     `gamma`; at least one M-step, so theta always fits the returned posteriors' split."""
     k = gamma.shape[1]
-    xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
-    theta = torch.zeros(k, x.shape[-1], requires_grad=True)
+    n, m, v = x.shape
+    xt, mt = torch.from_numpy(x).reshape(n * m, v), torch.from_numpy(mask)
+    theta = np.zeros((k, v), np.float32)
     eta = gamma.mean(0)
+
+    def scores(th: torch.Tensor) -> torch.Tensor:
+        r = (xt @ th.T).reshape(n, m, k)   # a plain matmul: its backward is one more
+        return torch.stack([plackett_luce_logp(r[..., j], mt) for j in range(k)], 1)
+
     for it in range(max(iterations, 1)):
         w = torch.tensor(gamma[user_index], dtype=torch.float32)
-        opt = torch.optim.LBFGS([theta], max_iter=50, line_search_fn="strong_wolfe")
-
-        def scores() -> torch.Tensor:
-            r = torch.einsum("nmv,kv->knm", xt, theta)
-            return torch.stack([plackett_luce_logp(r[j], mt) for j in range(k)], 1)
-
-        def closure():
-            opt.zero_grad()
-            loss = -(w * scores()).sum() / len(x) + l2 * (theta ** 2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        theta = lbfgs(lambda th: -(w * scores(th)).sum() / len(x) + l2 * (th ** 2).sum(), theta)
         if it < iterations:
             with torch.no_grad():
-                es = e_step(scores().double().numpy(), user_index, num_users, eta)
+                es = e_step(scores(torch.from_numpy(theta)).double().numpy(), user_index,
+                            num_users, eta)
             gamma, eta = es.gamma, es.eta
-    return LinearMixture(theta.detach().numpy(), np.asarray(eta), gamma)
+    return LinearMixture(theta, np.asarray(eta), gamma)
 
 
 def heldout_records(user_index: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -142,3 +142,30 @@ def test_reference_features_are_asked_for_only_when_used():
         assert (labels == truth).all() or (labels == 1 - truth).all()
     with pytest.raises(ValueError, match="needs the reference model's features"):
         kmeans_init(recs, ui, 8, 2, 0, 0.1, 2, features="reference")
+
+
+def test_lbfgs_finds_a_hand_worked_minimum():
+    # sum (t - c)^2 + 0.5 t0 t1 with c = [1, -1]: the gradient is zero where
+    # 2 t0 + 0.5 t1 = 2 and 0.5 t0 + 2 t1 = -2; by symmetry t1 = -t0, so 1.5 t0 = 2: t = [4/3, -4/3]
+    import torch
+
+    from emdpo_ray.train.start import lbfgs
+
+    c = torch.tensor([1.0, -1.0])
+    theta = lbfgs(lambda t: ((t - c) ** 2).sum() + 0.5 * t[0] * t[1], np.zeros(2, np.float32))
+    np.testing.assert_allclose(theta, [4 / 3, -4 / 3], atol=1e-3)
+
+
+def test_the_start_keeps_the_compiler_stack_out_of_the_driver():
+    # torch.optim imports torch._dynamo on first use: 2 s of every run's fixed cost
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from emdpo_ray.train.start import fit_linear_mixture\n"
+            "x = np.random.default_rng(0).normal(size=(8, 3, 4)).astype(np.float32)\n"
+            "g = np.tile([[0.9, 0.1], [0.1, 0.9]], (2, 1))\n"
+            "fit_linear_mixture(x, np.ones((8, 3), bool), np.arange(8) % 4, 4, g, 2)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
