@@ -161,8 +161,11 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
                 return e_step(type_scores(res.scores, k, fold_rec), ui, u_count, g.mean(0)).loglik
 
             start_info: dict = {}
-            gamma = initial_gamma(cfg, k, records, ui, u_count, restart,
-                                  lambda: prep.group.response_features(), start_info, held)
+            # the workers compute the reference's features while the driver fits the tokens'
+            features = (prep.group.response_features()
+                        if cfg.em.init == "kmeans" and cfg.em.init_features != "tokens" else None)
+            gamma = initial_gamma(cfg, k, records, ui, u_count, restart, features, start_info,
+                                  held)
             baseline = (start_info.get("heldout_loglik_per_ranking", {}).get(
                 start_info.get("features")) if held is not None else None)
             with np.errstate(divide="ignore"):

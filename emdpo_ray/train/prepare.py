@@ -2,8 +2,8 @@
 model first when it is the tiny default, train/sft.py), token arrays, cached reference
 log-probs, per-worker shards in the object store.
 
-The reference is shared by every type, so its log-probs are computed once (shards scored in
-parallel as Ray tasks) and cached in the run directory under a fingerprint of the data, the
+The reference is shared by every type, so its log-probs are computed once (each rank of the
+worker group scoring its shard) and cached in the run directory under a fingerprint of the data, the
 model, the tokenizer and the length limits.
 """
 
@@ -57,8 +57,9 @@ def cached(path: str, compute) -> tuple[np.ndarray, bool]:
 
 @dataclass
 class Prepared:
-    """The run's data on the workers. The resident worker group (train/workers.py) starts on
-    first use and lives until `close()` (or the end of a `with` block)."""
+    """The run's data on the workers. The resident worker group (train/workers.py) starts
+    for SFT when there is one, otherwise on first use, and lives until `close()` (or the end
+    of a `with` block)."""
     cfg: Config
     base_path: str
     enc: Encoded
@@ -75,8 +76,9 @@ class Prepared:
         if self._group is None:
             from emdpo_ray.train.workers import WorkerGroup
 
-            self._group = WorkerGroup(self.cfg, self.base_path, self.shard_refs, self.sizes,
-                                      self.threads, self.storage, self.reference)
+            group = WorkerGroup(self.cfg, self.threads, self.storage, len(self.shard_refs))
+            group.load(self.base_path, self.shard_refs, self.sizes, self.reference)
+            self._group = group
         return self._group
 
     def close(self) -> None:
@@ -120,34 +122,54 @@ def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool =
 
     rt = RayRuntime(cfg, verbose)
     src, needs_sft = base_source(cfg, records, rd)
-    tokenizer = load_tokenizer(src, cfg.model)  # SFT keeps the tokenizer: encode once
-    enc = encode(records, tokenizer, cfg.data)
-    timings = {}
-    if needs_sft:
-        from emdpo_ray.train.sft import run_sft
-        from emdpo_ray.utils import fault_point
+    storage = rd.ray_storage(cfg)
+    group = prep = None
+    if needs_sft:  # SFT runs on the worker group: start it while the data is encoded
+        from emdpo_ray.train.workers import WorkerGroup
 
-        steps = (lambda done, total, loss: on_steps("SFT", done, total, loss)) if on_steps else None
-        t = time.perf_counter()
-        run_sft(cfg, src, rd.base_model_dir, enc.arrays(), cfg.model.sft_passes, rt, say, steps,
-                before_save=lambda: fault_point("sft", 0))
-        timings["sft_s"] = time.perf_counter() - t
-        shutil.rmtree(rd.base_init_dir, ignore_errors=True)
-    base_path = src if src == cfg.model.name_or_path and not needs_sft else rd.shared_base_path()
-    refs, sizes = ship_shards(enc, cfg.ray.num_workers, rt.put)
-    prep = Prepared(cfg, base_path, enc, refs, sizes, rt.threads, rd.ray_storage(cfg),
-                    timings=timings)
-    t = time.perf_counter()
-    # the policies' dtype is part of the key: bf16 reference log-probs on GPU
-    key = fingerprint(records, base_path, tokenizer, cfg.data) + ("-bf16" if cfg.ray.use_gpu else "")
+        group = WorkerGroup(cfg, rt.threads, storage, cfg.ray.num_workers)
     try:
-        prep.reference, hit = cached(rd.reference_cache(key), lambda: prep.group.reference_logps())
-    except BaseException:
-        prep.close()  # no worker group outlives a failed preparation
+        tokenizer = load_tokenizer(src, cfg.model)  # SFT keeps the tokenizer: encode once
+        enc = encode(records, tokenizer, cfg.data)
+        refs, sizes = ship_shards(enc, cfg.ray.num_workers, rt.put)
+        timings = {}
+        if needs_sft:
+            from emdpo_ray.train.sft import run_sft
+            from emdpo_ray.utils import fault_point
+
+            t = time.perf_counter()
+            group.load(None, refs, sizes)
+            timings["worker_group_start_s"] = time.perf_counter() - t  # what was not overlapped
+            steps = ((lambda done, total, loss: on_steps("SFT", done, total, loss))
+                     if on_steps else None)
+            t = time.perf_counter()
+            run_sft(cfg, group, src, rd.base_model_dir, enc.resp_mask, sizes,
+                    cfg.model.sft_passes, say, steps, before_save=lambda: fault_point("sft", 0))
+            timings["sft_s"] = time.perf_counter() - t
+            shutil.rmtree(rd.base_init_dir, ignore_errors=True)
+        base_path = (src if src == cfg.model.name_or_path and not needs_sft
+                     else rd.shared_base_path())
+        if group is not None:
+            group.use_base(base_path)  # the ranks hold it; a replaced one loads it from here
+        prep = Prepared(cfg, base_path, enc, refs, sizes, rt.threads, storage, timings=timings,
+                        _group=group)
+        started = group is None
+        t = time.perf_counter()
+        # the policies' dtype is part of the key: bf16 reference log-probs on GPU
+        key = (fingerprint(records, base_path, tokenizer, cfg.data)
+               + ("-bf16" if cfg.ray.use_gpu else ""))
+        prep.reference, hit = cached(rd.reference_cache(key),
+                                     lambda: prep.group.reference_logps())
+    except BaseException:  # no worker group outlives a failed preparation
+        if prep is not None:
+            prep.close()
+        elif group is not None:
+            group.close()
         raise
-    if not hit:  # the group started for it: count that apart
-        timings["worker_group_start_s"] = prep.group.start_s
-        timings["reference_s"] = time.perf_counter() - t - prep.group.start_s
+    if not hit:
+        if started:  # the group started for it: count that apart
+            timings["worker_group_start_s"] = prep.group.start_s
+        timings["reference_s"] = time.perf_counter() - t - (prep.group.start_s if started else 0)
     say(f"reference log-probs: {'cache hit' if hit else 'computed by the workers'} "
         f"({len(records)} records, {time.perf_counter() - t:.1f}s)")
     return prep

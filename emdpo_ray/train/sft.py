@@ -7,9 +7,13 @@ before any DPO (`model.tiny.sft_epochs`); a named model can be too (`model.sft_e
 default 0). Loss: mean next-token NLL of the response tokens (end-of-text included) given the
 prompt, on every response (`model.sft_on: all`) or on each record's top-ranked one (`top`).
 
-The training runs as one Ray task (any node, the GPU when `ray.use_gpu`) that streams its
-progress through a Ray queue and returns the weights; the driver writes `base_model/`
-atomically, so a crash during SFT leaves nothing and the same command redoes it.
+The training runs on the resident worker group (train/workers.py), data parallel: each step's
+batch is drawn from all records, as one process would draw it, and every rank trains on the
+rows in its own shard; summed gradients over the global token count are exactly the one-process
+gradient, so the ranks stay identical and the result does not depend on the number of
+workers. Rank 0 streams progress and returns the weights; the driver writes `base_model/`
+atomically, so a crash during SFT leaves nothing and the same command redoes it. The workers
+keep the trained model as their base: no second load.
 """
 
 from __future__ import annotations
@@ -35,81 +39,93 @@ def sft_steps(num_rows: int, batch_size: int, epochs: float) -> int:
     return max(1, math.ceil(epochs * num_rows / batch_size))
 
 
-def _sft_task(base_path: str, cfg_json: dict, arrays: dict, rows: np.ndarray, steps: int,
-              lr: float, seed: int, threads: int, queue) -> dict:
-    import torch
-
-    from emdpo_ray.models.loading import load_base
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    cfg = Config.model_validate(cfg_json)
-    device = torch.device("cuda") if cfg.ray.use_gpu else torch.device("cpu")
-    model = load_base(base_path, cfg.model).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    bs = cfg.model.sft_batch_size
+def sft_batches(num_rows: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
+    """[steps, batch_size] indices into the rows: shuffled epochs, back to back."""
     rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(len(rows))
-                            for _ in range(math.ceil(steps * bs / len(rows)) + 1)])
+    epochs = math.ceil(steps * batch_size / num_rows) + 1
+    order = np.concatenate([rng.permutation(num_rows) for _ in range(epochs)])
+    return order[:steps * batch_size].reshape(steps, batch_size)
+
+
+def rank_plans(rows: np.ndarray, batches: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    """Per rank, [n, 3] (step, record within the rank's shard, response) of every batch row
+    whose record lies in that shard (shards are contiguous, of `sizes`), by step."""
+    bounds = np.cumsum([0, *sizes])
+    step = np.repeat(np.arange(len(batches)), batches.shape[1])
+    rec, j = rows[batches.reshape(-1)].T
+    rank = np.searchsorted(bounds, rec, side="right") - 1
+    return [np.stack([step[rank == r], rec[rank == r] - bounds[r], j[rank == r]], 1)
+            for r in range(len(sizes))]
+
+
+def train_sft(model, arrays: dict, plan: np.ndarray, steps: int, lr: float,
+              max_grad_norm: float, device, seed: int, report=None) -> list[float]:
+    """One rank's part of data-parallel SFT (a process group is up). Loss: the batch's summed
+    response-token NLL over its global token count; gradients and loss are summed over the
+    ranks, so every rank takes the same step. `report(step, loss)` after each step."""
+    import torch
+    import torch.distributed as dist
+
+    torch.manual_seed(seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    cuts = np.searchsorted(plan[:, 0], np.arange(steps + 1))
     losses = []
     for step in range(steps):
-        rec, j = rows[order[step * bs:(step + 1) * bs]].T
-        att = arrays["attention_mask"][rec, j]
-        t = int(att.sum(-1).max())
-        ids = torch.as_tensor(arrays["input_ids"][rec, j, :t], dtype=torch.long, device=device)
-        mask = torch.as_tensor(arrays["loss_mask"][rec, j, 1:t], dtype=torch.float32,
-                               device=device)
-        logits = model(input_ids=ids, attention_mask=torch.as_tensor(att[:, :t], device=device)
-                       ).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:],
-                                                reduction="none")
-        loss = (nll * mask).sum() / mask.sum().clamp_min(1)
+        _, rec, j = plan[cuts[step]:cuts[step + 1]].T
+        lm = torch.as_tensor(arrays["loss_mask"][rec, j, 1:], dtype=torch.float32, device=device)
+        count = lm.sum().reshape(1)
+        dist.all_reduce(count)
+        nll_sum = torch.zeros((), device=device)
         opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.dpo.max_grad_norm)
+        if len(rec):
+            att = arrays["attention_mask"][rec, j]
+            t = int(att.sum(-1).max())
+            ids = torch.as_tensor(arrays["input_ids"][rec, j, :t], dtype=torch.long, device=device)
+            logits = model(input_ids=ids, attention_mask=torch.as_tensor(att[:, :t], device=device)
+                           ).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:],
+                                                    reduction="none")
+            nll_sum = (nll * lm[:, :t - 1]).sum()
+            (nll_sum / count.clamp_min(1)).backward()
+        # one collective for every gradient and the loss (a rank with no row adds zeros)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in params] + [(nll_sum.detach() / count.clamp_min(1)).reshape(1)])
+        dist.all_reduce(flat)
+        off = 0
+        for p in params:
+            p.grad = flat[off:off + p.numel()].view_as(p).to(p.dtype)
+            off += p.numel()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
-        losses.append(float(loss))
-        if queue is not None and (step % 5 == 4 or step == steps - 1):
-            queue.put((step + 1, float(np.mean(losses[-5:]))))
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"state_dict": state, "losses": losses}
+        losses.append(float(flat[-1]))
+        if report is not None:
+            report(step + 1, losses[-1])
+    model.eval()
+    return losses
 
 
-def run_sft(cfg: Config, src: str, out_dir: str, arrays: dict, epochs: float, rt,
-            say=lambda m: None, progress=None, before_save=lambda: None) -> dict:
-    """Fine-tune the model at `src` on `arrays` (data/encode.py layout) and save it with its
-    tokenizer to `out_dir`, atomically. Returns a summary (also `emdpo_sft.json` there).
-    `progress(done, total, loss)` is called as steps finish."""
+def run_sft(cfg: Config, group, src: str, out_dir: str, resp_mask: np.ndarray, sizes: list[int],
+            epochs: float, say=lambda m: None, progress=None, before_save=lambda: None) -> dict:
+    """Fine-tune the model at `src` on the group's shards (data/encode.py layout; `resp_mask`
+    [N, m] of all records, `sizes` the shards') and save it with its tokenizer to `out_dir`,
+    atomically. Returns a summary (also `emdpo_sft.json` there). `progress(done, total,
+    loss)` is called as steps finish."""
     import os
     import shutil
-
-    from ray.util.queue import Empty, Queue
 
     from emdpo_ray.models.loading import load_base, load_tokenizer
     from emdpo_ray.utils import atomic_write_json
 
     mc = cfg.model
-    rows = sft_rows(arrays["resp_mask"], mc.sft_on)
+    rows = sft_rows(resp_mask, mc.sft_on)
     steps = sft_steps(len(rows), mc.sft_batch_size, epochs)
     lr = mc.sft_learning_rate or (5e-3 if not mc.name_or_path else 2e-5)
     t0 = time.perf_counter()
-    queue = Queue()
-    task = rt.ray.remote(num_cpus=rt.threads, num_gpus=1 if cfg.ray.use_gpu else 0)(_sft_task)
-    ref = task.remote(src, cfg.model_dump(mode="json"), arrays, rows, steps, lr, cfg.seed,
-                      rt.threads, queue)
-    while True:
-        done, _ = rt.ray.wait([ref], timeout=0.5)
-        try:
-            while True:
-                step, loss = queue.get_nowait()
-                if progress:
-                    progress(step, steps, loss)
-        except Empty:
-            pass
-        if done:
-            break
-    out = rt.ray.get(ref)
-    rt.ray.kill(queue.actor)
+    plans = rank_plans(rows, sft_batches(len(rows), mc.sft_batch_size, steps, cfg.seed), sizes)
+    out = group.sft(src, plans, steps, lr, cfg.seed,
+                    (lambda done, loss: progress(done, steps, loss)) if progress else None)
     before_save()
     model = load_base(src, mc)
     model.load_state_dict(out["state_dict"])
@@ -122,10 +138,11 @@ def run_sft(cfg: Config, src: str, out_dir: str, arrays: dict, epochs: float, rt
     summary = {"on": mc.sft_on, "epochs": epochs, "steps": steps, "rows": int(len(rows)),
                "learning_rate": lr, "loss_first": float(np.mean(losses[:k])),
                "loss_last": float(np.mean(losses[-k:])), "wall_s": time.perf_counter() - t0,
-               "losses": [float(x) for x in losses]}
+               "workers": len(sizes), "losses": [float(x) for x in losses]}
     atomic_write_json(os.path.join(tmp, "emdpo_sft.json"), summary)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    say(f"SFT reference: {steps} steps on {len(rows)} responses ({mc.sft_on}), loss "
+    on = f"{len(sizes)} worker{'s' if len(sizes) > 1 else ''}"
+    say(f"SFT reference: {steps} steps on {len(rows)} responses ({mc.sft_on}) on {on}, loss "
         f"{summary['loss_first']:.2f} -> {summary['loss_last']:.2f} ({summary['wall_s']:.0f}s)")
     return summary

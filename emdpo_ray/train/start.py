@@ -21,6 +21,7 @@ tries `em.restarts` random hard starts, each scored by one M-step and E-step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -167,14 +168,16 @@ def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_u
                               refine_iterations, l2)
 
 
-def choose_features(candidates: dict[str, np.ndarray], mask: np.ndarray, user_index: np.ndarray,
+def choose_features(candidates: dict, mask: np.ndarray, user_index: np.ndarray,
                     num_users: int, k: int, seed: int, refine_iterations: int,
                     held: np.ndarray) -> tuple[str, dict[str, float]]:
-    """The candidate whose start, fitted without the `held` records, best predicts them:
-    (name, {name: held-out log-likelihood per held-out ranking})."""
+    """The candidate (an array [N, m, V], or a function giving one, asked for in turn) whose
+    start, fitted without the `held` records, best predicts them: (name, {name: held-out
+    log-likelihood per held-out ranking})."""
     keep = ~held
     out = {}
-    for name, x in candidates.items():
+    for name, c in candidates.items():
+        x = c() if callable(c) else c
         mix = feature_start(x[keep], mask[keep], user_index[keep], num_users, k, seed,
                             refine_iterations)
         s = record_logliks(x, mask, mix.theta)
@@ -187,23 +190,20 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
                 features: str = "tokens", reference_features: Callable[[], np.ndarray] | None = None,
                 info: dict | None = None, held: np.ndarray | None = None) -> np.ndarray:
     """The `kmeans` start on `features` (tokens, reference, both or auto); the reference
-    model's features come from `reference_features()` [N, m, D], called only if needed.
+    model's features come from `reference_features()` [N, m, D], called only if needed and
+    only after the token candidate is fitted (the workers may still be computing them).
     `held` [N] bool: the records on which candidates are compared and the chosen one's
     held-out log-likelihood is measured (`info`); by default 20% of each user's."""
+    names = {"tokens": ["tokens"], "reference": ["reference"], "both": ["both"],
+             "auto": ["tokens", "reference", "both"]}[features]
+    if names != ["tokens"] and reference_features is None:
+        raise ValueError(f"em.init_features={features} needs the reference model's features")
     x_tok, mask = response_features(records)
-    candidates: dict[str, np.ndarray] = {}
-    if features in ("tokens", "both", "auto"):
-        candidates["tokens"] = x_tok
-    if features in ("reference", "both", "auto"):
-        if reference_features is None:
-            raise ValueError(f"em.init_features={features} needs the reference model's features")
-        x_ref = standardized(reference_features(), mask)
-        candidates["reference"] = x_ref
-        if features != "reference":
-            candidates["both"] = np.concatenate([x_tok, x_ref], -1)
-    if features == "both":
-        candidates = {"both": candidates["both"]}
-    chosen = next(iter(candidates))
+    x_ref = functools.cache(lambda: standardized(reference_features(), mask))
+    makers = {"tokens": lambda: x_tok, "reference": x_ref,
+              "both": lambda: np.concatenate([x_tok, x_ref()], -1)}
+    candidates = {n: makers[n] for n in names}
+    chosen = names[0]
     if held is None:
         held = heldout_records(user_index, 0.2, seed)
     if k > 1 and held.any() and (len(candidates) > 1 or info is not None):
@@ -213,7 +213,7 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
             info["heldout_loglik_per_ranking"] = scores
     if info is not None:
         info["features"] = chosen
-    mix = feature_start(candidates[chosen], mask, user_index, num_users, k, seed,
+    mix = feature_start(candidates[chosen](), mask, user_index, num_users, k, seed,
                         refine_iterations if k > 1 else 0)
     # Keep the refined split but never start fully certain: the policies get a say.
     return smoothed_onehot(mix.gamma.argmax(1), k, smoothing)

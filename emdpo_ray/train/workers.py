@@ -1,6 +1,8 @@
 """The resident DeepSpeed worker group: started once per run, called every M-step.
 
-    group = WorkerGroup(cfg, base_path, shard_refs, sizes, threads, storage, reference=None)
+    group = WorkerGroup(cfg, threads, storage, world)   # placement group, actors: returns at once
+    group.load(base_path, shard_refs, sizes)  # every rank: its base model and its data shard
+    group.sft(...)                          # optional: fine-tune the base in place (train/sft.py)
     ref = group.reference_logps()           # once, in the policies' dtype (cached by the caller)
     res = group.fit(job, weights, score_mask)   # per M-step: only weights [N, A] travel
     group.close()
@@ -52,11 +54,9 @@ class PolicyWorker:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, master: tuple[str, int], base_path: str, shard: dict) -> None:
+    def connect(self, master: tuple[str, int]) -> None:
         import deepspeed
         import torch
-
-        from emdpo_ray.models.loading import load_base
 
         addr, port = master
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(self.rank),
@@ -70,8 +70,34 @@ class PolicyWorker:
                                    init_method=f"tcp://{addr}:{port}",
                                    rank=self.rank, world_size=self.world)
         self.dtype = torch.bfloat16 if gpu else torch.float32
-        self.base = load_base(base_path, self.cfg.model, dtype=self.dtype).to(self.device)
+
+    def load(self, base_path: str | None, shard: dict) -> None:
+        """The data shard, and the base model unless SFT is about to build it."""
+        from emdpo_ray.models.loading import load_base
+
+        if base_path is not None:
+            self.base = load_base(base_path, self.cfg.model, dtype=self.dtype).to(self.device)
         self.shard = shard
+
+    def sft(self, src: str, plan: np.ndarray, steps: int, lr: float, seed: int, queue=None):
+        """This rank's part of data-parallel SFT of the model at `src` (train/sft.py), in
+        float32 (Adam on bfloat16 weights loses small updates); the result becomes the base."""
+        from emdpo_ray.models.loading import load_base
+        from emdpo_ray.train.sft import train_sft
+
+        model = load_base(src, self.cfg.model).to(self.device)
+        report = (lambda done, loss: queue.put((done, loss))
+                  if done % 5 == 0 or done == steps else None) if queue is not None else None
+        losses = train_sft(model, self.shard, plan, steps, lr, self.cfg.dpo.max_grad_norm,
+                           self.device, seed, report)
+        self.base = model.to(self.dtype)
+        state = ({k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+                 if self.rank == 0 else None)
+        return {"state_dict": state, "losses": losses}
+
+    def name_base(self, path: str) -> None:
+        """Where the base now lives (saved adapters point their base_model_name_or_path there)."""
+        self.base.config._name_or_path = self.base.name_or_path = path
 
     def reference_logps(self) -> np.ndarray:
         """This shard's reference log-probs, in the dtype the policies train in."""
@@ -120,41 +146,29 @@ class WorkerFailure(RuntimeError):
 
 
 class WorkerGroup:
-    def __init__(self, cfg: Config, base_path: str, shard_refs: list, sizes: list[int],
-                 threads: int, storage: str, reference: np.ndarray | None = None):
-        import ray
-
-        self.cfg, self.base_path, self.threads = cfg, base_path, threads
-        self.shard_refs, self.sizes, self.storage = shard_refs, sizes, storage
-        bounds = np.cumsum([0, *sizes])
-        self.cuts = [slice(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
-        self.ref_refs = None if reference is None else [ray.put(reference[c]) for c in self.cuts]
+    def __init__(self, cfg: Config, threads: int, storage: str, world: int):
+        """Reserve the ranks and start their actors and process group; returns at once (the
+        caller prepares the base and the shards meanwhile) and `load` waits for them."""
+        self.cfg, self.threads, self.storage, self.world = cfg, threads, storage, world
+        self.base_path: str | None = None
+        self.shard_refs: list = []
+        self.ref_refs: list | None = None
         self.actors: list = []
         self.pg = None
         self.restarts = 0
-        self._start()
+        self.start_s = 0.0
+        self._spawn()
 
-    def _start(self) -> None:
+    def _spawn(self) -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        t = time.perf_counter()
+        self._t0 = time.perf_counter()
         cfg = self.cfg
-        world = len(self.shard_refs)
         # All ranks or none (a half-placed group would wait in its first collective).
-        bundle = {"CPU": self.threads, **({"GPU": 1} if cfg.ray.use_gpu else {})}
-        self.pg = placement_group([bundle] * world, strategy="PACK")
-        try:
-            ray.get(self.pg.ready(), timeout=cfg.ray.worker_start_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            ray.util.remove_placement_group(self.pg)
-            self.pg = None
-            raise RuntimeError(
-                f"the M-step worker group needs {world} x {bundle} and the cluster could not "
-                f"place them within ray.worker_start_timeout_s={cfg.ray.worker_start_timeout_s}"
-                f" (free now: {ray.available_resources()}); lower ray.num_workers or "
-                "ray.cpus_per_worker, or free resources") from None
+        self.bundle = {"CPU": self.threads, **({"GPU": 1} if cfg.ray.use_gpu else {})}
+        self.pg = placement_group([self.bundle] * self.world, strategy="PACK")
         env = {**WORKER_ENV, "DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu else "cpu"}
         cfg_json = cfg.model_dump(mode="json")
         self.actors = [ray.remote(PolicyWorker).options(
@@ -162,17 +176,51 @@ class WorkerGroup:
             runtime_env={"env_vars": env},
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=r)).remote(
-                    cfg_json, r, world, self.threads) for r in range(world)]
+                    cfg_json, r, self.world, self.threads) for r in range(self.world)]
+        master = self.actors[0].address.remote()
+        self._connected = [a.connect.remote(master) for a in self.actors]
+
+    def load(self, base_path: str | None, shard_refs: list, sizes: list[int],
+             reference: np.ndarray | None = None) -> None:
+        """Every rank gets its shard and the base at `base_path` (None: `sft` builds it);
+        waits for the group to be up. A replaced group is loaded the same way."""
+        import ray
+
+        self.base_path, self.shard_refs, self.sizes = base_path, shard_refs, sizes
+        bounds = np.cumsum([0, *sizes])
+        self.cuts = [slice(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
+        if reference is not None:
+            self.ref_refs = [ray.put(reference[c]) for c in self.cuts]
+        self._load()
+
+    def _load(self) -> None:
+        import ray
+
         try:
-            master = ray.get(self.actors[0].address.remote())
-            ray.get([a.setup.remote(master, self.base_path, s)
+            try:
+                ray.get(self.pg.ready(), timeout=self.cfg.ray.worker_start_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(
+                    f"the M-step worker group needs {self.world} x {self.bundle} and the cluster "
+                    "could not place them within ray.worker_start_timeout_s="
+                    f"{self.cfg.ray.worker_start_timeout_s} (free now: "
+                    f"{ray.available_resources()}); lower ray.num_workers or "
+                    "ray.cpus_per_worker, or free resources") from None
+            ray.get(self._connected)
+            ray.get([a.load.remote(self.base_path, s)
                      for a, s in zip(self.actors, self.shard_refs)])
             if self.ref_refs is not None:
                 ray.get([a.set_reference.remote(r) for a, r in zip(self.actors, self.ref_refs)])
         except BaseException:
             self.close()
             raise
-        self.start_s = time.perf_counter() - t
+        self.start_s = time.perf_counter() - self._t0
+
+    def _restart(self) -> None:
+        self.close()
+        self._spawn()
+        self._load()
+        self.restarts += 1
 
     def close(self) -> None:
         import ray
@@ -184,6 +232,30 @@ class WorkerGroup:
             ray.util.remove_placement_group(self.pg)
             self.pg = None
 
+    def sft(self, src: str, plans: list[np.ndarray], steps: int, lr: float, seed: int,
+            on_steps=None) -> dict:
+        """Data-parallel SFT of the model at `src` (train/sft.py); every rank keeps the result
+        as its base. Rank 0's {"state_dict", "losses"}. A lost worker fails it: SFT is redone
+        by the next attempt (nothing was saved)."""
+        import ray
+
+        queue = _queue() if on_steps is not None else None
+        try:
+            refs = [a.sft.remote(src, ray.put(p), steps, lr, seed, queue if r == 0 else None)
+                    for r, (a, p) in enumerate(zip(self.actors, plans))]
+            return _gather(refs, queue, on_steps)[0]
+        finally:
+            if queue is not None:
+                ray.kill(queue.actor)
+
+    def use_base(self, base_path: str) -> None:
+        """Where the base the ranks hold (after `sft`) now lives: a replaced worker loads it
+        from there."""
+        import ray
+
+        self.base_path = base_path
+        ray.get([a.name_base.remote(base_path) for a in self.actors])
+
     def reference_logps(self) -> np.ndarray:
         import ray
 
@@ -191,14 +263,15 @@ class WorkerGroup:
         self.ref_refs = [ray.put(p) for p in parts]  # a replaced worker gets them back
         return np.concatenate(parts)
 
-    def response_features(self) -> np.ndarray:
-        """[N, m, D] reference representations of every response, in record order."""
+    def response_features(self):
+        """Starts computing the reference representations of every response on every rank
+        (models/features.py); the function returned gathers them, [N, m, D] in record order."""
         import ray
 
         from emdpo_ray.models.features import DIMS, SEGMENTS
 
-        return np.concatenate(ray.get([a.response_features.remote(SEGMENTS, DIMS)
-                                       for a in self.actors]))
+        refs = [a.response_features.remote(SEGMENTS, DIMS) for a in self.actors]
+        return lambda: np.concatenate(ray.get(refs))
 
     def fit(self, job: dict, weights: np.ndarray, score_mask: np.ndarray,
             on_steps=None) -> MStepResult:
@@ -228,9 +301,7 @@ class WorkerGroup:
                                         f"(ray.max_failures={limit}): {e}") from e
                 log.warning("M-step %s: %s; replacing the worker group (%d/%s)",
                             job["run_name"], e, failures, limit)
-                self.close()
-                self._start()
-                self.restarts += 1
+                self._restart()
                 job["resume"] = True
             finally:
                 if queue is not None:
