@@ -128,8 +128,11 @@ def test_sft_on_two_workers_is_the_one_worker_sft(zero_data, ray_local, tmp_path
         os.makedirs(run)
         rd = RunDir(run)
         cfg = load_config(None, [f"ray.num_workers={n}", "model.tiny.sft_epochs=3"])
+        free = ray_local.available_resources().get("CPU", 0)
         with prepare_data(cfg, zero_data, rd) as prep:
             assert prep.group.world == n
+        # close() returns with the group's CPUs free again (the next group is sized from them)
+        assert ray_local.available_resources().get("CPU", 0) >= free
         weights[n] = load_file(os.path.join(rd.base_model_dir, "model.safetensors"))
         summaries[n] = json.load(open(os.path.join(rd.base_model_dir, "emdpo_sft.json")))
     assert summaries[2]["workers"] == 2 and summaries[2]["steps"] == summaries[1]["steps"]

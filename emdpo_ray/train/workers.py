@@ -223,14 +223,24 @@ class WorkerGroup:
         self.restarts += 1
 
     def close(self) -> None:
+        """Kill the ranks and free their CPUs. Returns once Ray reports the CPUs free (up to
+        5 s): its resource view lags the removal, and whoever sizes the next group or task
+        from the free CPUs (RayRuntime) would otherwise see this group's as taken."""
         import ray
 
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
         if self.pg is not None:
+            placed = ray.util.placement_group_table(self.pg).get("state") == "CREATED"
+            free = ray.available_resources().get("CPU", 0.0)
+            total = ray.cluster_resources().get("CPU", 0.0)
             ray.util.remove_placement_group(self.pg)
             self.pg = None
+            want = min(total, free + self.world * self.bundle["CPU"]) if placed else 0.0
+            deadline = time.monotonic() + 5
+            while ray.available_resources().get("CPU", 0.0) < want and time.monotonic() < deadline:
+                time.sleep(0.02)
 
     def sft(self, src: str, plans: list[np.ndarray], steps: int, lr: float, seed: int,
             on_steps=None) -> dict:
