@@ -44,6 +44,51 @@ def test_memory_is_bounded(tmp_path):
     assert "u0" not in s.users                   # least recently updated evicted
 
 
+def test_two_clusters_on_one_run_lose_no_acknowledged_feedback(tmp_path, monkeypatch):
+    """A RayService upgrade: the old cluster's state actor keeps acknowledging feedback after
+    the new one started. Each reads the other's journal, only the new one snapshots, and a
+    restarted actor sees every update: the posterior is the prior plus every feedback."""
+    import pyarrow.fs as pafs
+
+    import emdpo_ray.serve.online as online
+    from emdpo_ray.run.journal import ObjectJournal
+    from emdpo_ray.run.storage import RunStore
+
+    monkeypatch.setattr(online, "TAIL_S", 0.0)
+
+    def state():
+        st = RunStore(str(tmp_path))
+        st.fs, st.root, st.remote = pafs.LocalFileSystem(), str(tmp_path), True  # S3 stand-in
+        return UserState(str(tmp_path), [0.5, 0.5], {}, snapshot_every=3,
+                         journal=ObjectJournal(st, "online", "snapshot.json"))
+
+    rng = np.random.default_rng(0)
+    old = state()
+    sent = {"u": [], "v": []}
+    for _ in range(2):
+        sent["u"].append(rng.normal(size=2).tolist())
+        old.update("u", sent["u"][-1], {})
+    new = state()                                    # the upgrade's cluster starts
+    for i in range(7):                               # both acknowledge, interleaved
+        for who, user in ((old, "u"), (new, "u"), (new, "v"), (old, "v")):
+            if (i + len(user)) % 2 or who is new:
+                sent[user].append(rng.normal(size=2).tolist())
+                who.update(user, sent[user][-1], {})
+
+    def expected(user):
+        joint = np.log([0.5, 0.5]) + np.sum(sent[user], 0)
+        return np.exp(joint - np.logaddexp.reduce(joint))
+
+    # the new actor and a restarted one hold every update (the old one may miss what the new
+    # one folded into a snapshot before it read it: its answers, not the journal)
+    for s in (new, state()):
+        for user in ("u", "v"):
+            got = s.get(user)
+            np.testing.assert_allclose(got["posterior"], expected(user), atol=1e-9)
+            assert got["feedbacks"] == len(sent[user])
+    assert os.path.exists(tmp_path / "online" / "snapshot.json")   # the new one snapshotted
+
+
 def _matched_types(run, data):
     from emdpo_ray.data.sources import load_records
 

@@ -11,6 +11,10 @@ Durability: an update reaches the run's journal (run/journal.py) before the rout
 that an actor that Ray restarts on another node (a node lost, a pod rescheduled) recovers
 every acknowledged update. Every `serve.snapshot_every` updates the state is written as a
 snapshot and the journal before it dropped. A restarted actor loads snapshot + journal.
+A journal entry carries the update itself (the feedback's log-likelihoods per type), so
+replaying it is the same Bayes update; updates commute, so an actor also applies what
+another actor on the same run wrote (the old and new cluster of a RayService upgrade),
+reading it at most every `TAIL_S` seconds (run/journal.py).
 
 Memory is bounded: at most `serve.max_online_users` users (least recently updated evicted
 first; a trained user evicted this way falls back to its trained posterior) and at most
@@ -27,14 +31,17 @@ import numpy as np
 from emdpo_ray.core.estep import bayes_update, entropy
 from emdpo_ray.run.rundir import RunDir
 
+TAIL_S = 1.0   # how stale another writer's updates may be in this actor's answers
+
 
 class UserState:
     """Plain class; `actor()` wraps it as the shared Ray actor. `trained` maps users seen
     in training to their log-posteriors."""
 
     def __init__(self, run_uri: str, eta: list[float], trained: dict[str, list[float]],
-                 max_users: int = 100_000, max_history: int = 32, snapshot_every: int = 100):
-        self.journal = RunDir(run_uri).online_journal()
+                 max_users: int = 100_000, max_history: int = 32, snapshot_every: int = 100,
+                 journal=None):
+        self.journal = journal or RunDir(run_uri).online_journal()
         with np.errstate(divide="ignore"):
             self.log_eta = np.log(np.asarray(eta, float))
         self.trained = trained
@@ -43,6 +50,7 @@ class UserState:
         self.users: OrderedDict[str, dict] = OrderedDict()
         self.since_snapshot = 0
         self.journal_ms: deque = deque(maxlen=1000)   # the durability cost per update
+        self.polled = time.monotonic()
         self._load()
 
     # -- persistence --
@@ -51,8 +59,26 @@ class UserState:
         for u, s in users.items():
             self._put(u, s["log_posterior"], s["feedbacks"], s.get("history", []))
         for e in entries:
-            old = self.users.get(e["user"], {}).get("history", ())
-            self._put(e["user"], e["log_posterior"], e["feedbacks"], [*old, e["record"]])
+            self._apply(e)
+
+    def _apply(self, e: dict) -> None:
+        """Replay a journal entry: its Bayes update on the current posterior (entries written
+        before they carried the update hold the posterior it produced)."""
+        user = e["user"]
+        old = self.users.get(user)
+        if "scores" in e:
+            post = bayes_update(self.prior(user), np.asarray(e["scores"], float))
+            n = (old["feedbacks"] if old else 0) + 1
+        else:
+            post, n = e["log_posterior"], e["feedbacks"]
+        self._put(user, post, n, [*(old["history"] if old else ()), e["record"]])
+
+    def _catch_up(self, force: bool = False) -> None:
+        """Apply what other writers journaled since the last look (at most every TAIL_S)."""
+        if force or time.monotonic() - self.polled >= TAIL_S:
+            for e in self.journal.poll():
+                self._apply(e)
+            self.polled = time.monotonic()
 
     def _put(self, user, log_post, feedbacks, history) -> None:
         self.users[user] = {"log_posterior": list(map(float, log_post)), "feedbacks": feedbacks,
@@ -62,6 +88,7 @@ class UserState:
             self.users.popitem(last=False)
 
     def snapshot(self) -> None:
+        self._catch_up(force=True)  # the snapshot folds in everything read so far
         self.journal.snapshot({u: {**s, "history": list(s["history"])}
                                for u, s in self.users.items()})
         self.since_snapshot = 0
@@ -75,6 +102,7 @@ class UserState:
         return self.log_eta
 
     def get(self, user: str) -> dict:
+        self._catch_up()
         lp = self.prior(user)
         s = self.users.get(user)
         source = "online" if s else ("trained" if user in self.trained else "prior")
@@ -84,15 +112,18 @@ class UserState:
 
     def log_posterior(self, user: str) -> list[float] | None:
         """None for users with nothing learned (neither trained nor any feedback)."""
+        self._catch_up()
         if user in self.users or user in self.trained:
             return self.prior(user).tolist()
         return None
 
     # -- updates --
     def update(self, user: str, scores: list[float], record: dict) -> dict:
+        self._catch_up()
         post = bayes_update(self.prior(user), np.asarray(scores, float))
         n = (self.users[user]["feedbacks"] if user in self.users else 0) + 1
-        entry = {"user": user, "log_posterior": post.tolist(), "feedbacks": n, "record": record}
+        entry = {"user": user, "scores": np.asarray(scores, float).tolist(),
+                 "log_posterior": post.tolist(), "feedbacks": n, "record": record}
         t = time.perf_counter()
         self.journal.append(entry)  # durable before the router acknowledges
         self.journal_ms.append((time.perf_counter() - t) * 1000)

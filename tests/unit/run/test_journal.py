@@ -35,20 +35,28 @@ def test_object_journal_replays_after_its_snapshot_and_never_reuses_a_key(tmp_pa
                                           "snapshot.json").load()[1]] == [3, 4]
 
 
-def test_object_journal_never_drops_another_writers_updates(tmp_path):
-    """Two writers (old and new cluster during an upgrade): a snapshot deletes only what it
-    folded in, and a crash between the snapshot and its deletes re-applies nothing."""
+def _log(tmp_path) -> list[str]:
+    return sorted(os.listdir(tmp_path / "online" / "log"))
+
+
+def test_two_writers_read_each_other_and_only_the_newest_snapshots(tmp_path):
+    """The old and new cluster of an upgrade: each reads the other's updates, only the
+    newest (the leader) folds them into a snapshot, and nothing acknowledged is dropped."""
     a = ObjectJournal(_store(tmp_path), "online", "snapshot.json")
     a.load()
     a.append({"n": "a1"})
     b = ObjectJournal(_store(tmp_path), "online", "snapshot.json")
-    b.load()                                                         # b holds a1
+    assert [e["n"] for e in b.load()[1]] == ["a1"]                   # b leads from here
     b.append({"n": "b1"})
     a.append({"n": "a2"})
-    a.snapshot({"from": "a"})                                        # folds a1, a2; not b1
-    assert [n[13:] for n in os.listdir(tmp_path / "online" / "log")] == [f"{b.writer}.json"]
+    assert not a.snapshot({"from": "a"})                             # a no longer leads:
+    assert not (tmp_path / "online" / "snapshot.json").exists() and len(_log(tmp_path)) == 3
+    assert [e["n"] for e in a.poll()] == ["b1"] and a.poll() == []   # each reads the other
+    assert [e["n"] for e in b.poll()] == ["a2"]
+    assert b.snapshot({"from": "b"}) and _log(tmp_path) == []        # a1, b1, a2 folded
+    a.append({"n": "a3"})                                            # the old one still acks
     users, entries = ObjectJournal(_store(tmp_path), "online", "snapshot.json").load()
-    assert users == {"from": "a"} and [e["n"] for e in entries] == ["b1"]
+    assert users == {"from": "b"} and [e["n"] for e in entries] == ["a3"]
 
     c = ObjectJournal(_store(tmp_path), "online", "snapshot.json")
     c.load()
@@ -56,6 +64,24 @@ def test_object_journal_never_drops_another_writers_updates(tmp_path):
     c.snapshot({"from": "c"})
     users, entries = ObjectJournal(_store(tmp_path), "online", "snapshot.json").load()
     assert users == {"from": "c"} and entries == []
+
+
+def test_a_leader_replaced_during_its_snapshot_deletes_nothing(tmp_path):
+    a = ObjectJournal(_store(tmp_path), "online", "snapshot.json")
+    a.load()
+    a.append({"n": "a1"})
+    put = a.store.put_bytes
+    newer = []
+
+    def put_then_lose_the_lead(rel, data):                           # b starts right after
+        put(rel, data)
+        if rel.endswith("snapshot.json"):
+            newer.append(ObjectJournal(_store(tmp_path), "online", "snapshot.json"))
+            newer[0].load()
+
+    a.store.put_bytes = put_then_lose_the_lead
+    assert not a.snapshot({"from": "a"})
+    assert len(_log(tmp_path)) == 1                                  # b may not have read it
 
 
 def test_local_journal_skips_a_torn_last_line(tmp_path):
