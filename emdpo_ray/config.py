@@ -147,7 +147,9 @@ class MMRAConfig(_Section):
         "the training prompts, with a warning and `prompt_source: training` in mmra.json."))
     samples_per_prompt: int = Field(4, gt=0, description=(
         "Generations per prompt and policy (the reference included: `eval` scores them)."))
-    max_new_tokens: int = Field(32, gt=0, description="Length of each generation.")
+    max_new_tokens: int | None = Field(None, gt=0, description=(
+        "Length cap of each generation. None: data.max_response_tokens, the longest response "
+        "the policies were trained on (a shorter cap hides preferences about length)."))
     temperature: float = Field(1.0, gt=0, description=(
         "Sampling temperature for L. 1.0 samples pi_j itself, as L is defined; anything "
         "else is reported in mmra.json."))
@@ -253,6 +255,12 @@ class Config(_Section):
         if self.model.gguf_file and not self.model.name_or_path:
             raise ValueError("model.gguf_file needs model.name_or_path (the folder holding it)")
         return self
+
+    @property
+    def generation_tokens(self) -> int:
+        """Length cap of MMRA's (and so eval's) samples: mmra.max_new_tokens, else
+        data.max_response_tokens."""
+        return self.mmra.max_new_tokens or self.data.max_response_tokens
 
 
 def _parse_scalar(text: str):

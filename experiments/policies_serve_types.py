@@ -63,6 +63,10 @@ def run_one(name: str, seed: int, out: str) -> dict:
             "own_is_best_separated": gen["own_is_best_separated"],
             "own_minus_reference": gen["own_minus_reference"],
             "own_minus_reference_ci": gen["own_minus_reference_ci"],
+            "margin_over_next_best": gen["margin_over_next_best"],
+            "margin_over_next_best_ci": gen["margin_over_next_best_ci"],
+            "own_beats_every_rival_paired": gen["own_beats_every_rival_paired"],
+            "sampling": json.load(open(os.path.join(run, "mmra.json")))["sampling"],
             "types_served": gen["types_served"]}
 
 
@@ -109,7 +113,8 @@ def main() -> int:
             results.append(r)
             print(f"{name} seed {seed}: ARI {r['ari']:.3f}, own policy best for "
                   f"{r['types_served']}/{r['types']} types (intervals apart for "
-                  f"{sum(r['own_is_best_separated'])}), own - reference "
+                  f"{sum(r['own_is_best_separated'])}, paired intervals for "
+                  f"{sum(r['own_beats_every_rival_paired'])}), own - reference "
                   f"{np.round(r['own_minus_reference'], 2).tolist()}", flush=True)
     from emdpo_ray.utils import atomic_write_json
 

@@ -60,6 +60,28 @@ def served(mean: np.ndarray, ci: np.ndarray, own: np.ndarray, rivals: list[int])
             "margin_over_next_best": margin}
 
 
+def paired_margins(reps: np.ndarray, own: np.ndarray, rivals: list[int],
+                   level: float = 0.95) -> dict:
+    """Own policy minus each rival on the same resampled prompts (replicates `reps` [B, T,
+    P]): a paired interval, narrower than comparing two intervals when prompts differ in
+    difficulty. Per true type: the interval of the margin over the next best rival (by
+    mean), and whether every rival's margin interval lies above zero."""
+    lo, hi = 50 * (1 - level), 50 * (1 + level)
+    mean = np.nanmean(reps, 0)
+    margin_ci, beats = [], []
+    for t, o in enumerate(own):
+        others = [j for j in rivals if j != o]
+        if o < 0 or not others:
+            margin_ci.append(None), beats.append(False)
+            continue
+        diffs = reps[:, t, o][:, None] - reps[:, t, others]              # [B, rivals]
+        nxt = int(np.argmax(mean[t, others]))
+        margin_ci.append([float(np.nanpercentile(diffs[:, nxt], lo)),
+                          float(np.nanpercentile(diffs[:, nxt], hi))])
+        beats.append(bool((np.nanpercentile(diffs, lo, 0) > 0).all()))
+    return {"margin_over_next_best_ci": margin_ci, "own_beats_every_rival_paired": beats}
+
+
 def generation_eval(samples: list[dict], meta: dict, match: np.ndarray, k: int,
                     mixtures: dict[str, np.ndarray], seed: int = 0) -> dict:
     """The reward matrix, which types their own policy serves, and each type's true regret
@@ -83,6 +105,7 @@ def generation_eval(samples: list[dict], meta: dict, match: np.ndarray, k: int,
            "prompts": len(prompts), "samples": int(len(keep)),
            "reward": mean.tolist(), "reward_ci": ci.tolist(), **served(mean, ci, own, rivals)}
     out["types_served"] = int(sum(out["own_is_best"]))
+    out.update(paired_margins(reps, own, rivals))
     if REFERENCE_NAME in col:
         r = col[REFERENCE_NAME]
         gain = np.array([reps[:, t, o] - reps[:, t, r] if o >= 0 else np.full(len(reps), np.nan)

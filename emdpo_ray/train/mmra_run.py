@@ -156,7 +156,7 @@ def _sample_task(base_path: str, cfg_json: dict, policy_dirs: dict[str, str], k:
     gens_of = list(range(len(policy_dirs))) + [REFERENCE]
     rows = [(p, g) for p in range(len(prompts)) for g in range(len(gens_of))
             for _ in range(mc.samples_per_prompt)]
-    reqs = [GenRequest(p_ids[p], gens_of[g], mc.max_new_tokens, mc.temperature, mc.top_p,
+    reqs = [GenRequest(p_ids[p], gens_of[g], cfg.generation_tokens, mc.temperature, mc.top_p,
                        seed * 1_000_003 + i) for i, (p, g) in enumerate(rows)]
     with torch.no_grad():
         gens = sample_bank(bank, tok, reqs)
@@ -220,7 +220,7 @@ def run_mmra(rd: RunDir, cfg: Config | None = None, progress=None) -> dict:
     out.update(num_prompts=len(prompts), samples_per_prompt=mc.samples_per_prompt,
                prompt_source=source,
                sampling={"temperature": mc.temperature, "top_p": mc.top_p, "top_k": None,
-                         "max_new_tokens": mc.max_new_tokens,
+                         "max_new_tokens": cfg.generation_tokens,
                          "exact": mc.temperature == 1.0 and mc.top_p == 1.0})
     if mc.bootstrap:
         out["bootstrap"] = bootstrap(gen, lp, prompt, L_full.shape[1], mc.type_weights,

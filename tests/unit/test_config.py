@@ -50,3 +50,8 @@ def test_cli_help_lists_subcommands_and_knobs():
     for knob in ("--data", "--types", "--out", "--config", "--set", "dpo.beta", "em.init",
                  "ray.zero_stage"):
         assert knob in out
+
+
+def test_generations_are_as_long_as_the_training_responses_unless_capped():
+    assert load_config(None, ["data.max_response_tokens=40"]).generation_tokens == 40
+    assert load_config(None, ["mmra.max_new_tokens=12"]).generation_tokens == 12

@@ -54,3 +54,18 @@ def test_generation_eval_on_texts_scored_by_the_synthetic_rewards():
     assert out["true_regret"]["policy_0"]["regret"] == [-2.0, 0.0]
     served_right = generation_eval(samples, meta, np.array([0, 1]), 2, {})
     assert served_right["types_served"] == 2 and served_right["own_is_best"] == [True, True]
+
+
+def test_paired_margins_by_hand():
+    from emdpo_ray.report.generations import paired_margins
+
+    # 3 replicates, 1 true type, 3 policies. Prompt difficulty moves every policy together:
+    # own (0) is always 1 above policy 1 and 3 above policy 2, though the marginal ranges
+    # [0, 2] and [-1, 1] of policies 0 and 1 overlap.
+    reps = np.array([[[0.0, -1.0, -3.0]], [[1.0, 0.0, -2.0]], [[2.0, 1.0, -1.0]]])
+    out = paired_margins(reps, np.array([0]), [0, 1, 2], level=1.0)
+    assert out["margin_over_next_best_ci"] == [[1.0, 1.0]]
+    assert out["own_beats_every_rival_paired"] == [True]
+    # own policy 1: worse than 0 by 1 on every prompt
+    assert paired_margins(reps, np.array([1]), [0, 1, 2], level=1.0)[
+        "own_beats_every_rival_paired"] == [False]
