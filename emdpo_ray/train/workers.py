@@ -85,14 +85,17 @@ class PolicyWorker:
         from emdpo_ray.models.loading import load_base
         from emdpo_ray.train.sft import train_sft
 
+        def report(done: int, loss: float) -> None:
+            if queue is not None and (done % 5 == 0 or done == steps):
+                queue.put((done, loss))
+
         model = load_base(src, self.cfg.model).to(self.device)
-        report = (lambda done, loss: queue.put((done, loss))
-                  if done % 5 == 0 or done == steps else None) if queue is not None else None
         losses = train_sft(model, self.shard, plan, steps, lr, self.cfg.dpo.max_grad_norm,
                            self.device, seed, report)
-        self.base = model.to(self.dtype)
-        state = ({k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+        # the float32 weights are what is saved; the ranks keep them in the policies' dtype
+        state = ({k: v.detach().cpu() for k, v in model.state_dict().items()}
                  if self.rank == 0 else None)
+        self.base = model.to(self.dtype)
         return {"state_dict": state, "losses": losses}
 
     def name_base(self, path: str) -> None:
