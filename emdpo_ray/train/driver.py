@@ -162,8 +162,11 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
 
             start_info: dict = {}
             # the workers compute the reference's features while the driver fits the tokens'
+            # (auto compares candidates only for k > 1: with one type nothing asks for them)
+            wanted = cfg.em.init_features in ("reference", "both") or (
+                cfg.em.init_features == "auto" and k > 1)
             features = (prep.group.response_features()
-                        if cfg.em.init == "kmeans" and cfg.em.init_features != "tokens" else None)
+                        if cfg.em.init == "kmeans" and wanted else None)
             gamma = initial_gamma(cfg, k, records, ui, u_count, restart, features, start_info,
                                   held)
             baseline = (start_info.get("heldout_loglik_per_ranking", {}).get(

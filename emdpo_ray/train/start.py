@@ -80,16 +80,24 @@ class LinearMixture:
     gamma: np.ndarray   # [U, K] posteriors
 
 
+def linear_logliks(x: torch.Tensor, mask: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """[N, K] Plackett-Luce log-likelihood of each record's ranking under r_k = x . theta_k;
+    x [N, m, V]. A plain matmul, whose backward is one more (the start's hot loop)."""
+    n, m, v = x.shape
+    r = (x.reshape(n * m, v) @ theta.T).reshape(n, m, len(theta))
+    return torch.stack([plackett_luce_logp(r[..., j], mask) for j in range(len(theta))], 1)
+
+
 def record_logliks(x: np.ndarray, mask: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """[N, K] Plackett-Luce log-likelihood of each record's ranking under r_k = x . theta_k."""
-    r = torch.einsum("nmv,kv->knm", torch.from_numpy(x), torch.from_numpy(theta).float())
-    mt = torch.from_numpy(mask)
-    return torch.stack([plackett_luce_logp(r[j], mt) for j in range(len(theta))], 1).double().numpy()
+    """linear_logliks on arrays, as float64."""
+    with torch.no_grad():
+        return linear_logliks(torch.from_numpy(x), torch.from_numpy(mask),
+                              torch.from_numpy(theta).float()).double().numpy()
 
 
 def lbfgs(loss_fn, theta0: np.ndarray, max_iter: int = 50) -> np.ndarray:
     """argmin of loss_fn(theta) (a torch scalar) by scipy's L-BFGS-B, torch giving the
-    gradient. (torch.optim would import the compiler stack into the driver: 2 s here.) BLAS
+    gradient (torch.optim's first use imports torch's compiler stack into the driver). BLAS
     runs on one thread: its spinning threads and torch's would fight over the cores."""
     from scipy.optimize import minimize
     from threadpoolctl import threadpool_limits
@@ -110,23 +118,15 @@ def fit_linear_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, 
                        gamma: np.ndarray, iterations: int, l2: float = 1e-2) -> LinearMixture:
     """EM for a mixture of linear Plackett-Luce models r_k = x . theta_k, from posteriors
     `gamma`; at least one M-step, so theta always fits the returned posteriors' split."""
-    k = gamma.shape[1]
-    n, m, v = x.shape
-    xt, mt = torch.from_numpy(x).reshape(n * m, v), torch.from_numpy(mask)
-    theta = np.zeros((k, v), np.float32)
+    xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
+    theta = np.zeros((gamma.shape[1], x.shape[-1]), np.float32)
     eta = gamma.mean(0)
-
-    def scores(th: torch.Tensor) -> torch.Tensor:
-        r = (xt @ th.T).reshape(n, m, k)   # a plain matmul: its backward is one more
-        return torch.stack([plackett_luce_logp(r[..., j], mt) for j in range(k)], 1)
-
     for it in range(max(iterations, 1)):
         w = torch.tensor(gamma[user_index], dtype=torch.float32)
-        theta = lbfgs(lambda th: -(w * scores(th)).sum() / len(x) + l2 * (th ** 2).sum(), theta)
+        theta = lbfgs(lambda th: -(w * linear_logliks(xt, mt, th)).sum() / len(x)
+                      + l2 * (th ** 2).sum(), theta)
         if it < iterations:
-            with torch.no_grad():
-                es = e_step(scores(torch.from_numpy(theta)).double().numpy(), user_index,
-                            num_users, eta)
+            es = e_step(record_logliks(x, mask, theta), user_index, num_users, eta)
             gamma, eta = es.gamma, es.eta
     return LinearMixture(theta, np.asarray(eta), gamma)
 
@@ -168,16 +168,17 @@ def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_u
                               refine_iterations, l2)
 
 
-def choose_features(candidates: dict, mask: np.ndarray, user_index: np.ndarray,
+def choose_features(candidates: dict[str, Callable[[], np.ndarray]], mask: np.ndarray,
+                    user_index: np.ndarray,
                     num_users: int, k: int, seed: int, refine_iterations: int,
                     held: np.ndarray) -> tuple[str, dict[str, float]]:
-    """The candidate (an array [N, m, V], or a function giving one, asked for in turn) whose
-    start, fitted without the `held` records, best predicts them: (name, {name: held-out
+    """The candidate (a function giving features [N, m, V], asked for in turn) whose start,
+    fitted without the `held` records, best predicts them: (name, {name: held-out
     log-likelihood per held-out ranking})."""
     keep = ~held
     out = {}
-    for name, c in candidates.items():
-        x = c() if callable(c) else c
+    for name, make in candidates.items():
+        x = make()
         mix = feature_start(x[keep], mask[keep], user_index[keep], num_users, k, seed,
                             refine_iterations)
         s = record_logliks(x, mask, mix.theta)
@@ -196,10 +197,14 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
     held-out log-likelihood is measured (`info`); by default 20% of each user's."""
     names = {"tokens": ["tokens"], "reference": ["reference"], "both": ["both"],
              "auto": ["tokens", "reference", "both"]}[features]
-    if names != ["tokens"] and reference_features is None:
-        raise ValueError(f"em.init_features={features} needs the reference model's features")
     x_tok, mask = response_features(records)
-    x_ref = functools.cache(lambda: standardized(reference_features(), mask))
+
+    @functools.cache
+    def x_ref() -> np.ndarray:
+        if reference_features is None:
+            raise ValueError(f"em.init_features={features} needs the reference model's features")
+        return standardized(reference_features(), mask)
+
     makers = {"tokens": lambda: x_tok, "reference": x_ref,
               "both": lambda: np.concatenate([x_tok, x_ref()], -1)}
     candidates = {n: makers[n] for n in names}

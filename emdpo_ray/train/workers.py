@@ -252,10 +252,19 @@ class WorkerGroup:
         by the next attempt (nothing was saved)."""
         import ray
 
-        queue = _queue() if on_steps is not None else None
+        plan_refs = [ray.put(p) for p in plans]
+        return self._on_ranks(lambda a, r, q: a.sft.remote(src, plan_refs[r], steps, lr, seed, q),
+                              on_steps)
+
+    def _on_ranks(self, call, on_steps=None):
+        """`call(actor, rank, queue)` on every rank (the queue, for rank 0 only, carries its
+        step reports to `on_steps`); rank 0's result."""
+        import ray
+        from ray.util.queue import Queue
+
+        queue = Queue() if on_steps is not None else None
         try:
-            refs = [a.sft.remote(src, ray.put(p), steps, lr, seed, queue if r == 0 else None)
-                    for r, (a, p) in enumerate(zip(self.actors, plans))]
+            refs = [call(a, r, queue if r == 0 else None) for r, a in enumerate(self.actors)]
             return _gather(refs, queue, on_steps)[0]
         finally:
             if queue is not None:
@@ -300,11 +309,9 @@ class WorkerGroup:
                "weight_means": weights.mean(0).tolist(), "resume": False}
         failures = 0
         while True:
-            queue = _queue() if on_steps is not None else None
-            refs = [a.fit.remote(job, w, m, queue if r == 0 else None)
-                    for r, (a, w, m) in enumerate(zip(self.actors, w_refs, m_refs))]
             try:
-                out = _gather(refs, queue, on_steps)[0]
+                out = self._on_ranks(
+                    lambda a, r, q: a.fit.remote(job, w_refs[r], m_refs[r], q), on_steps)
                 break
             except WorkerFailure as e:
                 failures += 1
@@ -316,19 +323,10 @@ class WorkerGroup:
                             job["run_name"], e, failures, limit)
                 self._restart()
                 job["resume"] = True
-            finally:
-                if queue is not None:
-                    ray.kill(queue.actor)
         from emdpo_ray.run.storage import checkpoint_from
 
         return MStepResult(out["scores"], checkpoint_from(out["checkpoint"]), out["metrics"],
                            time.perf_counter() - t0, failures)
-
-
-def _queue():
-    from ray.util.queue import Queue
-
-    return Queue()
 
 
 def _gather(refs: list, queue, on_steps) -> list:

@@ -114,7 +114,7 @@ def test_auto_features_keep_the_candidate_that_predicts_held_out_rankings():
     recs, ui, truth = _two_opposite_types(20, 5)
     x, mask = response_features(recs)
     noise = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
-    name, scores = choose_features({"noise": noise, "tokens": x}, mask, ui, 20, 2, seed=0,
+    name, scores = choose_features({"noise": lambda: noise, "tokens": lambda: x}, mask, ui, 20, 2, seed=0,
                                    refine_iterations=2, held=heldout_records(ui, 0.2, 0))
     assert name == "tokens" and scores["tokens"] > scores["noise"]
     assert scores["tokens"] > -np.log(6)  # better than a random order of 3
