@@ -92,11 +92,14 @@ TARGETS = [
     ("scaling_users_slope", "~1", "log-log slope of EM iteration time in users"),
     ("scaling_types_slope", "~1", "log-log slope of EM iteration time in K"),
     ("demo_wall_s", "(report)", "`make demo` after setup"),
-    ("prepare_1m_driver_peak_uss_gib", "< 4", "driver's peak private memory reading, encoding "
-     "and shipping 1M synthetic records (10 JSONL shards) to 2 worker shards"),
+    ("prepare_1m_driver_peak_uss_gib", "< 4", "driver's peak private memory reading 1M "
+     "synthetic records (10 JSONL shards) and shipping them to 2 worker shards, which encode "
+     "them into token arrays themselves"),
     ("prepare_1m_driver_peak_rss_gib", "(report)", "the same as peak RSS, object-store pages "
      "the driver wrote included"),
-    ("prepare_1m_s", "(report)", "wall time of that preparation"),
+    ("prepare_1m_s", "(report)", "wall time of that preparation, encoding included"),
+    ("prepare_1m_encoder_peak_rss_gib", "(report)", "largest peak RSS of a shard's encoding "
+     "process"),
 ]
 
 

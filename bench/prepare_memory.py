@@ -2,15 +2,18 @@
 
 100k records of the synthetic family (linear, 10 rankings of 3 per user) are written ten
 times with distinct users, as ten JSONL shards in one directory: 1M records. A fresh
-process then does what `emdpo-ray train` does on the driver before the workers start:
-read and validate every shard (all-or-nothing), tokenize, fingerprint the data for the
-reference cache, and put the workers' shards into the object store one at a time. Its
-private memory (USS, sampled every 20 ms) and peak RSS are recorded; RSS also counts the
-object-store pages the process wrote into, which are the object store's budget
-(`object_store_memory`), not the driver's.
+process then does what `emdpo-ray train` does on the driver: read and validate every shard
+(all-or-nothing), index users, fingerprint the data for the reference cache, and put the
+workers' record shards into the object store one at a time; then, as the worker group's
+ranks do, one Ray process per shard encodes its records into token arrays (those arrays
+never pass through the driver). The driver's private memory (USS, sampled every 20 ms,
+through the encoding too) and peak RSS are recorded; RSS also counts the object-store pages
+the process wrote into, which are the object store's budget (`object_store_memory`), not
+the driver's.
 
 - prepare_1m_driver_peak_uss_gib: peak private memory of the driver (target < 4 GiB)
 - prepare_1m_driver_peak_rss_gib, prepare_1m_s: peak RSS, and the wall time
+- prepare_1m_encoder_peak_rss_gib: the largest peak RSS of a shard's encoding process
 """
 
 import argparse
@@ -39,7 +42,7 @@ threading.Thread(target=sample, daemon=True).start()
 t = time.perf_counter()
 import ray
 from emdpo_ray.config import Config
-from emdpo_ray.data.encode import encode, fingerprint
+from emdpo_ray.data.encode import fingerprint, index_records
 from emdpo_ray.data.sources import load_records
 from emdpo_ray.models.loading import load_tokenizer
 from emdpo_ray.train.prepare import ship_shards
@@ -47,12 +50,23 @@ from emdpo_ray.train.prepare import ship_shards
 data, tok_dir, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = Config()
 records = load_records(data)
-enc = encode(records, load_tokenizer(tok_dir), cfg.data)
-fingerprint(records, tok_dir, load_tokenizer(tok_dir), cfg.data)
-ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-refs, sizes = ship_shards(enc, workers, ray.put)
+tokenizer = load_tokenizer(tok_dir)
+index = index_records(records)
+fingerprint(records, tok_dir, tokenizer, cfg.data)
+ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+refs, sizes = ship_shards(records, tokenizer, cfg.data, index.resp_mask.shape[1], workers,
+                          ray.put)
+
+@ray.remote
+def encode_shard(shard):
+    enc = shard.encode()
+    enc.arrays()
+    return list(enc.input_ids.shape), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+shards = ray.get([encode_shard.remote(r) for r in refs])
 stop.set()
-print(json.dumps({"records": len(records), "shape": list(enc.input_ids.shape),
+print(json.dumps({"records": len(records), "shapes": [s for s, _ in shards],
+                  "encoder_rss_gib": max(r for _, r in shards),
                   "uss_gib": peak[0] / 2 ** 30,
                   "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
                   "wall_s": time.perf_counter() - t}))
@@ -96,11 +110,14 @@ def main() -> int:
         res = json.loads(out.strip().splitlines()[-1])
     assert res["records"] == n
     record({"prepare_1m_driver_peak_uss_gib": res["uss_gib"],
-            "prepare_1m_driver_peak_rss_gib": res["rss_gib"], "prepare_1m_s": res["wall_s"]},
-           {"prepare_memory": f"{n} records in {a.copies} JSONL shards, token arrays "
-                              f"{res['shape']}, {a.workers} worker shards: driver peak private "
-                              f"memory {res['uss_gib']:.2f} GiB (RSS {res['rss_gib']:.2f} GiB "
-                              f"with the object-store pages it wrote), {res['wall_s']:.0f}s"})
+            "prepare_1m_driver_peak_rss_gib": res["rss_gib"], "prepare_1m_s": res["wall_s"],
+            "prepare_1m_encoder_peak_rss_gib": res["encoder_rss_gib"]},
+           {"prepare_memory": f"{n} records in {a.copies} JSONL shards, {a.workers} worker "
+                              f"shards encoded where they land (token arrays {res['shapes']}): "
+                              f"driver peak private memory {res['uss_gib']:.2f} GiB (RSS "
+                              f"{res['rss_gib']:.2f} GiB with the object-store pages it wrote), "
+                              f"each encoder's peak RSS at most {res['encoder_rss_gib']:.2f} "
+                              f"GiB, {res['wall_s']:.0f}s"})
     return 0
 
 

@@ -39,7 +39,7 @@ def matmul_flops(threads: int, n: int = 1024, reps: int = 20) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def bare_forward(folder: str, prep, per: int) -> float:
+def bare_forward(folder: str, arrays: dict, cfg, per: int) -> float:
     """Records/s of a plain forward (no Ray, no adapters, no DeepSpeed) over the same rows."""
     import torch
 
@@ -48,8 +48,7 @@ def bare_forward(folder: str, prep, per: int) -> float:
     from emdpo_ray.models.packing import packed_rows
 
     torch.set_num_threads(THREADS)
-    model = load_base(folder, prep.cfg.model).eval()
-    arrays = prep.enc.arrays()
+    model = load_base(folder, cfg.model).eval()
     n = len(arrays["input_ids"])
     pairs = np.stack([np.arange(n), np.zeros(n, int)], 1)
 
@@ -68,6 +67,8 @@ def bare_forward(folder: str, prep, per: int) -> float:
 
 def ours(records, run: str, steps: int) -> dict:
     from emdpo_ray.config import load_config
+    from emdpo_ray.data.encode import encode
+    from emdpo_ray.models.loading import load_tokenizer
     from emdpo_ray.run.rundir import RunDir
     from emdpo_ray.train.prepare import prepare_data
 
@@ -80,10 +81,12 @@ def ours(records, run: str, steps: int) -> dict:
         res = prep.run_mstep(names=["type_0"], num_types=1, weights=np.ones((n, 1)),
                              score_mask=np.ones((n, 1), dtype=bool), run_name="bench", seed=0)
     m = res.metrics
-    att = prep.enc.arrays()["attention_mask"]
+    # the same arrays the workers encoded, here for the bare forward
+    arrays = encode(records, load_tokenizer(prep.base_path, cfg.model), cfg.data).arrays()
+    att = arrays["attention_mask"]
     return {"rate": steps * cfg.dpo.batch_size / m["time/train_s"],
             "score_rate": n / m["time/score_s"], "wall": time.perf_counter() - t,
-            "tokens_per_record": float(att.sum() / n), "prep": prep,
+            "tokens_per_record": float(att.sum() / n), "arrays": arrays, "cfg": cfg,
             "per": max(1, 512 // att.shape[1])}
 
 
@@ -112,7 +115,7 @@ def main() -> int:
     ray.shutdown()
     rate_o, rate_t = (statistics.median(x["rate"] for x in s) for s in (us, them))
     score = statistics.median(x["score_rate"] for x in us)
-    bare = bare_forward(folder, us[0]["prep"], us[0]["per"])
+    bare = bare_forward(folder, us[0]["arrays"], us[0]["cfg"], us[0]["per"])
     flops = matmul_flops(THREADS)
     n_params = 134.5e6
     tokens = us[0]["tokens_per_record"]

@@ -111,12 +111,15 @@ class EMConfig(_Section):
         "assignments, best of em.restarts by log-likelihood; 'labels': from true_type."))
     init_refine_iterations: int = Field(20, ge=0, description=(
         "After k-means, EM iterations of a linear Plackett-Luce mixture on the same "
-        "bag-of-tokens features (cheap, no language model); 0 keeps plain k-means."))
+        "features (cheap, no language model); 0 keeps plain k-means."))
     init_features: Literal["auto", "tokens", "reference", "both"] = Field("auto", description=(
         "What the kmeans start clusters on: 'tokens' (bag-of-tokens counts), 'reference' (the "
         "reference model's states over the beginning, middle and end of each response), "
         "'both', or 'auto': the one of the three whose start best predicts held-out rankings "
         "(train/start.py)."))
+    init_restarts: int = Field(8, ge=1, description=(
+        "Starts of the kmeans start's linear mixture: k-means, then random partitions; the "
+        "one of highest log-likelihood is kept."))
     restarts: int = Field(3, ge=1, description="Random starts tried by init=random.")
     init_smoothing: float = Field(0.05, ge=0, lt=1, description=(
         "Initial posteriors are (1 - s) on the assigned type and s spread over the others."))

@@ -65,6 +65,45 @@ class Encoded:
                 "resp_mask": self.resp_mask[sel]}
 
 
+@dataclass
+class RecordIndex:
+    """What the driver keeps of the records: who ranked each and how many responses it has
+    (the token arrays live on the workers, train/prepare.py)."""
+    user_index: np.ndarray      # [N] int64
+    users: list[str]
+    resp_mask: np.ndarray       # [N, M] bool, False for padding responses of short records
+
+    def __len__(self) -> int:
+        return len(self.user_index)
+
+
+def index_records(records: list[Record]) -> RecordIndex:
+    users, user_index = group_by_user(records)
+    counts = np.fromiter((len(r.responses) for r in records), np.int64, len(records))
+    width = int(counts.max()) if len(counts) else 0
+    return RecordIndex(np.asarray(user_index, dtype=np.int64), users,
+                       np.arange(width)[None, :] < counts[:, None])
+
+
+@dataclass
+class RecordShard:
+    """One worker's share of the records, encoded where it lands: the token arrays of a
+    large data set never pass through the driver, and a replaced worker encodes its shard
+    again from these same records."""
+    records: list[Record]
+    tokenizer: object
+    cfg: DataConfig
+    responses: int              # M of the whole data set: every shard's [n, M] outputs line up
+
+    def encode(self) -> Encoded:
+        if not self.records:  # more workers than records
+            m = self.responses
+            return Encoded(np.zeros((0, m, 1), np.int32), np.zeros(0, np.int32),
+                           np.zeros((0, m), np.int32), np.zeros((0, m), bool),
+                           np.zeros(0, np.int64), [])
+        return encode(self.records, self.tokenizer, self.cfg, self.responses)
+
+
 def token_ids(tokenizer, texts: list[str], chunk: int = 8192) -> list[np.ndarray]:
     """Token ids (int32 arrays) of many texts, no special tokens, a chunk at a time: a fast
     tokenizer keeps a heavy object per text until its call returns, and Python lists of ids
@@ -117,7 +156,9 @@ def _prompt_ids(tokenizer, prompts: list[str | Messages],
     return [x if chat else np.concatenate([bos, x]) for x, chat in zip(ids, is_chat)], cut
 
 
-def encode(records: list[Record], tokenizer, cfg: DataConfig) -> Encoded:
+def encode(records: list[Record], tokenizer, cfg: DataConfig,
+           responses: int | None = None) -> Encoded:
+    """Token arrays of `records`, `responses` wide (default: the most any record has)."""
     users, user_index = group_by_user(records)
     prompts, t_prompts = _prompt_ids(tokenizer, [r.messages or r.prompt for r in records],
                                      cfg.max_prompt_tokens)
@@ -128,7 +169,7 @@ def encode(records: list[Record], tokenizer, cfg: DataConfig) -> Encoded:
     # lengths first, so the arrays are allocated once at their final width
     p_len = np.repeat([len(p) for p in prompts], np.diff(starts))
     t_max = int((p_len + np.minimum(r_len, cfg.max_response_tokens)).max()) + 1
-    n, m_max = len(records), int(np.diff(starts).max())
+    n, m_max = len(records), int(np.diff(starts).max()) if responses is None else responses
     ids = np.full((n, m_max, t_max), tokenizer.pad_token_id, dtype=np.int32)
     length = np.zeros((n, m_max), dtype=np.int32)
     rm = np.zeros((n, m_max), dtype=bool)

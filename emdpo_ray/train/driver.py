@@ -119,7 +119,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
     rd.write_config(cfg)
 
     prep = prepare_data(cfg, records, rd, verbose, say, on_steps)
-    ui, u_count, users = prep.enc.user_index, len(prep.enc.users), prep.enc.users
+    ui, u_count, users = prep.index.user_index, len(prep.index.users), prep.index.users
     true_types = user_true_types(records, ui, u_count)
     names = policy_names(k, cfg.em.cross_fit)
     fold = np.random.default_rng(cfg.seed + 17).permutation(u_count) % 2
@@ -177,7 +177,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             a = ari(true_types, gamma)
             # Iteration 0: the start. Every policy is still the reference (rewards 0), so the
             # mixture's log-likelihood is that of uniformly random rankings.
-            ll0 = e_step(np.repeat(reference_loglik(prep.enc.resp_mask)[:, None], k, 1), ui,
+            ll0 = e_step(np.repeat(reference_loglik(prep.index.resp_mask)[:, None], k, 1), ui,
                          u_count, eta).loglik
             history.append({"iteration": 0, "init": cfg.em.init, "start": start_info,
                             "log_likelihood": ll0,

@@ -1,6 +1,7 @@
 """Everything an M-step needs before the first one: base model (fine-tuned into a language
-model first when it is the tiny default, train/sft.py), token arrays, cached reference
-log-probs, per-worker shards in the object store.
+model first when it is the tiny default, train/sft.py), per-worker shards of the records in
+the object store, encoded into token arrays by the workers themselves (the driver keeps only
+who ranked what: a million records' arrays never pass through it), cached reference log-probs.
 
 The reference is shared by every type, so its log-probs are computed once (each rank of the
 worker group scoring its shard) and cached in the run directory under a fingerprint of the data, the
@@ -9,6 +10,7 @@ model, the tokenizer and the length limits.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -16,12 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emdpo_ray.config import Config
-from emdpo_ray.data.encode import Encoded, encode, fingerprint, shard_indices
+from emdpo_ray.config import Config, DataConfig
+from emdpo_ray.data.encode import RecordIndex, RecordShard, fingerprint, index_records, shard_indices
 from emdpo_ray.data.records import Record
 from emdpo_ray.run.ray_runtime import RayRuntime
 from emdpo_ray.run.rundir import RunDir
 from emdpo_ray.utils import atomic_save_npy
+
+log = logging.getLogger(__name__)
 
 
 def base_source(cfg: Config, records: list[Record], rd: RunDir) -> tuple[str, bool]:
@@ -62,7 +66,7 @@ class Prepared:
     of a `with` block)."""
     cfg: Config
     base_path: str
-    enc: Encoded
+    index: RecordIndex
     shard_refs: list
     sizes: list[int]
     threads: int
@@ -70,6 +74,7 @@ class Prepared:
     reference: np.ndarray | None = None   # [N, m] reference log-probs, once known
     timings: dict | None = None           # sft_s, reference_s (seconds, this process)
     _group: object = None
+    _encoded: bool = False                # a group has encoded the shards (and said so)
 
     @property
     def group(self):
@@ -77,7 +82,10 @@ class Prepared:
             from emdpo_ray.train.workers import WorkerGroup
 
             group = WorkerGroup(self.cfg, self.threads, self.storage, len(self.shard_refs))
-            group.load(self.base_path, self.shard_refs, self.sizes, self.reference)
+            truncated = group.load(self.base_path, self.shard_refs, self.sizes, self.reference)
+            if not self._encoded:
+                warn_truncated(truncated, self.cfg.data)
+                self._encoded = True
             self._group = group
         return self._group
 
@@ -103,13 +111,21 @@ class Prepared:
         return self.group.fit(job, weights, score_mask, on_steps)
 
 
-def ship_shards(enc: Encoded, num_shards: int, put) -> tuple[list, list[int]]:
-    """Contiguous shards into the object store one at a time: views of the token arrays,
-    their masks built for that shard only and dropped once stored (the driver never holds
-    a second copy of the data)."""
+def warn_truncated(truncated: tuple[int, int], cfg: DataConfig) -> None:
+    if any(truncated):
+        log.warning("truncated %d prompts (kept last %d tokens) and %d responses "
+                    "(kept first %d tokens)", truncated[0], cfg.max_prompt_tokens,
+                    truncated[1], cfg.max_response_tokens)
+
+
+def ship_shards(records: list[Record], tokenizer, cfg: DataConfig, responses: int,
+                num_shards: int, put) -> tuple[list, list[int]]:
+    """Contiguous shards of the records into the object store, one at a time, each with what
+    its worker needs to encode it (`RecordShard`)."""
     refs, sizes = [], []
-    for c in shard_indices(len(enc), num_shards):
-        refs.append(put(enc.arrays(slice(int(c[0]), int(c[-1]) + 1) if len(c) else c)))
+    for c in shard_indices(len(records), num_shards):
+        part = records[int(c[0]):int(c[-1]) + 1] if len(c) else []
+        refs.append(put(RecordShard(part, tokenizer, cfg, responses)))
         sizes.append(len(c))
     return refs, sizes
 
@@ -130,20 +146,21 @@ def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool =
         group = WorkerGroup(cfg, rt.threads, storage, cfg.ray.num_workers)
     try:
         tokenizer = load_tokenizer(src, cfg.model)  # SFT keeps the tokenizer: encode once
-        enc = encode(records, tokenizer, cfg.data)
-        refs, sizes = ship_shards(enc, cfg.ray.num_workers, rt.put)
+        index = index_records(records)
+        refs, sizes = ship_shards(records, tokenizer, cfg.data, index.resp_mask.shape[1],
+                                  cfg.ray.num_workers, rt.put)
         timings = {}
         if needs_sft:
             from emdpo_ray.train.sft import run_sft
             from emdpo_ray.utils import fault_point
 
             t = time.perf_counter()
-            group.load(None, refs, sizes)
+            warn_truncated(group.load(None, refs, sizes), cfg.data)
             timings["worker_group_start_s"] = time.perf_counter() - t  # what was not overlapped
             steps = ((lambda done, total, loss: on_steps("SFT", done, total, loss))
                      if on_steps else None)
             t = time.perf_counter()
-            run_sft(cfg, group, src, rd.base_model_dir, enc.resp_mask, sizes,
+            run_sft(cfg, group, src, rd.base_model_dir, index.resp_mask, sizes,
                     cfg.model.sft_passes, say, steps, before_save=lambda: fault_point("sft", 0))
             timings["sft_s"] = time.perf_counter() - t
             shutil.rmtree(rd.base_init_dir, ignore_errors=True)
@@ -151,8 +168,8 @@ def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool =
                      else rd.shared_base_path())
         if group is not None:
             group.use_base(base_path)  # the ranks hold it; a replaced one loads it from here
-        prep = Prepared(cfg, base_path, enc, refs, sizes, rt.threads, storage, timings=timings,
-                        _group=group)
+        prep = Prepared(cfg, base_path, index, refs, sizes, rt.threads, storage,
+                        timings=timings, _group=group, _encoded=group is not None)
         started = group is None
         t = time.perf_counter()
         # the policies' dtype is part of the key: bf16 reference log-probs on GPU

@@ -15,6 +15,10 @@ over the beginning, middle and end of each response (models/features.py); `both`
 (default), each of the three tried on 80% of every user's rankings and the one whose
 mixture best predicts the other 20% kept (held-out predictive log-likelihood).
 
+The linear mixture is fitted from `em.init_restarts` starts (the k-means split, then random
+hard partitions), the one of highest log-likelihood kept: k-means settles on the split that
+the features make obvious, which on types that flip with the prompt is the wrong one.
+
 `labels` starts from the records' `true_type` (an upper bound for evaluation); `random`
 tries `em.restarts` random hard starts, each scored by one M-step and E-step.
 """
@@ -115,9 +119,11 @@ def lbfgs(loss_fn, theta0: np.ndarray, max_iter: int = 50) -> np.ndarray:
 
 
 def fit_linear_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
-                       gamma: np.ndarray, iterations: int, l2: float = 1e-2) -> LinearMixture:
+                       gamma: np.ndarray, iterations: int, l2: float = 1e-2,
+                       tol: float = 1e-3) -> LinearMixture:
     """EM for a mixture of linear Plackett-Luce models r_k = x . theta_k, from posteriors
-    `gamma`; at least one M-step, so theta always fits the returned posteriors' split."""
+    `gamma`; at least one M-step, so theta always fits the returned posteriors' split. Stops
+    early once no posterior moves by more than `tol`."""
     xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
     theta = np.zeros((gamma.shape[1], x.shape[-1]), np.float32)
     eta = gamma.mean(0)
@@ -125,10 +131,23 @@ def fit_linear_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, 
         w = torch.tensor(gamma[user_index], dtype=torch.float32)
         theta = lbfgs(lambda th: -(w * linear_logliks(xt, mt, th)).sum() / len(x)
                       + l2 * (th ** 2).sum(), theta)
-        if it < iterations:
-            es = e_step(record_logliks(x, mask, theta), user_index, num_users, eta)
-            gamma, eta = es.gamma, es.eta
+        if it >= iterations:
+            break
+        es = e_step(record_logliks(x, mask, theta), user_index, num_users, eta)
+        moved = float(np.abs(es.gamma - gamma).max())
+        gamma, eta = es.gamma, es.eta
+        if moved < tol:
+            break
     return LinearMixture(theta, np.asarray(eta), gamma)
+
+
+def mixture_loglik(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
+                   mix: LinearMixture) -> float:
+    """log p(all rankings) = sum_u log sum_k eta_k prod_{i of u} PL(ranking_i | theta_k)."""
+    with np.errstate(divide="ignore"):
+        log_eta = np.log(np.asarray(mix.eta, float))
+    u = user_loglik(record_logliks(x, mask, mix.theta), user_index, num_users)
+    return float(logsumexp(log_eta + u, 1).sum())
 
 
 def heldout_records(user_index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -161,40 +180,66 @@ def standardized(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
-                  k: int, seed: int, refine_iterations: int, l2: float = 1e-2) -> LinearMixture:
-    """k-means on preference embeddings, refined by the linear Plackett-Luce mixture."""
-    labels = kmeans_labels(preference_embeddings(x, mask, user_index, num_users), k, seed)
-    return fit_linear_mixture(x, mask, user_index, num_users, smoothed_onehot(labels, k, 0.05),
-                              refine_iterations, l2)
+                  k: int, seed: int, refine_iterations: int, restarts: int = 1,
+                  l2: float = 1e-2, gamma: np.ndarray | None = None,
+                  info: dict | None = None) -> LinearMixture:
+    """The linear Plackett-Luce mixture from `restarts` starts, the one of highest
+    log-likelihood kept: k-means on preference embeddings (or `gamma` when given), then
+    random hard partitions. k-means alone often settles on the split token counts make
+    obvious; random partitions let the likelihood find the others (symmetry grows over the
+    refinement's iterations). `info` gets each start's log-likelihood."""
+    rng = np.random.default_rng(seed)
+    best, lls = None, []
+    for r in range(max(restarts, 1)):
+        if r == 0:
+            g0 = gamma if gamma is not None else smoothed_onehot(
+                kmeans_labels(preference_embeddings(x, mask, user_index, num_users), k, seed), k, 0.05)
+        else:
+            g0 = smoothed_onehot(rng.integers(0, k, num_users), k, 0.05)
+        mix = fit_linear_mixture(x, mask, user_index, num_users, g0, refine_iterations, l2)
+        lls.append(mixture_loglik(x, mask, user_index, num_users, mix))
+        if best is None or lls[-1] > lls[best[0]]:
+            best = (r, mix)
+    if info is not None:
+        info["restart_logliks"], info["restart_chosen"] = lls, best[0]
+    return best[1]
 
 
 def choose_features(candidates: dict[str, Callable[[], np.ndarray]], mask: np.ndarray,
-                    user_index: np.ndarray,
-                    num_users: int, k: int, seed: int, refine_iterations: int,
-                    held: np.ndarray) -> tuple[str, dict[str, float]]:
+                    user_index: np.ndarray, num_users: int, k: int, seed: int,
+                    refine_iterations: int, held: np.ndarray,
+                    restarts: int = 1,
+                    starts: dict | None = None) -> tuple[str, dict[str, float], np.ndarray]:
     """The candidate (a function giving features [N, m, V], asked for in turn) whose start,
     fitted without the `held` records, best predicts them: (name, {name: held-out
-    log-likelihood per held-out ranking})."""
+    log-likelihood per held-out ranking}, the chosen start's posteriors [U, K]); `starts`
+    gets each candidate's restart log-likelihoods."""
     keep = ~held
-    out = {}
+    out, gammas = {}, {}
     for name, make in candidates.items():
         x = make()
         mix = feature_start(x[keep], mask[keep], user_index[keep], num_users, k, seed,
-                            refine_iterations)
+                            refine_iterations, restarts, info=starts.setdefault(name, {})
+                            if starts is not None else None)
         s = record_logliks(x, mask, mix.theta)
         out[name] = predictive_loglik(s, held, user_index, num_users, mix.eta) / max(held.sum(), 1)
-    return max(out, key=out.get), out
+        gammas[name] = mix.gamma
+    chosen = max(out, key=out.get)
+    return chosen, out, gammas[chosen]
 
 
 def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k: int,
                 seed: int, smoothing: float, refine_iterations: int,
                 features: str = "tokens", reference_features: Callable[[], np.ndarray] | None = None,
-                info: dict | None = None, held: np.ndarray | None = None) -> np.ndarray:
-    """The `kmeans` start on `features` (tokens, reference, both or auto); the reference
-    model's features come from `reference_features()` [N, m, D], called only if needed and
-    only after the token candidate is fitted (the workers may still be computing them).
-    `held` [N] bool: the records on which candidates are compared and the chosen one's
-    held-out log-likelihood is measured (`info`); by default 20% of each user's."""
+                info: dict | None = None, held: np.ndarray | None = None,
+                restarts: int = 1) -> np.ndarray:
+    """The `kmeans` start on `features` (tokens, reference, both or auto) with `restarts`
+    starts of the linear mixture; the reference model's features come from
+    `reference_features()` [N, m, D], called only if needed and only after the token
+    candidate is fitted (the workers may still be computing them). `held` [N] bool: the
+    records on which candidates are compared and the chosen one's held-out log-likelihood
+    is measured (`info`); by default 20% of each user's. The chosen candidate's start,
+    fitted without them, seeds the final fit on every record."""
     names = {"tokens": ["tokens"], "reference": ["reference"], "both": ["both"],
              "auto": ["tokens", "reference", "both"]}[features]
     x_tok, mask = response_features(records)
@@ -208,18 +253,21 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
     makers = {"tokens": lambda: x_tok, "reference": x_ref,
               "both": lambda: np.concatenate([x_tok, x_ref()], -1)}
     candidates = {n: makers[n] for n in names}
-    chosen = names[0]
+    chosen, gamma = names[0], None
     if held is None:
         held = heldout_records(user_index, 0.2, seed)
     if k > 1 and held.any() and (len(candidates) > 1 or info is not None):
-        chosen, scores = choose_features(candidates, mask, user_index, num_users, k, seed,
-                                         max(refine_iterations, 1), held)
+        starts: dict = {}
+        chosen, scores, gamma = choose_features(candidates, mask, user_index, num_users, k, seed,
+                                                max(refine_iterations, 1), held, restarts, starts)
         if info is not None:
             info["heldout_loglik_per_ranking"] = scores
+            info["restarts"] = starts
     if info is not None:
         info["features"] = chosen
     mix = feature_start(candidates[chosen](), mask, user_index, num_users, k, seed,
-                        refine_iterations if k > 1 else 0)
+                        refine_iterations if k > 1 else 0,
+                        restarts if gamma is None and k > 1 else 1, gamma=gamma)
     # Keep the refined split but never start fully certain: the policies get a say.
     return smoothed_onehot(mix.gamma.argmax(1), k, smoothing)
 
@@ -246,7 +294,8 @@ def initial_gamma(cfg: Config, k: int, records: list[Record], user_index: np.nda
     if cfg.em.init == "kmeans":
         return kmeans_init(records, user_index, num_users, k, cfg.seed,
                            cfg.em.init_smoothing, cfg.em.init_refine_iterations,
-                           cfg.em.init_features, reference_features, info, held)
+                           cfg.em.init_features, reference_features, info, held,
+                           cfg.em.init_restarts)
     if cfg.em.init == "labels":
         labels = labels_from_records(records, user_index, num_users, k)
         return smoothed_onehot(labels, k, cfg.em.init_smoothing)

@@ -1,7 +1,8 @@
 """The resident DeepSpeed worker group: started once per run, called every M-step.
 
     group = WorkerGroup(cfg, threads, storage, world)   # placement group, actors: returns at once
-    group.load(base_path, shard_refs, sizes)  # every rank: its base model and its data shard
+    group.load(base_path, shard_refs, sizes)  # every rank: its base model, and its records,
+                                              # which it encodes (arrays never pass the driver)
     group.sft(...)                          # optional: fine-tune the base in place (train/sft.py)
     ref = group.reference_logps()           # once, in the policies' dtype (cached by the caller)
     res = group.fit(job, weights, score_mask)   # per M-step: only weights [N, A] travel
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emdpo_ray.config import Config
+from emdpo_ray.data.encode import RecordShard
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +73,16 @@ class PolicyWorker:
                                    rank=self.rank, world_size=self.world)
         self.dtype = torch.bfloat16 if gpu else torch.float32
 
-    def load(self, base_path: str | None, shard: dict) -> None:
-        """The data shard, and the base model unless SFT is about to build it."""
+    def load(self, base_path: str | None, shard: RecordShard) -> tuple[int, int]:
+        """Encode this rank's records (data/encode.py), and load the base model unless SFT
+        is about to build it; (prompts, responses) truncated in this shard."""
         from emdpo_ray.models.loading import load_base
 
         if base_path is not None:
             self.base = load_base(base_path, self.cfg.model, dtype=self.dtype).to(self.device)
-        self.shard = shard
+        enc = shard.encode()
+        self.shard = enc.arrays()
+        return enc.truncated_prompts, enc.truncated_responses
 
     def sft(self, src: str, plan: np.ndarray, steps: int, lr: float, seed: int, queue=None):
         """This rank's part of data-parallel SFT of the model at `src` (train/sft.py), in
@@ -184,9 +189,10 @@ class WorkerGroup:
         self._connected = [a.connect.remote(master) for a in self.actors]
 
     def load(self, base_path: str | None, shard_refs: list, sizes: list[int],
-             reference: np.ndarray | None = None) -> None:
-        """Every rank gets its shard and the base at `base_path` (None: `sft` builds it);
-        waits for the group to be up. A replaced group is loaded the same way."""
+             reference: np.ndarray | None = None) -> tuple[int, int]:
+        """Every rank gets its shard (refs to `RecordShard`s, encoded there) and the base at
+        `base_path` (None: `sft` builds it); waits for the group to be up. A replaced group
+        is loaded the same way. (prompts, responses) truncated by the encoding."""
         import ray
 
         self.base_path, self.shard_refs, self.sizes = base_path, shard_refs, sizes
@@ -194,9 +200,9 @@ class WorkerGroup:
         self.cuts = [slice(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
         if reference is not None:
             self.ref_refs = [ray.put(reference[c]) for c in self.cuts]
-        self._load()
+        return self._load()
 
-    def _load(self) -> None:
+    def _load(self) -> tuple[int, int]:
         import ray
 
         try:
@@ -210,14 +216,15 @@ class WorkerGroup:
                     f"{ray.available_resources()}); lower ray.num_workers or "
                     "ray.cpus_per_worker, or free resources") from None
             ray.get(self._connected)
-            ray.get([a.load.remote(self.base_path, s)
-                     for a, s in zip(self.actors, self.shard_refs)])
+            truncated = ray.get([a.load.remote(self.base_path, s)
+                                 for a, s in zip(self.actors, self.shard_refs)])
             if self.ref_refs is not None:
                 ray.get([a.set_reference.remote(r) for a, r in zip(self.actors, self.ref_refs)])
         except BaseException:
             self.close()
             raise
         self.start_s = time.perf_counter() - self._t0
+        return tuple(int(sum(t[i] for t in truncated)) for i in (0, 1))
 
     def _restart(self) -> None:
         self.close()

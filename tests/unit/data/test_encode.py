@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from emdpo_ray.config import DataConfig
-from emdpo_ray.data.encode import encode, fingerprint, shard_indices
+from emdpo_ray.data.encode import (RecordShard, encode, fingerprint, index_records,
+                                   shard_indices)
 from emdpo_ray.data.records import parse_record
 from emdpo_ray.models.tiny import train_tokenizer
 
@@ -46,6 +47,27 @@ def test_users_are_indexed_in_first_seen_order(tok):
     enc = encode(_recs(), tok, DataConfig())
     assert enc.users == ["u1", "u0"]
     assert enc.user_index.tolist() == [0, 1, 0]
+
+
+def test_the_driver_index_matches_the_encoding(tok):
+    enc, index = encode(_recs(), tok, DataConfig()), index_records(_recs())
+    assert index.users == enc.users and len(index) == len(enc)
+    np.testing.assert_array_equal(index.user_index, enc.user_index)
+    np.testing.assert_array_equal(index.resp_mask, enc.resp_mask)
+
+
+def test_a_shard_encodes_as_its_rows_of_the_whole(tok):
+    whole = encode(_recs(), tok, DataConfig())
+    # the last two records (pairs) alone, padded to the data set's 3 responses
+    part = RecordShard(_recs()[1:], tok, DataConfig(), responses=3).encode()
+    assert part.input_ids.shape[1] == 3
+    t = part.input_ids.shape[2]  # its own token width: only as long as its longest row
+    assert t <= whole.input_ids.shape[2]
+    np.testing.assert_array_equal(part.input_ids, whole.input_ids[1:, :, :t])
+    np.testing.assert_array_equal(part.resp_mask, whole.resp_mask[1:])
+    np.testing.assert_array_equal(part.loss_mask, whole.loss_mask[1:, :, :t])
+    empty = RecordShard([], tok, DataConfig(), responses=3).encode()
+    assert empty.arrays()["input_ids"].shape[:2] == (0, 3)
 
 
 def test_truncation_keeps_the_prompt_end_and_the_response_start(tok):

@@ -114,10 +114,45 @@ def test_auto_features_keep_the_candidate_that_predicts_held_out_rankings():
     recs, ui, truth = _two_opposite_types(20, 5)
     x, mask = response_features(recs)
     noise = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
-    name, scores = choose_features({"noise": lambda: noise, "tokens": lambda: x}, mask, ui, 20, 2, seed=0,
-                                   refine_iterations=2, held=heldout_records(ui, 0.2, 0))
+    name, scores, gamma = choose_features({"noise": lambda: noise, "tokens": lambda: x}, mask, ui,
+                                          20, 2, seed=0, refine_iterations=2,
+                                          held=heldout_records(ui, 0.2, 0), restarts=2)
     assert name == "tokens" and scores["tokens"] > scores["noise"]
+    labels = gamma.argmax(1)  # the chosen start's split, fitted without the held-out rankings
+    assert (labels == truth).all() or (labels == 1 - truth).all()
     assert scores["tokens"] > -np.log(6)  # better than a random order of 3
+
+
+def test_mixture_loglik_by_hand():
+    from emdpo_ray.train.start import LinearMixture, mixture_loglik
+
+    # one feature; responses [1] and [0]; type 0 has theta log 3, type 1 theta 0.
+    # "ranked [1] first": p = 3/4 under type 0, 1/2 under type 1; eta (0.5, 0.5) -> 5/8.
+    # A second user with the reverse order: 1/4 and 1/2 -> 3/8. Two records of user 0: the
+    # product within each type, 0.5 * 9/16 + 0.5 * 1/4 = 13/32.
+    x = np.array([[[1.0], [0.0]], [[0.0], [1.0]], [[1.0], [0.0]]], np.float32)
+    mask = np.ones((3, 2), bool)
+    mix = LinearMixture(np.array([[np.log(3)], [0.0]], np.float32), np.array([0.5, 0.5]),
+                        np.zeros((2, 2)))
+    got = mixture_loglik(x, mask, np.array([0, 1, 0]), 2, mix)
+    assert got == pytest.approx(np.log(13 / 32) + np.log(3 / 8), abs=1e-5)
+
+
+def test_restarts_keep_the_start_of_highest_likelihood():
+    from emdpo_ray.train.start import feature_start, mixture_loglik
+
+    recs, ui, truth = _two_opposite_types(12, 3)
+    x, mask = response_features(recs)
+    x = x + np.random.default_rng(1).normal(scale=0.3, size=x.shape).astype(np.float32)
+    one = feature_start(x, mask, ui, 12, 2, seed=0, refine_iterations=3, restarts=1)
+    info: dict = {}
+    many = feature_start(x, mask, ui, 12, 2, seed=0, refine_iterations=3, restarts=4, info=info)
+    lls = info["restart_logliks"]
+    assert len(lls) == 4 and info["restart_chosen"] == int(np.argmax(lls))
+    # restart 0 is the k-means start itself: more restarts never lower the likelihood
+    assert lls[0] == pytest.approx(mixture_loglik(x, mask, ui, 12, one))
+    assert mixture_loglik(x, mask, ui, 12, many) == pytest.approx(max(lls))
+    assert max(lls) >= lls[0]
 
 
 def test_reference_features_are_asked_for_only_when_used():
