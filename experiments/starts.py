@@ -109,7 +109,9 @@ from `em.init_restarts` = 8 starts (the k-means split of the users, then random 
 and the one of highest likelihood kept; `auto`: the same on token counts, the reference
 model's states, or both, whichever predicts held-out rankings best (`features chosen`). The
 same runs from the k-means split alone (before restarts, commit 5d72a51) are in
-[`starts-kmeans-only.json`](starts-kmeans-only.json). Guard (`em.guard_holdout`, default 0.2):
+[`starts-kmeans-only.json`](starts-kmeans-only.json), and with restarts but the reference's
+states projected to 64 dimensions (before they were kept whole) in
+[`starts-dims64.json`](starts-dims64.json). Guard (`em.guard_holdout`, default 0.2):
 a fifth of each user's rankings is never trained on; an iteration's new types are kept only
 if its policies predict those rankings at least as well as the model behind the current
 types (per held-out ranking: that model vs the new policies; `stop` = update refused, EM

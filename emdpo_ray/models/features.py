@@ -4,7 +4,9 @@ A response's representation is the reference's last hidden state pooled over the
 tokens in `segments` equal parts (beginning, middle, end, ...), concatenated. Pooling by
 part keeps *where* things are said (token counts cannot: reordered sentences have the same
 counts), and hidden states are conditioned on the prompt. Wide models are projected down
-to `dims` with a fixed Gaussian projection, so the start's cost does not grow with them.
+to `dims` with a fixed Gaussian projection, so the start's cost does not grow with them;
+narrower ones are kept whole (a projection of the tiny model's 144 to 64 dimensions cost the
+`order` start ARI: `make starts`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from emdpo_ray.models.bank import REFERENCE
 from emdpo_ray.models.scoring import flat_rows
 
 SEGMENTS = 3   # beginning, middle, end
-DIMS = 64      # wider features are projected down to this
+DIMS = 192     # wider features are projected down to this (the tiny model's 3 x 48 are not)
 
 
 def segment_pool(hidden: torch.Tensor, loss_mask: torch.Tensor, segments: int) -> torch.Tensor:
