@@ -39,6 +39,9 @@ from emdpo_ray.core.losses import plackett_luce_logp
 from emdpo_ray.data.records import Record
 
 
+SHORT_RUN = 5   # iterations of each start before the likeliest runs on
+
+
 def response_features(records: list[Record]) -> tuple[np.ndarray, np.ndarray]:
     """Token counts of every response in ranked order: X [N, m, V] and mask [N, m]."""
     from sklearn.feature_extraction.text import CountVectorizer
@@ -182,26 +185,35 @@ def standardized(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
                   k: int, seed: int, refine_iterations: int, restarts: int = 1,
                   l2: float = 1e-2, gamma: np.ndarray | None = None,
-                  info: dict | None = None) -> LinearMixture:
-    """The linear Plackett-Luce mixture from `restarts` starts, the one of highest
-    log-likelihood kept: k-means on preference embeddings (or `gamma` when given), then
-    random hard partitions. k-means alone often settles on the split token counts make
-    obvious; random partitions let the likelihood find the others (symmetry grows over the
-    refinement's iterations). `info` gets each start's log-likelihood."""
+                  info: dict | None = None, short: int = SHORT_RUN) -> LinearMixture:
+    """The linear Plackett-Luce mixture from `restarts` starts: k-means on preference
+    embeddings (or `gamma` when given), then random hard partitions. k-means alone often
+    settles on the split the features make obvious; random partitions let the likelihood
+    find the others. With several starts each runs `short` iterations and the likeliest
+    runs on to `refine_iterations` (short-run EM: the likelihood after a few iterations
+    already tells the starts apart). `info` gets each start's log-likelihood."""
+    if restarts <= 1:
+        g0 = gamma if gamma is not None else smoothed_onehot(
+            kmeans_labels(preference_embeddings(x, mask, user_index, num_users), k, seed), k, 0.05)
+        return fit_linear_mixture(x, mask, user_index, num_users, g0, refine_iterations, l2)
     rng = np.random.default_rng(seed)
     best, lls = None, []
-    for r in range(max(restarts, 1)):
+    for r in range(restarts):
         if r == 0:
             g0 = gamma if gamma is not None else smoothed_onehot(
                 kmeans_labels(preference_embeddings(x, mask, user_index, num_users), k, seed), k, 0.05)
         else:
             g0 = smoothed_onehot(rng.integers(0, k, num_users), k, 0.05)
-        mix = fit_linear_mixture(x, mask, user_index, num_users, g0, refine_iterations, l2)
+        mix = fit_linear_mixture(x, mask, user_index, num_users, g0,
+                                 min(short, refine_iterations), l2)
         lls.append(mixture_loglik(x, mask, user_index, num_users, mix))
         if best is None or lls[-1] > lls[best[0]]:
             best = (r, mix)
     if info is not None:
         info["restart_logliks"], info["restart_chosen"] = lls, best[0]
+    if refine_iterations > short:
+        return fit_linear_mixture(x, mask, user_index, num_users, best[1].gamma,
+                                  refine_iterations - short, l2)
     return best[1]
 
 
