@@ -105,12 +105,12 @@ HEADER = """# Which start recovers the types?
 `make starts` (experiments/starts.py; figures in [`starts.json`](starts.json)): 300 users with
 10 rankings of 3 each, three unbalanced types (0.5/0.3/0.2), up to 3 EM iterations, default
 settings but for the start. `tokens`: a linear Plackett-Luce mixture on token counts, fitted
-from `em.init_restarts` = 8 starts (the k-means split of the users, then random partitions)
-and the one of highest likelihood kept; `auto`: the same on token counts, the reference
+from `em.init_restarts` = 8 starts (the k-means split of the users, then random partitions),
+each run 5 iterations and the likeliest run on to 20; `auto`: the same on token counts, the reference
 model's states, or both, whichever predicts held-out rankings best (`features chosen`). The
 same runs from the k-means split alone (before restarts, commit 5d72a51) are in
-[`starts-kmeans-only.json`](starts-kmeans-only.json), and with restarts but the reference's
-states projected to 64 dimensions (before they were kept whole) in
+[`starts-kmeans-only.json`](starts-kmeans-only.json), and with 8 restarts of 20 iterations
+each and the reference's states projected to 64 dimensions (before they were kept whole) in
 [`starts-dims64.json`](starts-dims64.json). Guard (`em.guard_holdout`, default 0.2):
 a fifth of each user's rankings is never trained on; an iteration's new types are kept only
 if its policies predict those rankings at least as well as the model behind the current
