@@ -118,8 +118,9 @@ class EMConfig(_Section):
         "'both', or 'auto': the one of the three whose start best predicts held-out rankings "
         "(train/start.py)."))
     init_restarts: int = Field(8, ge=1, description=(
-        "Starts of the kmeans start's linear mixture: k-means, then random partitions; the "
-        "one of highest log-likelihood is kept."))
+        "Starts of the kmeans start's linear mixture: k-means, then random partitions, each "
+        "run 5 iterations; the one of highest log-likelihood runs on to "
+        "em.init_refine_iterations."))
     restarts: int = Field(3, ge=1, description="Random starts tried by init=random.")
     init_smoothing: float = Field(0.05, ge=0, lt=1, description=(
         "Initial posteriors are (1 - s) on the assigned type and s spread over the others."))

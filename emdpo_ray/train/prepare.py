@@ -10,7 +10,6 @@ model, the tokenizer and the length limits.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import time
@@ -24,8 +23,6 @@ from emdpo_ray.data.records import Record
 from emdpo_ray.run.ray_runtime import RayRuntime
 from emdpo_ray.run.rundir import RunDir
 from emdpo_ray.utils import atomic_save_npy
-
-log = logging.getLogger(__name__)
 
 
 def base_source(cfg: Config, records: list[Record], rd: RunDir) -> tuple[str, bool]:
@@ -74,7 +71,6 @@ class Prepared:
     reference: np.ndarray | None = None   # [N, m] reference log-probs, once known
     timings: dict | None = None           # sft_s, reference_s (seconds, this process)
     _group: object = None
-    _encoded: bool = False                # a group has encoded the shards (and said so)
 
     @property
     def group(self):
@@ -82,10 +78,7 @@ class Prepared:
             from emdpo_ray.train.workers import WorkerGroup
 
             group = WorkerGroup(self.cfg, self.threads, self.storage, len(self.shard_refs))
-            truncated = group.load(self.base_path, self.shard_refs, self.sizes, self.reference)
-            if not self._encoded:
-                warn_truncated(truncated, self.cfg.data)
-                self._encoded = True
+            group.load(self.base_path, self.shard_refs, self.sizes, self.reference)
             self._group = group
         return self._group
 
@@ -109,13 +102,6 @@ class Prepared:
                "run_name": run_name,
                "epochs": self.cfg.dpo.epochs if epochs is None else epochs}
         return self.group.fit(job, weights, score_mask, on_steps)
-
-
-def warn_truncated(truncated: tuple[int, int], cfg: DataConfig) -> None:
-    if any(truncated):
-        log.warning("truncated %d prompts (kept last %d tokens) and %d responses "
-                    "(kept first %d tokens)", truncated[0], cfg.max_prompt_tokens,
-                    truncated[1], cfg.max_response_tokens)
 
 
 def ship_shards(records: list[Record], tokenizer, cfg: DataConfig, responses: int,
@@ -155,7 +141,7 @@ def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool =
             from emdpo_ray.utils import fault_point
 
             t = time.perf_counter()
-            warn_truncated(group.load(None, refs, sizes), cfg.data)
+            group.load(None, refs, sizes)
             timings["worker_group_start_s"] = time.perf_counter() - t  # what was not overlapped
             steps = ((lambda done, total, loss: on_steps("SFT", done, total, loss))
                      if on_steps else None)
@@ -169,7 +155,7 @@ def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool =
         if group is not None:
             group.use_base(base_path)  # the ranks hold it; a replaced one loads it from here
         prep = Prepared(cfg, base_path, index, refs, sizes, rt.threads, storage,
-                        timings=timings, _group=group, _encoded=group is not None)
+                        timings=timings, _group=group)
         started = group is None
         t = time.perf_counter()
         # the policies' dtype is part of the key: bf16 reference log-probs on GPU

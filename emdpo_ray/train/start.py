@@ -190,20 +190,17 @@ def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_u
     embeddings (or `gamma` when given), then random hard partitions. k-means alone often
     settles on the split the features make obvious; random partitions let the likelihood
     find the others. With several starts each runs `short` iterations and the likeliest
-    runs on to `refine_iterations` (short-run EM: the likelihood after a few iterations
-    already tells the starts apart). `info` gets each start's log-likelihood."""
+    runs on to `refine_iterations` (short-run EM: a few iterations per start, the full
+    refinement for one). `info` gets each start's log-likelihood."""
+    if gamma is None:
+        gamma = smoothed_onehot(kmeans_labels(
+            preference_embeddings(x, mask, user_index, num_users), k, seed), k, 0.05)
     if restarts <= 1:
-        g0 = gamma if gamma is not None else smoothed_onehot(
-            kmeans_labels(preference_embeddings(x, mask, user_index, num_users), k, seed), k, 0.05)
-        return fit_linear_mixture(x, mask, user_index, num_users, g0, refine_iterations, l2)
+        return fit_linear_mixture(x, mask, user_index, num_users, gamma, refine_iterations, l2)
     rng = np.random.default_rng(seed)
     best, lls = None, []
     for r in range(restarts):
-        if r == 0:
-            g0 = gamma if gamma is not None else smoothed_onehot(
-                kmeans_labels(preference_embeddings(x, mask, user_index, num_users), k, seed), k, 0.05)
-        else:
-            g0 = smoothed_onehot(rng.integers(0, k, num_users), k, 0.05)
+        g0 = gamma if r == 0 else smoothed_onehot(rng.integers(0, k, num_users), k, 0.05)
         mix = fit_linear_mixture(x, mask, user_index, num_users, g0,
                                  min(short, refine_iterations), l2)
         lls.append(mixture_loglik(x, mask, user_index, num_users, mix))

@@ -189,10 +189,10 @@ class WorkerGroup:
         self._connected = [a.connect.remote(master) for a in self.actors]
 
     def load(self, base_path: str | None, shard_refs: list, sizes: list[int],
-             reference: np.ndarray | None = None) -> tuple[int, int]:
+             reference: np.ndarray | None = None) -> None:
         """Every rank gets its shard (refs to `RecordShard`s, encoded there) and the base at
-        `base_path` (None: `sft` builds it); waits for the group to be up. A replaced group
-        is loaded the same way. (prompts, responses) truncated by the encoding."""
+        `base_path` (None: `sft` builds it); waits for the group to be up, and logs what the
+        encoding truncated. A replaced group is loaded the same way (`_load`)."""
         import ray
 
         self.base_path, self.shard_refs, self.sizes = base_path, shard_refs, sizes
@@ -200,7 +200,12 @@ class WorkerGroup:
         self.cuts = [slice(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
         if reference is not None:
             self.ref_refs = [ray.put(reference[c]) for c in self.cuts]
-        return self._load()
+        prompts, responses = self._load()
+        if prompts or responses:
+            data = self.cfg.data
+            log.warning("truncated %d prompts (kept last %d tokens) and %d responses "
+                        "(kept first %d tokens)", prompts, data.max_prompt_tokens, responses,
+                        data.max_response_tokens)
 
     def _load(self) -> tuple[int, int]:
         import ray
