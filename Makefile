@@ -8,7 +8,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-unit test-heavy demo bench identifiability starts policies-serve-types sft-reference em-ground smoke-smollm2 lint clean
+.PHONY: setup test test-unit test-heavy demo bench identifiability starts start-features policies-serve-types sft-reference em-ground smoke-smollm2 lint clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,11 @@ identifiability: setup
 # (about 25 minutes: 3 families x 2 seeds, the default start)
 starts: setup
 	$(BIN)/python experiments/starts.py
+
+# What the start's features carry (true labels fitted once vs EM from them), per family:
+# docs/start_features.{json,md}; needs `make starts` first (about 5 minutes)
+start-features: setup
+	$(BIN)/python experiments/start_features.py
 
 # Do the policies serve their types? Reward matrices of generations on held-out prompts,
 # two typed sets, seeds 0 and 1: docs/policies_serve_types.{json,png} (about 6 minutes in all)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -121,6 +122,11 @@ class EMConfig(_Section):
         "Starts of the kmeans start's linear mixture: k-means, then random partitions, each "
         "run 5 iterations; the one of highest log-likelihood runs on to "
         "em.init_refine_iterations."))
+    init_l2: list[NonNegativeFloat] = Field(
+        default_factory=lambda: [1e-2, 1e-3, 1e-4], min_length=1, description=(
+        "L2 penalties of the kmeans start's linear mixture, walked from the strongest down, "
+        "each fit continuing from the last; the one whose mixture best predicts held-out "
+        "rankings is kept (train/start.py)."))
     restarts: int = Field(3, ge=1, description="Random starts tried by init=random.")
     init_smoothing: float = Field(0.05, ge=0, lt=1, description=(
         "Initial posteriors are (1 - s) on the assigned type and s spread over the others."))

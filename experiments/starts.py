@@ -106,26 +106,29 @@ HEADER = """# Which start recovers the types?
 10 rankings of 3 each, three unbalanced types (0.5/0.3/0.2), up to 3 EM iterations, default
 settings but for the start. `tokens`: a linear Plackett-Luce mixture on token counts, fitted
 from `em.init_restarts` = 8 starts (the k-means split of the users, then random partitions),
-each run 5 iterations and the likeliest run on to 20; `auto`: the same on token counts, the reference
-model's states, or both, whichever predicts held-out rankings best (`features chosen`). The
-same runs from the k-means split alone (before restarts, commit 5d72a51) are in
-[`starts-kmeans-only.json`](starts-kmeans-only.json), and with 8 restarts of 20 iterations
-each and the reference's states projected to 64 dimensions (before they were kept whole) in
-[`starts-dims64.json`](starts-dims64.json). Guard (`em.guard_holdout`, default 0.2):
-a fifth of each user's rankings is never trained on; an iteration's new types are kept only
-if its policies predict those rankings at least as well as the model behind the current
-types (per held-out ranking: that model vs the new policies; `stop` = update refused, EM
-ends with the current types). Held-out log-likelihood (last column): 4 new rankings per user
-from the user's true type, scored by the learned mixture; a random order scores -1.792.
-The same runs without the guard (`--set em.guard_holdout=0 --configs auto,tokens`: every
-ranking trained on, all 3 iterations) are in [`starts-noguard.json`](starts-noguard.json),
+each run 5 iterations and the likeliest run on to 20, then its L2 penalty walked down
+`em.init_l2` (1e-2, 1e-3, 1e-4); `auto`: the same on token counts, the reference model's
+states (middle layer, pooled over the beginning, middle and end of each response), or both,
+and at the L2 strength, whichever predicts held-out rankings best (`features, L2 chosen`;
+why: [`start_features.md`](start_features.md)). Earlier defaults, same data and references:
+the k-means split alone in [`starts-kmeans-only.json`](starts-kmeans-only.json); 8 restarts
+of 20 iterations with the reference's states projected to 64 dimensions in
+[`starts-dims64.json`](starts-dims64.json); short-run restarts, the last layer's states and
+a fixed L2 of 1e-2 in [`starts-l2fixed.json`](starts-l2fixed.json). Guard
+(`em.guard_holdout`, default 0.2): a fifth of each user's rankings is never trained on; an
+iteration's new types are kept only if its policies predict those rankings at least as well
+as the model behind the current types (per held-out ranking: that model vs the new policies;
+`stop` = update refused, EM ends with the current types). Held-out log-likelihood (last
+column): 4 new rankings per user from the user's true type, scored by the learned mixture of
+policies; a random order scores -1.792. Runs without the guard (`--set em.guard_holdout=0
+--configs auto,tokens`, k-means split start) are in [`starts-noguard.json`](starts-noguard.json),
 and at a DPO learning rate of 5e-3 in [`starts-lr5e-3.json`](starts-lr5e-3.json).
 
 """
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| family | start | seed | features chosen | ARI: start, iter 1, 2, 3 | "
+    rows = ["| family | start | seed | features, L2 chosen | ARI: start, iter 1, 2, 3 | "
             "guard: held-out log-lik per ranking, model behind the types vs new policies | "
             "held-out log-lik per ranking | log-lik falls |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -136,7 +139,7 @@ def table(results: list[dict]) -> str:
                           + f" vs {g['heldout_loglik_per_ranking']:.3f}"
                           + ("" if g["accepted"] else " stop") for g in checks) or "off"
         rows.append(f"| {r['family']} | {r['config']} | {r['seed']} | "
-                    f"{r['start'].get('features', '-')} | "
+                    f"{r['start'].get('features', '-')}, {r['start'].get('l2', '-')} | "
                     + ", ".join(f"{a:.2f}" for a in r["ari"]) + f" | {guard}"
                     + f" | {r['heldout_loglik_per_ranking']:.3f} | "
                     + (", ".join(f"{d:.0f}" for d in falls) if falls else "none") + " |")

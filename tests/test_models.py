@@ -164,3 +164,23 @@ def test_top_p_filter_keeps_the_nucleus_and_never_empties_a_row():
     out = _top_p_filter(logits, torch.tensor([0.6, 1.0, 5e-324]))
     assert torch.isfinite(out).tolist() == [[True, True, False], [True, True, True],
                                             [True, False, False]]
+
+
+def test_reference_features_come_from_the_middle_layer(tiny):
+    from emdpo_ray.models.features import response_representations, segment_pool
+
+    path, recs, cfg, _ = tiny
+    model, tok = load_base(path, cfg.model).eval(), load_tokenizer(path)
+    arrays = encode(recs[:4], tok, cfg.data).arrays()
+    cpu = torch.device("cpu")
+    default = response_representations(model, arrays, cpu)
+    assert cfg.model.tiny.num_hidden_layers == 2   # states: embeddings, layer 1, layer 2
+    np.testing.assert_array_equal(default, response_representations(model, arrays, cpu, layer=1))
+    assert not np.allclose(default, response_representations(model, arrays, cpu, layer=-1))
+    # by hand for record 0, response 0: layer 1's states pooled over the response's thirds
+    ids = torch.as_tensor(arrays["input_ids"][0, :1]).long()
+    with torch.no_grad():
+        h = model(input_ids=ids, attention_mask=torch.as_tensor(arrays["attention_mask"][0, :1]).long(),
+                  output_hidden_states=True).hidden_states[1]
+    want = segment_pool(h, torch.as_tensor(arrays["loss_mask"][0, :1]).float(), 3)[0].numpy()
+    np.testing.assert_allclose(default[0, 0], want, rtol=1e-4, atol=1e-5)

@@ -1,7 +1,10 @@
 """What the reference model sees in each response: features for the start (train/start.py).
 
-A response's representation is the reference's last hidden state pooled over the response
-tokens in `segments` equal parts (beginning, middle, end, ...), concatenated. Pooling by
+A response's representation is the reference's hidden state at its middle layer pooled over
+the response tokens in `segments` equal parts (beginning, middle, end, ...), concatenated.
+The middle layer, not the last: the last specialises in predicting the next token, and on
+every synthetic family the middle one's start recovered the types better
+(docs/start_features.md). Pooling by
 part keeps *where* things are said (token counts cannot: reordered sentences have the same
 counts), and hidden states are conditioned on the prompt. Wide models are projected down
 to `dims` with a fixed Gaussian projection, so the start's cost does not grow with them;
@@ -44,8 +47,9 @@ def projection(width: int, dims: int, seed: int = 0) -> np.ndarray | None:
 
 
 def response_representations(model, arrays: dict, device, segments: int = SEGMENTS, dims: int = DIMS,
-                             rows_per_batch: int = 256) -> np.ndarray:
-    """[n, m, D] segment-pooled reference states of every response (0 for padding)."""
+                             rows_per_batch: int = 256, layer: int | None = None) -> np.ndarray:
+    """[n, m, D] segment-pooled reference states of every response (0 for padding), from
+    hidden layer `layer` (0 the token embeddings, -1 the last; None the middle layer)."""
     n, m = arrays["resp_mask"].shape
     per = max(1, rows_per_batch // m)
     out = None
@@ -54,8 +58,9 @@ def response_representations(model, arrays: dict, device, segments: int = SEGMEN
         for s in range(0, n, per):
             idx = np.arange(s, min(n, s + per))
             rows = flat_rows(arrays, np.stack([idx, np.full(len(idx), REFERENCE)], 1), device)
-            h = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
-                      output_hidden_states=True).hidden_states[-1].float()
+            states = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                           output_hidden_states=True).hidden_states
+            h = states[len(states) // 2 if layer is None else layer].float()
             f = segment_pool(h, rows["loss_mask"], segments).cpu().numpy()
             if out is None:
                 proj = projection(f.shape[1], dims)

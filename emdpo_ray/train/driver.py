@@ -184,7 +184,8 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
                             "mixing_weights": eta.tolist(), "ari": a,
                             "timings": {**(prep.timings or {}),
                                         "init_s": time.perf_counter() - t}})
-            chose = f", {start_info['features']} features" if "features" in start_info else ""
+            chose = (f", {start_info['features']} features, L2 {start_info['l2']:g}"
+                     if "features" in start_info else "")
             say(f"init ({cfg.em.init}{chose}): eta={np.round(eta, 3).tolist()}"
                 + (f" ari={a:.3f}" if a is not None else "") + f" ({time.perf_counter() - t:.1f}s)")
 

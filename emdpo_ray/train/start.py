@@ -17,7 +17,10 @@ mixture best predicts the other 20% kept (held-out predictive log-likelihood).
 
 The linear mixture is fitted from `em.init_restarts` starts (the k-means split, then random
 hard partitions), the one of highest log-likelihood kept: k-means settles on the split that
-the features make obvious, which on types that flip with the prompt is the wrong one.
+the features make obvious, which on types that flip with the prompt is the wrong one. Its L2
+penalty is walked down `em.init_l2` (strongest first, each fit continuing from the last) and
+the strength whose mixture best predicts the held-out rankings kept: sparse token counts
+want a weak penalty, dense reference states a strong one (docs/start_features.md).
 
 `labels` starts from the records' `true_type` (an upper bound for evaluation); `random`
 tries `em.restarts` random hard starts, each scored by one M-step and E-step.
@@ -214,41 +217,64 @@ def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_u
     return best[1]
 
 
+def l2_path(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
+            mix: LinearMixture, l2s: list[float], iterations: int) -> list[LinearMixture]:
+    """The mixture `mix` (fitted at l2s[0]) continued down the weaker penalties l2s[1:], each
+    fit started from the previous one's posteriors: [mix, fit at l2s[1], ...]. Weak penalties
+    fit sparse counts better but leave many poor optima; walking down from a strong one keeps
+    the split found where the search was easy (continuation)."""
+    out = [mix]
+    for l2 in l2s[1:]:
+        out.append(fit_linear_mixture(x, mask, user_index, num_users, out[-1].gamma,
+                                      iterations, l2))
+    return out
+
+
 def choose_features(candidates: dict[str, Callable[[], np.ndarray]], mask: np.ndarray,
                     user_index: np.ndarray, num_users: int, k: int, seed: int,
                     refine_iterations: int, held: np.ndarray,
-                    restarts: int = 1,
-                    starts: dict | None = None) -> tuple[str, dict[str, float], np.ndarray]:
-    """The candidate (a function giving features [N, m, V], asked for in turn) whose start,
-    fitted without the `held` records, best predicts them: (name, {name: held-out
-    log-likelihood per held-out ranking}, the chosen start's posteriors [U, K]); `starts`
-    gets each candidate's restart log-likelihoods."""
+                    restarts: int = 1, starts: dict | None = None,
+                    l2s: tuple[float, ...] = (1e-2,)) -> tuple[str, float, dict, np.ndarray]:
+    """The candidate (a function giving features [N, m, V], asked for in turn) and L2
+    strength (down the path `l2s`, strongest first) whose start, fitted without the `held`
+    records, best predicts them: (name, l2, {name: {l2: held-out log-likelihood per held-out
+    ranking}}, the chosen start's posteriors [U, K]); `starts` gets each candidate's restart
+    log-likelihoods."""
     keep = ~held
-    out, gammas = {}, {}
+    scores: dict[str, dict[float, float]] = {}
+    best = None
     for name, make in candidates.items():
         x = make()
         mix = feature_start(x[keep], mask[keep], user_index[keep], num_users, k, seed,
-                            refine_iterations, restarts, info=starts.setdefault(name, {})
+                            refine_iterations, restarts, l2s[0], info=starts.setdefault(name, {})
                             if starts is not None else None)
-        s = record_logliks(x, mask, mix.theta)
-        out[name] = predictive_loglik(s, held, user_index, num_users, mix.eta) / max(held.sum(), 1)
-        gammas[name] = mix.gamma
-    chosen = max(out, key=out.get)
-    return chosen, out, gammas[chosen]
+        path = l2_path(x[keep], mask[keep], user_index[keep], num_users, mix, list(l2s),
+                       refine_iterations)
+        scores[name] = {}
+        for l2, m in zip(l2s, path):
+            s = record_logliks(x, mask, m.theta)
+            score = predictive_loglik(s, held, user_index, num_users, m.eta) / max(held.sum(), 1)
+            scores[name][l2] = score
+            if best is None or score > best[0]:
+                best = (score, name, l2, m.gamma)
+    _, chosen, l2, gamma = best
+    return chosen, l2, scores, gamma
 
 
 def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k: int,
                 seed: int, smoothing: float, refine_iterations: int,
                 features: str = "tokens", reference_features: Callable[[], np.ndarray] | None = None,
                 info: dict | None = None, held: np.ndarray | None = None,
-                restarts: int = 1) -> np.ndarray:
+                restarts: int = 1, l2s: tuple[float, ...] = (1e-2,)) -> np.ndarray:
     """The `kmeans` start on `features` (tokens, reference, both or auto) with `restarts`
-    starts of the linear mixture; the reference model's features come from
+    starts of the linear mixture and its L2 strength chosen down `l2s` (l2_path); the
+    reference model's features come from
     `reference_features()` [N, m, D], called only if needed and only after the token
     candidate is fitted (the workers may still be computing them). `held` [N] bool: the
     records on which candidates are compared and the chosen one's held-out log-likelihood
-    is measured (`info`); by default 20% of each user's. The chosen candidate's start,
-    fitted without them, seeds the final fit on every record."""
+    is measured (`info`); by default 20% of each user's. On every record the chosen
+    candidate's start, fitted without them, is continued, fresh restarts are run, and the
+    likelier of the two kept."""
     names = {"tokens": ["tokens"], "reference": ["reference"], "both": ["both"],
              "auto": ["tokens", "reference", "both"]}[features]
     x_tok, mask = response_features(records)
@@ -262,23 +288,41 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
     makers = {"tokens": lambda: x_tok, "reference": x_ref,
               "both": lambda: np.concatenate([x_tok, x_ref()], -1)}
     candidates = {n: makers[n] for n in names}
-    chosen, gamma = names[0], None
+    l2s = tuple(sorted(l2s, reverse=True))
+    chosen, l2, gamma = names[0], l2s[0], None
     if held is None:
         held = heldout_records(user_index, 0.2, seed)
-    if k > 1 and held.any() and (len(candidates) > 1 or info is not None):
+    if k > 1 and held.any() and (len(candidates) > 1 or len(l2s) > 1 or info is not None):
         starts: dict = {}
-        chosen, scores, gamma = choose_features(candidates, mask, user_index, num_users, k, seed,
-                                                max(refine_iterations, 1), held, restarts, starts)
+        chosen, l2, scores, gamma = choose_features(candidates, mask, user_index, num_users, k,
+                                                    seed, max(refine_iterations, 1), held,
+                                                    restarts, starts, l2s)
         if info is not None:
-            info["heldout_loglik_per_ranking"] = scores
+            info["heldout_loglik_per_ranking"] = {n: max(v.values()) for n, v in scores.items()}
+            info["heldout_loglik_by_l2"] = {n: {str(a): b for a, b in v.items()}
+                                            for n, v in scores.items()}
             info["restarts"] = starts
     if info is not None:
-        info["features"] = chosen
-    mix = feature_start(candidates[chosen](), mask, user_index, num_users, k, seed,
-                        refine_iterations if k > 1 else 0,
-                        restarts if gamma is None and k > 1 else 1, gamma=gamma)
+        info["features"], info["l2"] = chosen, l2
+    if k == 1:
+        return np.ones((num_users, 1))
+    x = candidates[chosen]()
+    # On every record: fresh restarts walked down to the chosen L2, and the chosen start
+    # (fitted without the held-out rankings) continued; the likelier is kept, since a start
+    # fitted on 80% of the rankings may sit in a poorer optimum than the restarts find on all.
+    fresh = feature_start(x, mask, user_index, num_users, k, seed, refine_iterations, restarts,
+                          l2s[0])
+    fits = {"fresh": l2_path(x, mask, user_index, num_users, fresh, [a for a in l2s if a >= l2],
+                             refine_iterations)[-1]}
+    if gamma is not None:
+        fits["continued"] = feature_start(x, mask, user_index, num_users, k, seed,
+                                          refine_iterations, l2=l2, gamma=gamma)
+    lls = {n: mixture_loglik(x, mask, user_index, num_users, m) for n, m in fits.items()}
+    kept = max(lls, key=lls.get)
+    if info is not None:
+        info["final_logliks"], info["final"] = lls, kept
     # Keep the refined split but never start fully certain: the policies get a say.
-    return smoothed_onehot(mix.gamma.argmax(1), k, smoothing)
+    return smoothed_onehot(fits[kept].gamma.argmax(1), k, smoothing)
 
 
 def labels_from_records(records: list[Record], user_index: np.ndarray, num_users: int,
@@ -304,7 +348,7 @@ def initial_gamma(cfg: Config, k: int, records: list[Record], user_index: np.nda
         return kmeans_init(records, user_index, num_users, k, cfg.seed,
                            cfg.em.init_smoothing, cfg.em.init_refine_iterations,
                            cfg.em.init_features, reference_features, info, held,
-                           cfg.em.init_restarts)
+                           cfg.em.init_restarts, tuple(cfg.em.init_l2))
     if cfg.em.init == "labels":
         labels = labels_from_records(records, user_index, num_users, k)
         return smoothed_onehot(labels, k, cfg.em.init_smoothing)

@@ -114,13 +114,34 @@ def test_auto_features_keep_the_candidate_that_predicts_held_out_rankings():
     recs, ui, truth = _two_opposite_types(20, 5)
     x, mask = response_features(recs)
     noise = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
-    name, scores, gamma = choose_features({"noise": lambda: noise, "tokens": lambda: x}, mask, ui,
-                                          20, 2, seed=0, refine_iterations=2,
-                                          held=heldout_records(ui, 0.2, 0), restarts=2)
-    assert name == "tokens" and scores["tokens"] > scores["noise"]
+    name, l2, scores, gamma = choose_features({"noise": lambda: noise, "tokens": lambda: x},
+                                              mask, ui, 20, 2, seed=0, refine_iterations=2,
+                                              held=heldout_records(ui, 0.2, 0), restarts=2)
+    assert name == "tokens" and l2 == 1e-2
+    assert scores["tokens"][1e-2] > scores["noise"][1e-2]
     labels = gamma.argmax(1)  # the chosen start's split, fitted without the held-out rankings
     assert (labels == truth).all() or (labels == 1 - truth).all()
-    assert scores["tokens"] > -np.log(6)  # better than a random order of 3
+    assert scores["tokens"][1e-2] > -np.log(6)  # better than a random order of 3
+
+
+def test_the_l2_path_keeps_the_penalty_that_predicts_held_out_rankings():
+    from emdpo_ray.train.start import choose_features, heldout_records, l2_path, feature_start
+
+    recs, ui, truth = _two_opposite_types(20, 5)
+    x, mask = response_features(recs)
+    held = heldout_records(ui, 0.2, 0)
+    # a penalty of 10 shrinks every preference to ~0 (a random order, -log 6); 1e-3 keeps them
+    name, l2, scores, gamma = choose_features({"tokens": lambda: x}, mask, ui, 20, 2, seed=0,
+                                              refine_iterations=2, held=held, restarts=2,
+                                              l2s=(10.0, 1e-3))
+    assert l2 == 1e-3 and set(scores["tokens"]) == {10.0, 1e-3}
+    assert scores["tokens"][10.0] == pytest.approx(-np.log(6), abs=0.05)
+    assert scores["tokens"][1e-3] > scores["tokens"][10.0] + 0.3
+    # the path starts at the given fit and each step continues from the one before
+    mix = feature_start(x, mask, ui, 20, 2, seed=0, refine_iterations=2, l2=10.0)
+    path = l2_path(x, mask, ui, 20, mix, [10.0, 1e-3], 2)
+    assert len(path) == 2 and path[0] is mix
+    assert np.abs(path[1].theta).max() > 10 * np.abs(mix.theta).max()
 
 
 def test_mixture_loglik_by_hand():
@@ -169,9 +190,13 @@ def test_reference_features_are_asked_for_only_when_used():
     assert not calls
     # one candidate: its held-out log-likelihood is still measured (EM's guard compares to it)
     assert tok_info["features"] == "tokens" and set(tok_info["heldout_loglik_per_ranking"]) == {"tokens"}
+    assert tok_info["l2"] == 1e-2 and set(tok_info["heldout_loglik_by_l2"]["tokens"]) == {"0.01"}
     info: dict = {}
     g = kmeans_init(recs, ui, 8, 2, 0, 0.1, 2, features="auto", reference_features=ref, info=info)
     assert calls == [1] and set(info["heldout_loglik_per_ranking"]) == {"tokens", "reference", "both"}
+    # fresh restarts on every record vs the chosen start continued: the likelier is kept
+    lls = info["final_logliks"]
+    assert set(lls) == {"fresh", "continued"} and info["final"] == max(lls, key=lls.get)
     labels = g.argmax(1)
     if info["features"] != "reference":  # all-zero reference features carry nothing
         assert (labels == truth).all() or (labels == 1 - truth).all()
