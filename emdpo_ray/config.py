@@ -115,7 +115,8 @@ class EMConfig(_Section):
         "features (cheap, no language model); 0 keeps plain k-means."))
     init_features: Literal["auto", "tokens", "reference", "both"] = Field("auto", description=(
         "What the kmeans start clusters on: 'tokens' (bag-of-tokens counts), 'reference' (the "
-        "reference model's states over the beginning, middle and end of each response), "
+        "reference model's middle-layer states over the beginning, middle and end of each "
+        "response), "
         "'both', or 'auto': the one of the three whose start best predicts held-out rankings "
         "(train/start.py)."))
     init_restarts: int = Field(8, ge=1, description=(

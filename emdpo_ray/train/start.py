@@ -10,8 +10,8 @@ the start must already split users. `kmeans` (default), on per-response features
    k-means split before any policy is trained.
 
 The features (`em.init_features`): `tokens`, bag-of-tokens counts (blind to order and to
-how a preference depends on the prompt); `reference`, the reference model's states pooled
-over the beginning, middle and end of each response (models/features.py); `both`; or `auto`
+how a preference depends on the prompt); `reference`, the reference model's middle-layer
+states pooled over the beginning, middle and end of each response (models/features.py); `both`; or `auto`
 (default), each of the three tried on 80% of every user's rankings and the one whose
 mixture best predicts the other 20% kept (held-out predictive log-likelihood).
 
