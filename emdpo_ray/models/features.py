@@ -4,9 +4,9 @@ A response's representation is the reference's hidden state at its middle layer 
 the response tokens in `segments` equal parts (beginning, middle, end, ...), concatenated.
 The middle layer, not the last: the last specialises in predicting the next token, and on
 every synthetic family the middle one's start recovered the types better
-(docs/start_features.md). Pooling by
-part keeps *where* things are said (token counts cannot: reordered sentences have the same
-counts), and hidden states are conditioned on the prompt. Wide models are projected down
+(docs/start_features.md). Pooling by part keeps *where* things are said (token counts
+cannot: reordered sentences have the same counts), and hidden states are conditioned on the
+prompt. Wide models are projected down
 to `dims` with a fixed Gaussian projection, so the start's cost does not grow with them;
 narrower ones are kept whole (a projection of the tiny model's 144 to 64 dimensions cost the
 `order` start ARI: `make starts`).

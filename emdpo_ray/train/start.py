@@ -11,9 +11,10 @@ the start must already split users. `kmeans` (default), on per-response features
 
 The features (`em.init_features`): `tokens`, bag-of-tokens counts (blind to order and to
 how a preference depends on the prompt); `reference`, the reference model's middle-layer
-states pooled over the beginning, middle and end of each response (models/features.py); `both`; or `auto`
-(default), each of the three tried on 80% of every user's rankings and the one whose
-mixture best predicts the other 20% kept (held-out predictive log-likelihood).
+states pooled over the beginning, middle and end of each response (models/features.py);
+`both`; or `auto` (default), each of the three tried on 80% of every user's rankings and
+the one whose mixture best predicts the other 20% kept (held-out predictive
+log-likelihood).
 
 The linear mixture is fitted from `em.init_restarts` starts (the k-means split, then random
 hard partitions), the one of highest log-likelihood kept: k-means settles on the split that
