@@ -114,13 +114,13 @@ def one(family: str, seed: int, runs: str) -> dict:
               "reference embeddings": lambda: states(0),
               "tokens": lambda: st.response_features(records)[0],
               "generator": lambda: generator_features(records, meta)}
+    held = st.heldout_records(ui, 0.2, seed)
     out = {"family": family, "seed": seed, "users": num_users,
            "oracle": ari(oracle_labels(records, ui, num_users, meta)), "features": {}}
     for name in FEATURES:
         x = makers[name]()
         start = st.feature_start(x, mask, ui, num_users, k, seed, 20, restarts=8)
         path = st.l2_path(x, mask, ui, num_users, start, [1e-2, 1e-3, 1e-4], 20)
-        held = st.heldout_records(ui, 0.2, seed)
         _, l2, _, g = st.choose_features({name: lambda: x}, mask, ui, num_users, k, seed, 20,
                                          held, 8, l2s=(1e-2, 1e-3, 1e-4))
         # as the default start: the chosen start continued on every record, or the fresh

@@ -221,9 +221,8 @@ def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_u
 def l2_path(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
             mix: LinearMixture, l2s: list[float], iterations: int) -> list[LinearMixture]:
     """The mixture `mix` (fitted at l2s[0]) continued down the weaker penalties l2s[1:], each
-    fit started from the previous one's posteriors: [mix, fit at l2s[1], ...]. Weak penalties
-    fit sparse counts better but leave many poor optima; walking down from a strong one keeps
-    the split found where the search was easy (continuation)."""
+    fit started from the previous one's posteriors: [mix, fit at l2s[1], ...]: the restarts
+    run once, at the strongest penalty, and the weaker ones refine their split."""
     out = [mix]
     for l2 in l2s[1:]:
         out.append(fit_linear_mixture(x, mask, user_index, num_users, out[-1].gamma,
