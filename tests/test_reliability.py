@@ -27,15 +27,36 @@ def _replica_pids(name: str, app: str = "emdpo") -> list[int]:
     return out
 
 
-async def _fire(url: str, n: int, body: dict, timeout: float):
+async def _fire_through_kill(url: str, pid: int, body: dict, clients: int = 16,
+                             timeout: float = 60) -> list:
+    """Closed-loop load from `clients` concurrent clients; SIGKILL `pid` once answers are
+    flowing, so requests are in flight at the kill whatever the generation length (a
+    fixed sleep raced short generations that all ended before it). Each client stops
+    sending after the kill; every request's response (or timeout) is returned."""
+    killed = asyncio.Event()
+    answered = asyncio.Event()
+    results = []
     async with httpx.AsyncClient(base_url=url, timeout=timeout,
                                  headers={"Authorization": f"Bearer {KEY}"}) as c:
-        async def one(i):
-            try:
-                return await c.post("/v1/completions", json={**body, "seed": i})
-            except httpx.TimeoutException as e:
-                return e
-        return await asyncio.gather(*(one(i) for i in range(n)))
+        async def client(i):
+            seed = i
+            while not killed.is_set():
+                try:
+                    r = await c.post("/v1/completions", json={**body, "seed": seed})
+                except httpx.TimeoutException as e:
+                    r = e
+                results.append(r)
+                answered.set()
+                seed += clients
+
+        async def killer():
+            await answered.wait()
+            await asyncio.sleep(0.2)
+            os.kill(pid, signal.SIGKILL)
+            killed.set()
+
+        await asyncio.gather(killer(), *(client(i) for i in range(clients)))
+    return results
 
 
 def test_policy_replica_killed_mid_flight(server, reliability_report):
@@ -46,16 +67,10 @@ def test_policy_replica_killed_mid_flight(server, reliability_report):
     assert client.post("/v1/completions", json={"prompt": "warm", "max_tokens": 2}).status_code == 200
     before = _replica_pids("PolicyServer")
     assert len(before) == 1, before
-    n = 32
-
-    async def scenario():
-        task = asyncio.ensure_future(_fire(url, n, {"prompt": "Tell me", "max_tokens": 24}, 60))
-        await asyncio.sleep(0.4)
-        os.kill(before[0], signal.SIGKILL)
-        return await task
-
     t0 = time.perf_counter()
-    results = asyncio.run(scenario())
+    results = asyncio.run(_fire_through_kill(url, before[0], {"prompt": "Tell me",
+                                                              "max_tokens": 24}))
+    n = len(results)
     wall = time.perf_counter() - t0
     hung = [r for r in results if isinstance(r, Exception)]
     assert not hung, hung                      # nothing waited out the client's timeout
@@ -160,8 +175,6 @@ def test_dead_replica_without_retries_gets_503_with_retry_after(server, tmp_path
     try:
         pids = [p for p in _replica_pids("PolicyServer", app="strict")]
         assert len(pids) == 1
-        n = 32
-
         async def stream():
             async with httpx.AsyncClient(base_url=f"{url}/strict", timeout=60,
                                          headers={"Authorization": f"Bearer {KEY}"}) as c:
@@ -170,12 +183,10 @@ def test_dead_replica_without_retries_gets_503_with_retry_after(server, tmp_path
                     return r.status_code, [line async for line in r.aiter_lines() if line]
 
         async def scenario():
-            task = asyncio.ensure_future(_fire(f"{url}/strict", n,
-                                               {"prompt": "Tell me", "max_tokens": 24}, 60))
             streamed = asyncio.ensure_future(stream())
-            await asyncio.sleep(0.4)
-            os.kill(pids[0], signal.SIGKILL)
-            return await task, await streamed
+            results = await _fire_through_kill(f"{url}/strict", pids[0],
+                                               {"prompt": "Tell me", "max_tokens": 24})
+            return results, await streamed
 
         results, (stream_status, events) = asyncio.run(scenario())
         # a stream cut by the kill says so in an error event, then ends; it never hangs
@@ -183,6 +194,7 @@ def test_dead_replica_without_retries_gets_503_with_retry_after(server, tmp_path
         if not any('"finish_reason": "' in e for e in events):
             assert '"service_unavailable"' in events[-2], events[-3:]
         assert not [r for r in results if isinstance(r, Exception)]
+        n = len(results)
         codes = [r.status_code for r in results]
         assert set(codes) <= {200, 503} and 503 in codes, codes
         for r in results:
