@@ -8,7 +8,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-unit test-heavy demo bench identifiability starts start-features policies-serve-types sft-reference em-ground smoke-smollm2 lint clean
+.PHONY: setup test test-unit test-heavy demo bench identifiability starts start-features policies-serve-types sft-reference em-ground mstep-fit smoke-smollm2 lint clean
 
 setup: $(STAMP)
 
@@ -84,6 +84,12 @@ sft-reference: setup
 # EM started from the true labels, per family and M-step scheme: docs/em_ground.json
 em-ground: setup
 	$(BIN)/python experiments/em_ground.py
+
+# How much of the types' preferences the M-step's policies learn (held-out vs in-sample, per
+# M-step setting, from the true labels): docs/mstep_fit.{json,md}; needs `make starts` first
+# (about 25 minutes)
+mstep-fit: setup
+	$(BIN)/python experiments/mstep_fit.py
 
 lint: setup
 	$(BIN)/ruff check emdpo_ray tests
