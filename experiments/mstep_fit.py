@@ -4,14 +4,13 @@ From the true labels (`em.init=labels`), two EM iterations per M-step setting on
 `make starts` data (300 users, 10 rankings of 3, shares 0.5/0.3/0.2) and its SFT reference,
 the guard's held-out rankings (a fifth of each user's, never trained on) predicted from each
 user's other rankings: per ranking, by the type policies (`held-out`), and beside them the
-mixture log-likelihood per ranking of all rankings, four fifths of them trained on (`all`,
-the E-step's). Bounds on the same
-held-out rankings: the true rewards of the user's type (`oracle`), a linear Plackett-Luce
-model per type on token counts fitted to the labels (`tokens, labels`), a uniformly random
-order (`random`).
+E-step's mixture log-likelihood per ranking of all rankings, four fifths of them trained on
+(`all`). Bounds on the same held-out rankings: the true rewards of the user's type
+(`oracle`), a linear Plackett-Luce model per type on token counts fitted to the labels
+(`tokens, labels`), a uniformly random order (`random`).
 
     .venv/bin/python experiments/mstep_fit.py [--family linear] [--seed 0]
-        [--settings default,epochs6,...]
+        [--settings "default,epochs 6,full fine-tuning"]   (names: SETTINGS below)
 
 Needs `make starts` first (its data and reference). Writes docs/mstep_fit.{json,md}.
 """
@@ -114,7 +113,8 @@ def table(res: dict) -> str:
         "the E-step's mixture log-likelihood per ranking of all rankings (four fifths of them",
         "trained on).",
         "",
-        "| M-step setting | held-out: iteration 1, 2 | all rankings: iteration 1, 2 | ARI: iteration 1, 2 | seconds |",
+        "| M-step setting | held-out: iteration 1, 2 | all rankings: iteration 1, 2 "
+        "| ARI: iteration 1, 2 | seconds |",
         "| --- | --- | --- | --- | --- |",
     ]
     for r in res["runs"]:

@@ -175,6 +175,7 @@ def test_dead_replica_without_retries_gets_503_with_retry_after(server, tmp_path
     try:
         pids = [p for p in _replica_pids("PolicyServer", app="strict")]
         assert len(pids) == 1
+
         async def stream():
             async with httpx.AsyncClient(base_url=f"{url}/strict", timeout=60,
                                          headers={"Authorization": f"Bearer {KEY}"}) as c:
