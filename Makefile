@@ -86,8 +86,8 @@ em-ground: setup
 	$(BIN)/python experiments/em_ground.py
 
 # How much of the types' preferences the M-step's policies learn (held-out vs in-sample, per
-# M-step setting, from the true labels): docs/mstep_fit.{json,md}; needs `make starts` first
-# (about 25 minutes)
+# M-step setting, from the true labels, seeds 0 and 1): docs/mstep_fit.{json,md}; needs
+# `make starts` first (about 50 minutes)
 mstep-fit: setup
 	$(BIN)/python experiments/mstep_fit.py
 

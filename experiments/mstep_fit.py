@@ -7,9 +7,9 @@ user's other rankings: per ranking, by the type policies (`held-out`), and besid
 E-step's mixture log-likelihood per ranking of all rankings, four fifths of them trained on
 (`all`). Bounds on the same held-out rankings: the true rewards of the user's type
 (`oracle`), a linear Plackett-Luce model per type on token counts fitted to the labels
-(`tokens, labels`), a uniformly random order (`random`).
+(`tokens, labels`), a uniformly random order (`random`). 95% intervals resample users.
 
-    .venv/bin/python experiments/mstep_fit.py [--family linear] [--seed 0]
+    .venv/bin/python experiments/mstep_fit.py [--family linear] [--seeds 0,1]
         [--settings "default,epochs 6,full fine-tuning"]   (names: SETTINGS below)
 
 Needs `make starts` first (its data and reference). Writes docs/mstep_fit.{json,md}.
@@ -55,10 +55,12 @@ def run_setting(family: str, seed: int, name: str, out: str) -> dict:
     train(cfg, data, 3, run, overwrite=True)
     hist = RunDir(run).history()
     n = sum(1 for _ in open(data))
-    return {"setting": name, "overrides": SETTINGS[name], "seconds": round(time.perf_counter() - t),
+    return {"setting": name, "seed": seed, "overrides": SETTINGS[name],
+            "seconds": round(time.perf_counter() - t),
             "ari": [h["ari"] for h in hist[1:]],
             "all_rankings_per_ranking": [h["log_likelihood"] / n for h in hist[1:]],
-            "heldout_per_ranking": [h["guard"]["heldout_loglik_per_ranking"] for h in hist[1:]]}
+            "heldout_per_ranking": [h["guard"]["heldout_loglik_per_ranking"] for h in hist[1:]],
+            "heldout_interval": [h["guard"]["interval"] for h in hist[1:]]}
 
 
 def bounds(family: str, seed: int) -> dict:
@@ -68,7 +70,7 @@ def bounds(family: str, seed: int) -> dict:
     import torch
 
     from emdpo_ray.config import load_config
-    from emdpo_ray.core.estep import smoothed_onehot
+    from emdpo_ray.core.estep import per_ranking_interval, smoothed_onehot
     from emdpo_ray.core.losses import plackett_luce_logp
     from emdpo_ray.data import synth
     from emdpo_ray.data.encode import index_records
@@ -82,72 +84,84 @@ def bounds(family: str, seed: int) -> dict:
     ui, users = index.user_index, index.users
     held = start.heldout_records(ui, cfg.em.guard_holdout, seed)
     meta = json.load(open(data + ".meta.json"))
-    oracle = []
-    for r in np.array(records, dtype=object)[held]:
+    n_held = np.bincount(ui[held], minlength=len(users))
+    oracle = np.zeros(len(users))
+    for r, u in zip(np.array(records, dtype=object)[held], ui[held]):
         rw = synth.true_rewards(meta, [r.prompt] * len(r.responses), r.responses)[r.true_type]
-        oracle.append(float(plackett_luce_logp(torch.tensor(rw[list(r.ranking)])[None])[0]))
+        oracle[u] += float(plackett_luce_logp(torch.tensor(rw[list(r.ranking)])[None])[0])
     labels = np.zeros(len(users), int)
     labels[ui] = [r.true_type for r in records]
     x, mask = start.response_features(records)
     keep = ~held
     mix = start.fit_linear_mixture(x[keep], mask[keep], ui[keep], len(users),
                                    smoothed_onehot(labels, 3, 0.0), 0, 1e-3)
-    tok = start.predictive_loglik(start.record_logliks(x, mask, mix.theta), held, ui,
-                                  len(users), mix.eta) / held.sum()
+    tok = start.predictive_user_logliks(start.record_logliks(x, mask, mix.theta), held, ui,
+                                        len(users), mix.eta)
     m = len(records[0].responses)
-    return {"oracle": float(np.mean(oracle)), "tokens_labels": float(tok),
+    return {"oracle": float(oracle.sum() / held.sum()),
+            "oracle_interval": per_ranking_interval(oracle, n_held),
+            "tokens_labels": float(tok.sum() / held.sum()),
+            "tokens_labels_interval": per_ranking_interval(tok, n_held),
             "random": -math.log(math.factorial(m)), "heldout_rankings": int(held.sum())}
 
 
 def table(res: dict) -> str:
-    b = res["bounds"]
+    seeds = ", ".join(str(a) for a in res["seeds"])
+    held = {b["heldout_rankings"] for b in res["bounds"].values()}
+    ci = lambda v: f"[{v[0]:.3f}, {v[1]:.3f}]"  # noqa: E731
     lines = [
         "# How much of the types' preferences do the policies learn?",
         "",
         "`make mstep-fit` ([`experiments/mstep_fit.py`](../experiments/mstep_fit.py), figures in",
         "[`mstep_fit.json`](mstep_fit.json)): EM from the true labels, two iterations, on the",
-        f"`make starts` data ({res['family']} family, seed {res['seed']}: 300 users, 10 rankings of 3)",
+        f"`make starts` data ({res['family']} family, seeds {seeds}: 300 users, 10 rankings of 3)",
         "and its SFT reference, one M-step setting per row (default settings otherwise).",
-        f"Log-likelihood per ranking of the {b['heldout_rankings']} held-out rankings (a fifth",
-        "of each user's, never trained on), predicted from each user's other rankings, beside",
-        "the E-step's mixture log-likelihood per ranking of all rankings (four fifths of them",
+        f"Log-likelihood per ranking of the {'/'.join(str(h) for h in sorted(held))} held-out",
+        "rankings (a fifth of each user's, never trained on), predicted from each user's other",
+        "rankings, with the 95% interval of iteration 2's figure (resampling users), beside the",
+        "E-step's mixture log-likelihood per ranking of all rankings (four fifths of them",
         "trained on).",
         "",
-        "| M-step setting | held-out: iteration 1, 2 | all rankings: iteration 1, 2 "
-        "| ARI: iteration 1, 2 | seconds |",
-        "| --- | --- | --- | --- | --- |",
+        "| M-step setting | seed | held-out: iteration 1, 2 [interval] "
+        "| all rankings: iteration 1, 2 | ARI: iteration 1, 2 | seconds |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for r in res["runs"]:
+    for r in sorted(res["runs"], key=lambda r: (list(SETTINGS).index(r["setting"])
+                                                if r["setting"] in SETTINGS else 99, r["seed"])):
         f = lambda v: ", ".join(f"{a:.3f}" for a in v)  # noqa: E731
-        lines.append(f"| {r['setting']} | {f(r['heldout_per_ranking'])} | "
+        lines.append(f"| {r['setting']} | {r['seed']} | {f(r['heldout_per_ranking'])} "
+                     f"{ci(r['heldout_interval'][-1])} | "
                      f"{f(r['all_rankings_per_ranking'])} | "
                      f"{', '.join(f'{a:.2f}' for a in r['ari'])} | {r['seconds']} |")
-    lines += [
-        "",
-        f"On the same held-out rankings: the true rewards of each user's type {b['oracle']:.3f},",
-        f"a linear model per type on token counts fitted to the labels {b['tokens_labels']:.3f},",
-        f"a random order {b['random']:.3f}.",
-        "",
-    ]
+    lines += ["", "On the same held-out rankings:", ""]
+    for seed, b in res["bounds"].items():
+        lines.append(f"- seed {seed}: the true rewards of each user's type {b['oracle']:.3f} "
+                     f"{ci(b['oracle_interval'])}, a linear model per type on token counts "
+                     f"fitted to the labels {b['tokens_labels']:.3f} "
+                     f"{ci(b['tokens_labels_interval'])}, a random order {b['random']:.3f}.")
+    lines.append("")
     return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--family", default="linear")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1")
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--out", default=os.path.join(REPO, "runs", "mstep-fit"))
     a = p.parse_args()
     warnings.filterwarnings("ignore")
-    if not os.path.exists(os.path.join(STARTS, f"{a.family}-{a.seed}-reference")):
-        print("run `make starts` first: this study reuses its data and SFT reference",
+    seeds = [int(v) for v in a.seeds.split(",")]
+    if not all(os.path.exists(os.path.join(STARTS, f"{a.family}-{s}-reference")) for s in seeds):
+        print("run `make starts` first: this study reuses its data and SFT references",
               file=sys.stderr)
         return 2
-    res = {"family": a.family, "seed": a.seed, "bounds": bounds(a.family, a.seed), "runs": []}
-    for name in a.settings.split(","):
-        res["runs"].append(run_setting(a.family, a.seed, name, a.out))
-        print(json.dumps(res["runs"][-1]), flush=True)
+    res = {"family": a.family, "seeds": seeds,
+           "bounds": {str(s): bounds(a.family, s) for s in seeds}, "runs": []}
+    for seed in seeds:
+        for name in a.settings.split(","):
+            res["runs"].append(run_setting(a.family, seed, name, a.out))
+            print(json.dumps(res["runs"][-1]), flush=True)
     from emdpo_ray.utils import atomic_write_json, atomic_write_text
 
     atomic_write_json(os.path.join(REPO, "docs", "mstep_fit.json"), res)

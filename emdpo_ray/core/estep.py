@@ -82,6 +82,19 @@ def loglik_drop(prev: EStep | None, cur: EStep, rel_tol: float = 1e-6) -> float 
     return float(drop) if drop > rel_tol * max(abs(prev.loglik), 1.0) else None
 
 
+def per_ranking_interval(user_ll: np.ndarray, user_n: np.ndarray, replicates: int = 1000,
+                         seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile interval of sum(user_ll) / sum(user_n), a log-likelihood per ranking,
+    resampling the users that have rankings (a user's rankings move together: they share
+    the user's type)."""
+    ll, n = np.asarray(user_ll, float), np.asarray(user_n, float)
+    ll, n = ll[n > 0], n[n > 0]
+    draws = np.random.default_rng(seed).integers(0, len(n), (replicates, len(n)))
+    ratio = ll[draws].sum(1) / n[draws].sum(1)
+    return [float(np.percentile(ratio, 50 * (1 - level))),
+            float(np.percentile(ratio, 50 * (1 + level)))]
+
+
 def entropy(log_p: np.ndarray) -> np.ndarray:
     p = np.exp(log_p)
     return -(p * np.where(p > 0, log_p, 0.0)).sum(-1)

@@ -17,13 +17,14 @@ import time
 import numpy as np
 
 from emdpo_ray.config import Config
-from emdpo_ray.core.estep import EStep, converged, e_step, loglik_drop, reference_loglik
+from emdpo_ray.core.estep import (EStep, converged, e_step, loglik_drop, per_ranking_interval,
+                                   reference_loglik)
 from emdpo_ray.data.records import Record
 from emdpo_ray.data.sources import load_records
 from emdpo_ray.run.rundir import RunDir, RunDirError, type_name
 from emdpo_ray.run.storage import checkpoint_from
 from emdpo_ray.train.prepare import prepare_data
-from emdpo_ray.train.start import heldout_records, initial_gamma, predictive_loglik
+from emdpo_ray.train.start import heldout_records, initial_gamma, predictive_user_logliks
 from emdpo_ray.utils import fault_point
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,13 @@ def guard_check(scores: np.ndarray, held: np.ndarray, user_index: np.ndarray, nu
                 eta: np.ndarray, baseline: float | None) -> dict:
     """Do this iteration's policies predict the held-out rankings (from each user's other
     rankings) at least as well as the model behind the current types (`baseline`, per
-    ranking)? {"heldout_loglik_per_ranking", "baseline", "accepted"}."""
-    pred = float(predictive_loglik(scores, held, user_index, num_users, eta) / held.sum())
-    return {"heldout_loglik_per_ranking": pred, "baseline": baseline,
-            "accepted": bool(baseline is None or pred >= baseline)}
+    ranking)? {"heldout_loglik_per_ranking", "interval" (95%, resampling users), "baseline",
+    "accepted"}."""
+    per_user = predictive_user_logliks(scores, held, user_index, num_users, eta)
+    n = np.bincount(user_index[held], minlength=num_users)
+    pred = float(per_user.sum() / held.sum())
+    return {"heldout_loglik_per_ranking": pred, "interval": per_ranking_interval(per_user, n),
+            "baseline": baseline, "accepted": bool(baseline is None or pred >= baseline)}
 
 
 def run_identity(cfg: Config, data_path: str, k: int) -> dict:
@@ -169,8 +173,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
                         if cfg.em.init == "kmeans" and wanted else None)
             gamma = initial_gamma(cfg, k, records, ui, u_count, restart, features, start_info,
                                   held)
-            baseline = (start_info.get("heldout_loglik_per_ranking", {}).get(
-                start_info.get("features")) if held is not None else None)
+            baseline = start_info.get("heldout_loglik_chosen") if held is not None else None
             with np.errstate(divide="ignore"):
                 log_gamma = np.log(gamma)
             eta, it0, prev, ckpt, done = gamma.mean(0), 1, None, None, False

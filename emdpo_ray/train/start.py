@@ -14,14 +14,15 @@ how a preference depends on the prompt); `reference`, the reference model's midd
 states pooled over the beginning, middle and end of each response (models/features.py);
 `both`; or `auto` (default), each of the three tried on 80% of every user's rankings and
 the one whose mixture best predicts the other 20% kept (held-out predictive
-log-likelihood).
+log-likelihood), or the simplest within noise of it (one-standard-error rule).
 
 The linear mixture is fitted from `em.init_restarts` starts (the k-means split, then random
 hard partitions), the one of highest log-likelihood kept: k-means settles on the split that
 the features make obvious, which on types that flip with the prompt is the wrong one. Its L2
 penalty is walked down `em.init_l2` (strongest first, each fit continuing from the last) and
-the strength whose mixture best predicts the held-out rankings kept: sparse token counts
-want a weak penalty, dense reference states a strong one (docs/start_features.md).
+the strength whose mixture best predicts the held-out rankings kept, the strongest within
+noise of the best: sparse token counts want a weak penalty, dense reference states a strong
+one (docs/start_features.md).
 
 `labels` starts from the records' `true_type` (an upper bound for evaluation); `random`
 tries `em.restarts` random hard starts, each scored by one M-step and E-step.
@@ -38,7 +39,7 @@ import torch
 from scipy.special import logsumexp
 
 from emdpo_ray.config import Config
-from emdpo_ray.core.estep import e_step, smoothed_onehot, user_loglik
+from emdpo_ray.core.estep import e_step, per_ranking_interval, smoothed_onehot, user_loglik
 from emdpo_ray.core.losses import plackett_luce_logp
 from emdpo_ray.data.records import Record
 
@@ -168,16 +169,22 @@ def heldout_records(user_index: np.ndarray, fraction: float, seed: int) -> np.nd
     return held
 
 
-def predictive_loglik(scores: np.ndarray, held: np.ndarray, user_index: np.ndarray,
-                      num_users: int, eta: np.ndarray) -> float:
-    """sum_u log p(held rankings of u | u's other rankings) under a mixture with per-record
+def predictive_user_logliks(scores: np.ndarray, held: np.ndarray, user_index: np.ndarray,
+                            num_users: int, eta: np.ndarray) -> np.ndarray:
+    """[U] log p(held rankings of u | u's other rankings) under a mixture with per-record
     log-likelihoods [N, K]: the type posterior from a user's other rankings predicts the
     held-out ones, as the E-step would predict a user's next ranking."""
     with np.errstate(divide="ignore"):
         log_eta = np.log(np.asarray(eta, float))
     seen = log_eta + user_loglik(np.where(held[:, None], 0.0, scores), user_index, num_users)
     both = log_eta + user_loglik(scores, user_index, num_users)
-    return float((logsumexp(both, 1) - logsumexp(seen, 1)).sum())
+    return logsumexp(both, 1) - logsumexp(seen, 1)
+
+
+def predictive_loglik(scores: np.ndarray, held: np.ndarray, user_index: np.ndarray,
+                      num_users: int, eta: np.ndarray) -> float:
+    """sum_u log p(held rankings of u | u's other rankings) (predictive_user_logliks)."""
+    return float(predictive_user_logliks(scores, held, user_index, num_users, eta).sum())
 
 
 def standardized(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -230,6 +237,22 @@ def l2_path(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: 
     return out
 
 
+def simplest_within_noise(per_user: dict, n_held: np.ndarray, level: float = 0.68,
+                          seed: int = 0):
+    """The key of `per_user` ({key: [U] held-out log-likelihoods}, keys from simplest to
+    most complex) chosen by the one-standard-error rule: the simplest candidate whose
+    shortfall from the best, paired per user, is within noise (its `level` interval,
+    resampling users, reaches 0). With few held-out rankings the best score alone is a
+    noisy choice and, among near-equals, favours the candidate that overfits most."""
+    best = max(per_user, key=lambda key: per_user[key].sum())
+    for key in per_user:
+        lo, _ = per_ranking_interval(per_user[best] - per_user[key], n_held, seed=seed,
+                                     level=level)
+        if lo <= 0:
+            return key
+    return best
+
+
 def choose_features(candidates: dict[str, Callable[[], np.ndarray]], mask: np.ndarray,
                     user_index: np.ndarray, num_users: int, k: int, seed: int,
                     refine_iterations: int, held: np.ndarray,
@@ -237,12 +260,13 @@ def choose_features(candidates: dict[str, Callable[[], np.ndarray]], mask: np.nd
                     l2s: tuple[float, ...] = (1e-2,)) -> tuple[str, float, dict, np.ndarray]:
     """The candidate (a function giving features [N, m, V], asked for in turn) and L2
     strength (down the path `l2s`, strongest first) whose start, fitted without the `held`
-    records, best predicts them: (name, l2, {name: {l2: held-out log-likelihood per held-out
-    ranking}}, the chosen start's posteriors [U, K]); `starts` gets each candidate's restart
-    log-likelihoods."""
+    records, predicts them best, or the simplest (fewest dimensions, then strongest L2)
+    within noise of it (simplest_within_noise): (name, l2, {name: {l2: held-out
+    log-likelihood per held-out ranking}}, the chosen start's posteriors [U, K]); `starts`
+    gets each candidate's restart log-likelihoods."""
     keep = ~held
     scores: dict[str, dict[float, float]] = {}
-    best = None
+    fits: dict[tuple[str, float], tuple[int, np.ndarray, np.ndarray]] = {}
     for name, make in candidates.items():
         x = make()
         mix = feature_start(x[keep], mask[keep], user_index[keep], num_users, k, seed,
@@ -252,13 +276,15 @@ def choose_features(candidates: dict[str, Callable[[], np.ndarray]], mask: np.nd
                        refine_iterations)
         scores[name] = {}
         for l2, m in zip(l2s, path):
-            s = record_logliks(x, mask, m.theta)
-            score = predictive_loglik(s, held, user_index, num_users, m.eta) / max(held.sum(), 1)
-            scores[name][l2] = score
-            if best is None or score > best[0]:
-                best = (score, name, l2, m.gamma)
-    _, chosen, l2, gamma = best
-    return chosen, l2, scores, gamma
+            per_user = predictive_user_logliks(record_logliks(x, mask, m.theta), held,
+                                               user_index, num_users, m.eta)
+            scores[name][l2] = float(per_user.sum() / max(held.sum(), 1))
+            fits[(name, l2)] = (x.shape[-1], per_user, m.gamma)
+    order = sorted(fits, key=lambda key: (fits[key][0], -key[1]))
+    chosen, l2 = simplest_within_noise({key: fits[key][1] for key in order},
+                                       np.bincount(user_index[held], minlength=num_users),
+                                       seed=seed)
+    return chosen, l2, scores, fits[(chosen, l2)][2]
 
 
 def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k: int,
@@ -299,6 +325,7 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
                                                     restarts, starts, l2s)
         if info is not None:
             info["heldout_loglik_per_ranking"] = {n: max(v.values()) for n, v in scores.items()}
+            info["heldout_loglik_chosen"] = scores[chosen][l2]
             info["heldout_loglik_by_l2"] = {n: {str(a): b for a, b in v.items()}
                                             for n, v in scores.items()}
             info["restarts"] = starts

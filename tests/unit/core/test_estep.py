@@ -83,7 +83,22 @@ def test_guard_keeps_an_update_only_if_held_out_rankings_are_predicted_as_well()
     held, ui, eta = np.array([False, True]), np.array([0, 0]), np.array([0.5, 0.5])
     g = guard_check(scores, held, ui, 1, eta, baseline=None)
     assert g["heldout_loglik_per_ranking"] == pytest.approx(np.log(7 / 12)) and g["accepted"]
+    assert g["interval"] == pytest.approx([np.log(7 / 12)] * 2)  # one user: nothing to resample
     json.dumps(g)  # history.json takes it as is
     assert guard_check(scores, held, ui, 1, eta, baseline=-0.6)["accepted"]
     rejected = guard_check(scores, held, ui, 1, eta, baseline=-0.5)
     assert not rejected["accepted"] and rejected["baseline"] == -0.5
+
+
+def test_per_ranking_interval_resamples_users_by_hand():
+    from emdpo_ray.core.estep import per_ranking_interval
+
+    # two users with one ranking each, log-likelihoods 0 and -2: a resample holds both twice
+    # (per ranking 0 or -2, probability 1/4 each) or one of each (-1, probability 1/2), so
+    # the 95% interval runs from -2 to 0
+    assert per_ranking_interval(np.array([0.0, -2.0]), np.array([1, 1])) == [-2.0, 0.0]
+    # users without rankings are not drawn; equal users leave no uncertainty
+    assert per_ranking_interval(np.array([-3.0, 0.0, -3.0]), np.array([2, 0, 2])) == [-1.5, -1.5]
+    # a user with two rankings counts for two in the ratio: (-4 + 0) / (2 + 2) on a 50:50 draw
+    lo, hi = per_ranking_interval(np.array([-4.0, 0.0]), np.array([2, 2]), level=0.4)
+    assert lo == hi == -1.0
