@@ -109,8 +109,9 @@ from `em.init_restarts` = 8 starts (the k-means split of the users, then random 
 each run 5 iterations and the likeliest run on to 20, then its L2 penalty walked down
 `em.init_l2` (1e-2, 1e-3, 1e-4); `auto`: the same on token counts, the reference model's
 states (middle layer, pooled over the beginning, middle and end of each response), or both,
-and at the L2 strength, whichever predicts held-out rankings best (`features, L2 chosen`;
-why: [`start_features.md`](start_features.md)). Earlier defaults, same data and references:
+and at the L2 strength, whichever predicts held-out rankings best, or the simplest within
+noise of it (the one-standard-error rule; `features, L2 chosen`; why:
+[`start_features.md`](start_features.md)). Earlier defaults, same data and references:
 the k-means split alone in [`starts-kmeans-only.json`](starts-kmeans-only.json); 8 restarts
 of 20 iterations with the reference's states projected to 64 dimensions in
 [`starts-dims64.json`](starts-dims64.json); short-run restarts, the last layer's states and
@@ -129,7 +130,8 @@ and at a DPO learning rate of 5e-3 in [`starts-lr5e-3.json`](starts-lr5e-3.json)
 
 def table(results: list[dict]) -> str:
     rows = ["| family | start | seed | features, L2 chosen | ARI: start, iter 1, 2, 3 | "
-            "guard: held-out log-lik per ranking, model behind the types vs new policies | "
+            "guard: held-out log-lik per ranking, model behind the types vs new policies "
+            "[95% interval] | "
             "held-out log-lik per ranking | log-lik falls |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
@@ -137,6 +139,7 @@ def table(results: list[dict]) -> str:
         checks = [g for g in r.get("guard", []) if g]
         guard = "; ".join(("-" if g["baseline"] is None else f"{g['baseline']:.3f}")
                           + f" vs {g['heldout_loglik_per_ranking']:.3f}"
+                          + (" [{:.3f}, {:.3f}]".format(*g["interval"]) if "interval" in g else "")
                           + ("" if g["accepted"] else " stop") for g in checks) or "off"
         rows.append(f"| {r['family']} | {r['config']} | {r['seed']} | "
                     f"{r['start'].get('features', '-')}, {r['start'].get('l2', '-')} | "
