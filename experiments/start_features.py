@@ -16,8 +16,8 @@ exact model class, a bound, not a start). Three numbers each, ARI against the tr
 - `start`: the start on those features (k-means, then 8 restarts, 20 iterations) at the L2
   penalty 1e-2, then walked down to 1e-3 and 1e-4 (train/start.py's l2_path), and as the
   default start ends (`chosen L2`): the L2 whose start, fitted on 80% of each user's
-  rankings, best predicts the rest, continued on all of them or the restarts walked down to
-  it, whichever is likelier;
+  rankings, best predicts the rest (or the strongest within noise of it), continued on all
+  of them or the restarts walked down to it, whichever is likelier;
 - `labels, fitted once`: the mixture fitted to the true labels, users then assigned by it (what
   the features can carry when the types are known);
 - `labels, after EM`: the same mixture run 20 EM iterations from there (whether the true
@@ -150,7 +150,8 @@ figures in [`start_features.json`](start_features.json)), on the data and SFT re
 `make starts` (300 users, 10 rankings of 3, shares 0.5/0.3/0.2). ARI of the linear
 Plackett-Luce mixture of the start on each feature set: the start at L2 1e-2 (`start`), walked
 down to 1e-3 and 1e-4, and at the L2 whose fit without a fifth of each user's rankings best
-predicts them (`chosen L2`, as the default start chooses), the
+predicts them, or the strongest within noise of it (`chosen L2`, as the default start
+chooses), the
 mixture fitted once to the true labels (`labels, once`: what the features carry when the types
 are known), and run 20 EM iterations from there (`labels, EM`). `generator` is the
 generator's own features, the exact model class of the true rewards: a bound, not a start.
