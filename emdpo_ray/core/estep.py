@@ -89,8 +89,12 @@ def per_ranking_interval(user_ll: np.ndarray, user_n: np.ndarray, replicates: in
     the user's type)."""
     ll, n = np.asarray(user_ll, float), np.asarray(user_n, float)
     ll, n = ll[n > 0], n[n > 0]
-    draws = np.random.default_rng(seed).integers(0, len(n), (replicates, len(n)))
-    ratio = ll[draws].sum(1) / n[draws].sum(1)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 10_000_000 // len(n))  # draws held at once: bounded for a million users
+    ratio = np.empty(replicates)
+    for s in range(0, replicates, chunk):
+        draws = rng.integers(0, len(n), (min(chunk, replicates - s), len(n)))
+        ratio[s:s + len(draws)] = ll[draws].sum(1) / n[draws].sum(1)
     return [float(np.percentile(ratio, 50 * (1 - level))),
             float(np.percentile(ratio, 50 * (1 + level)))]
 
