@@ -215,8 +215,10 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
                 done, d_gamma = True, 0.0
                 say(f"iter {it}: these policies predict held-out rankings worse than "
                     f"{'the start' if it == 1 else f'iteration {it - 1}'} did "
-                    f"({guard['heldout_loglik_per_ranking']:.3f} vs {guard['baseline']:.3f} "
-                    "per ranking): keeping the current types and stopping")
+                    f"({guard['heldout_loglik_per_ranking']:.3f}, 95% interval "
+                    f"[{guard['interval'][0]:.3f}, {guard['interval'][1]:.3f}], vs "
+                    f"{guard['baseline']:.3f} per ranking): keeping the current types and "
+                    "stopping")
             ckpt = res.checkpoint
             a = ari(true_types, gamma)
             m = res.metrics
