@@ -67,7 +67,7 @@ starts: setup
 	$(BIN)/python experiments/starts.py
 
 # What the start's features carry (true labels fitted once vs EM from them), per family:
-# docs/start_features.{json,md}; needs `make starts` first (about 5 minutes)
+# docs/start_features.{json,md}; needs `make starts` first (about 18 minutes)
 start-features: setup
 	$(BIN)/python experiments/start_features.py
 

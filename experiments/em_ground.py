@@ -3,13 +3,13 @@
 EM iterations, per synthetic family and M-step scheme.
 
     .venv/bin/python experiments/em_ground.py [--families linear,contextual]
-        [--configs insample-warm,crossfit-warm] [--seeds 0] [--users 120]
+        [--configs insample-warm,crossfit-warm] [--seeds 0] [--users 120] [--out FILE]
 
 Schemes: `insample` scores each record with policies trained on it, `crossfit` with the
 fold's policy that never saw its user (em.cross_fit); `warm` continues each M-step from the
 previous policies (em.warm_start), `restart` trains from the reference every M-step.
 Three unbalanced types (shares 0.5/0.3/0.2), 8 rankings of 3 per user, 3 iterations.
-Writes docs/em_ground.json (per run: ARI and log-likelihood per iteration).
+Writes docs/em_ground.json, or --out (per run: ARI and log-likelihood per iteration).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main() -> int:
     p.add_argument("--configs", default=",".join(SCHEMES))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--users", type=int, default=120)
+    p.add_argument("--out", default=os.path.join(REPO, "docs", "em_ground.json"))
     a = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore")
@@ -74,7 +75,7 @@ def main() -> int:
             for scheme in a.configs.split(","):
                 results.append(run_one(family, scheme, seed, a.users, out))
                 print(json.dumps(results[-1]), flush=True)
-                atomic_write_json(os.path.join(REPO, "docs", "em_ground.json"), results)
+                atomic_write_json(a.out, results)
     return 0
 
 

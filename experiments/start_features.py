@@ -7,19 +7,25 @@ unsupervised start loses it. Needs the data and SFT references of `make starts`.
 Per family and seed (runs/starts/<family>-<seed>.jsonl, its reference), for each feature set
 of the start's linear Plackett-Luce mixture (train/start.py): the reference's states pooled
 over the beginning, middle and end of each response from its middle layer (`reference`, the
-default), from its last layer (the default before), and from its token embeddings; token
-counts (`tokens`); and
+default), from its last layer (the default before), from its token embeddings, and from its
+middle layer pooled over 8 parts (`reference 8 parts`, finer positions); token counts
+(`tokens`) and token counts in each third of the response (`tokens by position`, the cheap
+analogue of the pooled states); and
 the generator's own features (`generator`: the style counts the true reward is linear in, of
 the first sentence for `order`, of the response otherwise, for `contextual` per context; the
-exact model class, a bound, not a start). Three numbers each, ARI against the true types:
+exact model class, a bound, not a start). ARI against the true types:
 
 - `start`: the start on those features (k-means, then 8 restarts, 20 iterations) at the L2
   penalty 1e-2, then walked down to 1e-3 and 1e-4 (train/start.py's l2_path), and as the
   default start ends (`chosen L2`): the L2 whose start, fitted on 80% of each user's
   rankings, best predicts the rest (or the strongest within noise of it), continued on all
   of them or the restarts walked down to it, whichever is likelier;
-- `labels, fitted once`: the mixture fitted to the true labels, users then assigned by it (what
-  the features can carry when the types are known);
+- `labels, fitted once`: the mixture fitted to the true labels, users then assigned by it;
+  in-sample, each user's own rankings helped fit the weights that assign them, which
+  flatters wide features;
+- `labels, cross-fitted`: the same at the chosen L2, out of sample: users in five folds,
+  each fold assigned by a mixture fitted to the true labels of the other four (what the
+  features can carry when the types are known: a ceiling for any start on them);
 - `labels, after EM`: the same mixture run 20 EM iterations from there (whether the true
   split is a fixed point the start could converge to, or EM drifts away from it).
 
@@ -37,7 +43,26 @@ import warnings
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FEATURES = ["reference", "reference last layer", "reference embeddings", "tokens", "generator"]
+FEATURES = ["reference", "reference last layer", "reference embeddings", "reference 8 parts",
+            "tokens", "tokens by position", "generator"]
+
+
+def positional_counts(records, parts: int = 3) -> np.ndarray:
+    """[N, m, parts * V] token counts of each ranked response in `parts` equal parts of its
+    tokens (beginning, middle, end): the cheap analogue of the reference's pooled states."""
+    import re
+
+    token = re.compile(r"(?u)\b\w+\b|[^\w\s]")
+    vocab = {t: i for i, t in enumerate(sorted({t for r in records for y in r.responses
+                                                 for t in token.findall(y.lower())}))}
+    m = max(len(r.responses) for r in records)
+    x = np.zeros((len(records), m, parts * len(vocab)), np.float32)
+    for i, r in enumerate(records):
+        for j, y in enumerate(r.ranked):
+            toks = token.findall(y.lower())
+            for p, t in enumerate(toks):
+                x[i, j, min(parts - 1, p * parts // len(toks)) * len(vocab) + vocab[t]] += 1
+    return x
 
 
 def generator_features(records, meta: dict) -> np.ndarray:
@@ -77,6 +102,23 @@ def oracle_labels(records, user_index, num_users, meta: dict) -> np.ndarray:
     return e_step(scores, user_index, num_users, np.asarray(meta["shares"])).gamma.argmax(1)
 
 
+def crossfit_labels(x, mask, user_index, num_users, truth, k: int, folds: int = 5,
+                    l2: float = 1e-2) -> np.ndarray:
+    """Each user's MAP type under a linear mixture fitted to the true labels of the users in
+    the other folds (out of sample: no user's rankings fit the weights that assign it)."""
+    from emdpo_ray.core.estep import e_step, smoothed_onehot
+    from emdpo_ray.train import start as st
+
+    fold = np.random.default_rng(0).integers(0, folds, num_users)[user_index]
+    gamma = smoothed_onehot(truth, k, 0.05)
+    scores = np.zeros((len(x), k))
+    for f in range(folds):
+        fit = fold != f
+        mix = st.fit_linear_mixture(x[fit], mask[fit], user_index[fit], num_users, gamma, 0, l2)
+        scores[~fit] = st.record_logliks(x[~fit], mask[~fit], mix.theta)
+    return e_step(scores, user_index, num_users, gamma.mean(0)).gamma.argmax(1)
+
+
 def one(family: str, seed: int, runs: str) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
@@ -106,13 +148,16 @@ def one(family: str, seed: int, runs: str) -> dict:
     def ari(labels) -> float:
         return round(float(adjusted_rand_score(truth, labels)), 3)
 
-    def states(layer: int | None) -> np.ndarray:
+    def states(layer: int | None, parts: int = 3) -> np.ndarray:
         return st.standardized(response_representations(model, enc.arrays(), torch.device("cpu"),
+                                                        segments=parts, dims=1 << 16,
                                                         layer=layer), mask)
 
     makers = {"reference": lambda: states(None), "reference last layer": lambda: states(-1),
               "reference embeddings": lambda: states(0),
+              "reference 8 parts": lambda: states(None, 8),
               "tokens": lambda: st.response_features(records)[0],
+              "tokens by position": lambda: positional_counts(records),
               "generator": lambda: generator_features(records, meta)}
     held = st.heldout_records(ui, 0.2, seed)
     out = {"family": family, "seed": seed, "users": num_users,
@@ -137,7 +182,9 @@ def one(family: str, seed: int, runs: str) -> dict:
             "start_l2_path": [ari(m.gamma.argmax(1)) for m in path],
             "chosen_l2": l2, "start_chosen_l2": ari(final.gamma.argmax(1)),
             "start_loglik": round(st.mixture_loglik(x, mask, ui, num_users, start), 1),
-            "labels_once": ari(once_g.argmax(1)), "labels_em": ari(em.gamma.argmax(1)),
+            "labels_once": ari(once_g.argmax(1)),
+            "labels_crossfit": ari(crossfit_labels(x, mask, ui, num_users, truth, k, l2=l2)),
+            "labels_em": ari(em.gamma.argmax(1)),
             "labels_em_loglik": round(st.mixture_loglik(x, mask, ui, num_users, em), 1)}
         print(family, seed, name, out["features"][name], flush=True)
     return out
@@ -147,29 +194,35 @@ HEADER = """# What the start's features carry
 
 `make start-features` ([`experiments/start_features.py`](../experiments/start_features.py),
 figures in [`start_features.json`](start_features.json)), on the data and SFT references of
-`make starts` (300 users, 10 rankings of 3, shares 0.5/0.3/0.2). ARI of the linear
-Plackett-Luce mixture of the start on each feature set: the start at L2 1e-2 (`start`), walked
-down to 1e-3 and 1e-4, and at the L2 whose fit without a fifth of each user's rankings best
-predicts them, or the strongest within noise of it (`chosen L2`, as the default start
-chooses), the
-mixture fitted once to the true labels (`labels, once`: what the features carry when the types
-are known), and run 20 EM iterations from there (`labels, EM`). `generator` is the
-generator's own features, the exact model class of the true rewards: a bound, not a start.
-`oracle`: users assigned by the true rewards.
+`make starts` (300 users, 10 rankings of 3, shares 0.5/0.3/0.2). Feature sets: the
+reference's states pooled over the beginning, middle and end of each response from its middle
+layer (`reference`, the default), its last layer and its token embeddings, and from its middle
+layer over 8 parts; token counts, and token counts in each third of the response (`tokens by
+position`). ARI of the linear Plackett-Luce mixture of the start on each feature set: the
+start at L2 1e-2 (`start`), walked down to 1e-3 and 1e-4, and at the L2 whose fit without a
+fifth of each user's rankings best predicts them, or the strongest within noise of it
+(`chosen L2`, as the default start chooses); the mixture fitted once to the true labels and
+users assigned by it (`labels, once`: in-sample, each user's rankings help fit the weights
+that assign it); the same out of sample (`labels, cross-fitted`, at the chosen L2: five folds
+of users, each assigned by the mixture fitted to the other four's true labels; what the
+features carry when the types are known, a ceiling for any start on them); and 20 EM
+iterations from the labels (`labels, EM`). `generator` is the generator's own features, the
+exact model class of the true rewards: a bound, not a start. `oracle`: users assigned by the
+true rewards.
 
 """
 
 
 def table(results: list[dict]) -> str:
     rows = ["| family | seed | oracle | features | dims | start | L2 1e-3, 1e-4 | chosen L2 | "
-            "labels, once | labels, EM | log-lik: start vs labels-EM |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "labels, once | labels, cross-fitted | labels, EM | log-lik: start vs labels-EM |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         for name, f in r["features"].items():
             rows.append(f"| {r['family']} | {r['seed']} | {r['oracle']:.2f} | {name} | {f['dims']} "
                         f"| {f['start']:.2f} | {f['start_l2_path'][1]:.2f}, {f['start_l2_path'][2]:.2f} "
                         f"| {f['chosen_l2']:g}: {f['start_chosen_l2']:.2f} "
-                        f"| {f['labels_once']:.2f} | {f['labels_em']:.2f} | "
+                        f"| {f['labels_once']:.2f} | {f['labels_crossfit']:.2f} | {f['labels_em']:.2f} | "
                         f"{f['start_loglik']:.0f} vs {f['labels_em_loglik']:.0f} |")
     return "\n".join(rows)
 

@@ -8,7 +8,9 @@ up to 3 EM iterations, default settings but for the start (`em.init`, `em.init_f
 iteration the ARI against the true types and the log-likelihood; after EM the held-out
 predictive log-likelihood: 4 new rankings per user, drawn from the user's true type, scored
 by the mixture (the user's posterior over the learned policies), per ranking; -log 3! = -1.792
-is a uniformly random order. The runs of one family and seed share one SFT reference (the
+is a uniformly random order; the JSON also gives it with the policies' rewards scaled by 0.5
+and 0.25 (`heldout_loglik_by_temperature`: does a less confident policy predict better?). The
+runs of one family and seed share one SFT reference (the
 first run's). Writes docs/starts.json and docs/starts.md.
 """
 
@@ -32,8 +34,13 @@ CONFIGS = {
 SHARES = [0.5, 0.3, 0.2]
 
 
-def heldout_loglik(run: str, data: str, per_user: int, seed: int) -> float:
-    """Mean predictive log-likelihood of new rankings by the run's users (see above)."""
+TEMPERATURES = (1.0, 0.5, 0.25)
+
+
+def heldout_loglik(run: str, data: str, per_user: int, seed: int) -> dict[float, float]:
+    """Mean predictive log-likelihood of new rankings by the run's users (see above), with
+    the policies' rewards scaled by each of TEMPERATURES (1: as trained; below 1: less
+    confident, which shows whether the policies rank with too much confidence)."""
     from scipy.special import logsumexp
 
     from emdpo_ray.core.losses import plackett_luce_logp
@@ -59,13 +66,15 @@ def heldout_loglik(run: str, data: str, per_user: int, seed: int) -> float:
         users += [u] * per_user
     k = len(next(iter(post.values())))
     rewards, mask = policy_rewards(rd, cfg, recs, k)
-    ll = torch.stack([plackett_luce_logp(torch.as_tensor(rewards[:, :, j]), torch.as_tensor(mask))
-                      for j in range(k)], 1).double().numpy()                # [n, K]
-    total = 0.0
-    for u in post:
-        rows = [i for i, v in enumerate(users) if v == u]
-        total += float(logsumexp(np.asarray(post[u], float) + ll[rows].sum(0)))
-    return total / len(recs)
+    rows = {u: [i for i, v in enumerate(users) if v == u] for u in post}
+    out = {}
+    for t in TEMPERATURES:
+        ll = torch.stack([plackett_luce_logp(torch.as_tensor(t * rewards[:, :, j]),
+                                             torch.as_tensor(mask))
+                          for j in range(k)], 1).double().numpy()            # [n, K]
+        out[t] = sum(float(logsumexp(np.asarray(post[u], float) + ll[rows[u]].sum(0)))
+                     for u in post) / len(recs)
+    return out
 
 
 def run_one(family: str, config: str, seed: int, users: int, out: str, extra: list[str]) -> dict:
@@ -97,7 +106,12 @@ def run_one(family: str, config: str, seed: int, users: int, out: str, extra: li
             "log_likelihood": [h["log_likelihood"] for h in hist],
             "loglik_drops": [h.get("loglik_drop") for h in hist[1:]],
             "guard": [h.get("guard") for h in hist[1:]],
-            "heldout_loglik_per_ranking": heldout_loglik(run, data, 4, seed)}
+            **heldout_figures(heldout_loglik(run, data, 4, seed))}
+
+
+def heldout_figures(by_temperature: dict[float, float]) -> dict:
+    return {"heldout_loglik_per_ranking": by_temperature[1.0],
+            "heldout_loglik_by_temperature": {str(t): v for t, v in by_temperature.items()}}
 
 
 HEADER = """# Which start recovers the types?
