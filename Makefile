@@ -72,9 +72,9 @@ start-features: setup
 	$(BIN)/python experiments/start_features.py
 
 # Do the policies serve their types? Reward matrices of generations on held-out prompts,
-# two typed sets, seeds 0 and 1: docs/policies_serve_types.{json,png} (about 6 minutes in all)
+# two typed sets, seeds 0 and 1: docs/policies_serve_types.{json,png} (about 9 minutes in all)
 policies-serve-types: setup
-	$(BIN)/python experiments/policies_serve_types.py --seeds 0 1
+	$(BIN)/python experiments/policies_serve_types.py --seeds 0 1 --prompts 48 --samples 8
 
 # What the SFT reference does to type inference on new rankings: docs/sft_reference.json
 # (about 10 minutes)

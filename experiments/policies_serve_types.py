@@ -1,10 +1,13 @@
 """`make policies-serve-types`: does each type's policy write what that type prefers?
 
-    .venv/bin/python experiments/policies_serve_types.py [--seeds 0 1]
+    .venv/bin/python experiments/policies_serve_types.py [--seeds 0 1] [--prompts 48]
+        [--samples 8]
 
 For each typed set and seed: synthesise users, `emdpo-ray train` with the demo's config
-(SFT reference, EM-DPO, MMRA), `emdpo-ray eval`; then read the reward matrix of every
-policy's generations on held-out prompts under every true type (report/generations.py).
+(SFT reference, EM-DPO, MMRA; `--prompts` held-out prompts x `--samples` samples per
+policy for MMRA and the evaluation, the demo's 24 x 4 by default), `emdpo-ray eval`; then
+read the reward matrix of every policy's generations on held-out prompts under every true
+type (report/generations.py).
 
 - `demo`: the project's own three types (the data of `make demo`), equal shares;
 - `unseen`: four types in unbalanced shares (0.4, 0.3, 0.2, 0.1) whose preferences are
@@ -44,14 +47,14 @@ def make_data(name: str, seed: int, path: str) -> int:
     return 4
 
 
-def run_one(name: str, seed: int, out: str) -> dict:
+def run_one(name: str, seed: int, out: str, extra: list[str]) -> dict:
     data = os.path.join(out, f"{name}-{seed}.jsonl")
     run = os.path.join(out, f"{name}-{seed}")
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     k = make_data(name, seed, data)
     subprocess.run([f"{BIN}/emdpo-ray", "train", "--data", data, "--types", str(k), "--out", run,
                     "--config", os.path.join(REPO, "jobs", "demo.yaml"), "--overwrite",
-                    "--set", f"seed={seed}", "--format", "json"],
+                    "--set", f"seed={seed}", *extra, "--format", "json"],
                    check=True, env=env, capture_output=True)
     p = subprocess.run([f"{BIN}/emdpo-ray", "eval", "--run", run, "--data", data, "--format",
                         "json"], check=True, env=env, capture_output=True, text=True)
@@ -104,12 +107,17 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--sets", nargs="+", default=SETS, choices=SETS)
     p.add_argument("--out", default=os.path.join(REPO, "runs", "policies-serve-types"))
+    p.add_argument("--prompts", type=int, help="held-out prompts (mmra.num_prompts, of 48)")
+    p.add_argument("--samples", type=int, help="samples per prompt and policy")
     a = p.parse_args()
+    extra = [arg for key, v in (("mmra.num_prompts", a.prompts),
+                                ("mmra.samples_per_prompt", a.samples)) if v is not None
+             for arg in ("--set", f"{key}={v}")]
     os.makedirs(a.out, exist_ok=True)
     results = []
     for name in a.sets:
         for seed in a.seeds:
-            r = run_one(name, seed, a.out)
+            r = run_one(name, seed, a.out, extra)
             results.append(r)
             print(f"{name} seed {seed}: ARI {r['ari']:.3f}, own policy best for "
                   f"{r['types_served']}/{r['types']} types (intervals apart for "
