@@ -20,8 +20,8 @@ exact model class, a bound, not a start). ARI against the true types:
   default start ends (`chosen L2`): the L2 whose start, fitted on 80% of each user's
   rankings, best predicts the rest (or the strongest within noise of it), continued on all
   of them or the restarts walked down to it, whichever is likelier;
-- `labels, fitted once`: the mixture fitted to the true labels, users then assigned by it;
-  in-sample, each user's own rankings helped fit the weights that assign them, which
+- `labels, fitted once`: the mixture fitted to the true labels at L2 1e-2, users then
+  assigned by it; in-sample, each user's own rankings helped fit the weights that assign them, which
   flatters wide features;
 - `labels, cross-fitted`: the same at the chosen L2, out of sample: users in five folds,
   each fold assigned by a mixture fitted to the true labels of the other four (what the
@@ -50,16 +50,18 @@ FEATURES = ["reference", "reference last layer", "reference embeddings", "refere
 def positional_counts(records, parts: int = 3) -> np.ndarray:
     """[N, m, parts * V] token counts of each ranked response in `parts` equal parts of its
     tokens (beginning, middle, end): the cheap analogue of the reference's pooled states."""
-    import re
+    from sklearn.feature_extraction.text import CountVectorizer
 
-    token = re.compile(r"(?u)\b\w+\b|[^\w\s]")
+    from emdpo_ray.train.start import TOKEN_PATTERN
+
+    tokens = CountVectorizer(token_pattern=TOKEN_PATTERN, lowercase=True).build_analyzer()
     vocab = {t: i for i, t in enumerate(sorted({t for r in records for y in r.responses
-                                                 for t in token.findall(y.lower())}))}
+                                                 for t in tokens(y)}))}
     m = max(len(r.responses) for r in records)
     x = np.zeros((len(records), m, parts * len(vocab)), np.float32)
     for i, r in enumerate(records):
         for j, y in enumerate(r.ranked):
-            toks = token.findall(y.lower())
+            toks = tokens(y)
             for p, t in enumerate(toks):
                 x[i, j, min(parts - 1, p * parts // len(toks)) * len(vocab) + vocab[t]] += 1
     return x
@@ -149,6 +151,7 @@ def one(family: str, seed: int, runs: str) -> dict:
         return round(float(adjusted_rand_score(truth, labels)), 3)
 
     def states(layer: int | None, parts: int = 3) -> np.ndarray:
+        # dims above any width: every state kept, never projected (the 8 parts' 384 too)
         return st.standardized(response_representations(model, enc.arrays(), torch.device("cpu"),
                                                         segments=parts, dims=1 << 16,
                                                         layer=layer), mask)
@@ -201,9 +204,9 @@ layer over 8 parts; token counts, and token counts in each third of the response
 position`). ARI of the linear Plackett-Luce mixture of the start on each feature set: the
 start at L2 1e-2 (`start`), walked down to 1e-3 and 1e-4, and at the L2 whose fit without a
 fifth of each user's rankings best predicts them, or the strongest within noise of it
-(`chosen L2`, as the default start chooses); the mixture fitted once to the true labels and
-users assigned by it (`labels, once`: in-sample, each user's rankings help fit the weights
-that assign it); the same out of sample (`labels, cross-fitted`, at the chosen L2: five folds
+(`chosen L2`, as the default start chooses); the mixture fitted once to the true labels at
+L2 1e-2 and users assigned by it (`labels, once`: in-sample, each user's rankings help fit
+the weights that assign it); the same out of sample (`labels, cross-fitted`, at the chosen L2: five folds
 of users, each assigned by the mixture fitted to the other four's true labels; what the
 features carry when the types are known, a ceiling for any start on them); and 20 EM
 iterations from the labels (`labels, EM`). `generator` is the generator's own features, the

@@ -45,13 +45,14 @@ from emdpo_ray.data.records import Record
 
 
 SHORT_RUN = 5   # iterations of each start before the likeliest runs on
+TOKEN_PATTERN = r"(?u)\b\w+\b|[^\w\s]"   # words and single punctuation marks
 
 
 def response_features(records: list[Record]) -> tuple[np.ndarray, np.ndarray]:
     """Token counts of every response in ranked order: X [N, m, V] and mask [N, m]."""
     from sklearn.feature_extraction.text import CountVectorizer
 
-    vec = CountVectorizer(token_pattern=r"(?u)\b\w+\b|[^\w\s]", lowercase=True)
+    vec = CountVectorizer(token_pattern=TOKEN_PATTERN, lowercase=True)
     vec.fit([y for r in records for y in r.responses])
     m = max(len(r.responses) for r in records)
     x = np.zeros((len(records), m, len(vec.vocabulary_)), np.float32)
