@@ -37,8 +37,8 @@ test-heavy: setup
 # synth -> train (EM-DPO on the embedded local Ray, then MMRA) -> eval -> serve + requests
 demo: setup
 	$(BIN)/emdpo-ray synth --out runs/demo/data.jsonl --users 90 --types 3 --rankings-per-user 8 --seed 0
-	$(BIN)/emdpo-ray train --data runs/demo/data.jsonl --types 3 --out runs/demo/run --config jobs/demo.yaml --overwrite
-	$(BIN)/emdpo-ray eval --run runs/demo/run --data runs/demo/data.jsonl
+	$(BIN)/emdpo-ray train --data runs/demo/data.jsonl --types 3 --out runs/demo/run --config jobs/demo.yaml --overwrite --format table
+	$(BIN)/emdpo-ray eval --run runs/demo/run --data runs/demo/data.jsonl --format table
 	$(BIN)/python -m emdpo_ray.demo --run runs/demo/run
 
 # Figures of bench/README.md (under 35 minutes on 2 cores); each script merges its own

@@ -30,7 +30,8 @@ def _synth(a) -> int:
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    # in a log, progress lines keep their own line rather than rich's 80-column fold
+    return Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=140)
 
 
 def _emit(a, obj: dict, tables) -> None:
@@ -42,7 +43,8 @@ def _emit(a, obj: dict, tables) -> None:
         return
     from rich.console import Console
 
-    out = Console()
+    # a pipe or a log has no width of its own; rich's 80 columns would fold every cell
+    out = Console() if sys.stdout.isatty() else Console(width=140)
     for t in tables():
         out.print(t)
 

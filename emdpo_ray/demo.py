@@ -12,13 +12,26 @@ import os
 import numpy as np
 
 
+def typical(rewards: np.ndarray, policy: np.ndarray, names: list[str]) -> dict[str, int]:
+    """Per policy: the index of its sample whose true rewards (a row of `rewards` [S, T])
+    are nearest the policy's mean over all its samples: one generation shown for a policy
+    reads as what it usually writes, neither its best nor its worst."""
+    out = {}
+    for j, name in enumerate(names):
+        idx = np.flatnonzero(policy == j)
+        if len(idx):
+            d = np.linalg.norm(rewards[idx] - rewards[idx].mean(0), axis=1)
+            out[name] = int(idx[np.argmin(d)])
+    return out
+
+
 def show_generations(rd, console) -> None:
-    """For each true type: one held-out prompt, every policy's sample, and what that type's
-    true reward makes of it (from MMRA's samples and `emdpo-ray eval`)."""
+    """One typical generation of every policy on the held-out prompts (MMRA's samples),
+    scored by every true type's reward (the mean reward matrix is `emdpo-ray eval`'s, printed
+    just before by `make demo`)."""
     from rich.table import Table
 
     from emdpo_ray.data import synth
-    from emdpo_ray.report import tables
     from emdpo_ray.utils import read_json
 
     ev, samples = rd.eval(), rd.mmra_samples()
@@ -27,27 +40,28 @@ def show_generations(rd, console) -> None:
         console.print("(no synthetic true rewards: skipping the per-type generations)")
         return
     meta, gen = read_json(meta_file), ev["generations"]
-    prompt = samples[0]["prompt"]
-    first = {}
-    for s in samples:
-        if s["prompt"] == prompt:
-            first.setdefault(s["policy"], s["text"])
-    for t, own in enumerate(gen["own_policy"]):
-        tab = Table(title=f"True type {t} (own policy: {own}) on the held-out prompt {prompt!r}",
-                    title_justify="left", show_lines=False)
-        tab.add_column("policy")
-        tab.add_column(f"true reward for type {t}", justify="right")
-        tab.add_column("generation")
-        for name in gen["policies"]:
-            if name not in first:
-                continue
-            text = first[name]
-            r = float(synth.true_rewards(meta, [prompt], [text])[t, 0])
-            mark = " (own)" if name == own else ""
-            tab.add_row(name + mark, f"{r:+.2f}", text.replace("\n", " / ")[:110])
-        console.print(tab)
-    for tab in tables.evaluation(ev)[1:2]:
-        console.print(tab)
+    names = [n for n in gen["policies"] if any(s["policy"] == n for s in samples)]
+    keep = [s for s in samples if s["policy"] in names]
+    rewards = synth.true_rewards(meta, [s["prompt"] for s in keep], [s["text"] for s in keep]).T
+    pick = typical(rewards, np.array([names.index(s["policy"]) for s in keep]), names)
+    owner = {p: t for t, p in enumerate(gen["own_policy"]) if p}
+    tab = Table(title=("What each policy writes on held-out prompts: a typical sample (its true "
+                       "rewards nearest the policy's mean), scored by every true type; bold = "
+                       "the type whose own policy it is"), title_justify="left", show_lines=True)
+    tab.add_column("policy")
+    tab.add_column("prompt -> generation", ratio=1)
+    for t in range(rewards.shape[1]):
+        tab.add_column(f"type {t}", justify="right")
+    for name in names:
+        i = pick[name]
+        label = name + (f"\n(true type {owner[name]})" if name in owner else "")
+        cells = [f"[bold]{r:+.1f}[/bold]" if owner.get(name) == t else f"{r:+.1f}"
+                 for t, r in enumerate(rewards[i])]
+        text = keep[i]["text"].strip().replace("\n", " / ") or "(empty)"
+        tab.add_row(label, f"{keep[i]['prompt']} -> {text[:160]}", *cells)
+    console.print(tab)
+    console.print("what each true type wants: " + "   ".join(
+        f"type {t}: {synth.describe_type(meta, t)}" for t in range(rewards.shape[1])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,22 +91,24 @@ def main(argv: list[str] | None = None) -> int:
     key = os.environ.get(API_KEY_ENV)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(base_url=url, timeout=60, headers=headers) as client:
-        def ask(user: str | None, prompt: str) -> None:
-            body = {"prompt": prompt, "max_tokens": 24, "seed": 0}
+        def ask(user: str | None, prompt: str, seed: int) -> None:
+            # one seed per request: the same seed would draw every policy's text from the
+            # same random stream, and policies that differ little would look alike
+            body = {"prompt": prompt, "max_tokens": 40, "seed": seed}
             if user:
                 body["user"] = user
             r = client.post("/v1/completions", json=body)
             r.raise_for_status()
             text = r.json()["choices"][0]["text"].replace("\n", " / ")
             print(f"  user={user or '(anonymous)':<12} x-emdpo-type={r.headers['x-emdpo-type']} "
-                  f"route={r.headers['x-emdpo-route']:<10} {text[:80]!r}")
+                  f"route={r.headers['x-emdpo-route']:<10} {text[:100]!r}")
 
         print("known users (routed to their MAP type):")
         for k in sorted(known):
-            ask(known[k], "Explain owls.")
+            ask(known[k], "Explain owls.", k)
         print("anonymous users (type drawn from the MMRA weights):")
-        for _ in range(a.anonymous):
-            ask(None, "Tell me about honey.")
+        for i in range(a.anonymous):
+            ask(None, "Tell me about honey.", 100 + i)
     summary = rd.summary()
     print(f"ARI={summary['ari']:.3f} (1 = every user's type recovered)  "
           f"eta={[round(x, 3) for x in summary['mixing_weights']]}  "

@@ -66,6 +66,9 @@ def run_one(name: str, seed: int, out: str, extra: list[str]) -> dict:
             "own_is_best_separated": gen["own_is_best_separated"],
             "own_minus_reference": gen["own_minus_reference"],
             "own_minus_reference_ci": gen["own_minus_reference_ci"],
+            "own_minus_single_dpo": gen["own_minus_single_dpo"],
+            "own_minus_single_dpo_ci": gen["own_minus_single_dpo_ci"],
+            "own_above_single_dpo_paired": gen["own_above_single_dpo_paired"],
             "margin_over_next_best": gen["margin_over_next_best"],
             "margin_over_next_best_ci": gen["margin_over_next_best_ci"],
             "own_beats_every_rival_paired": gen["own_beats_every_rival_paired"],
@@ -123,7 +126,8 @@ def main() -> int:
                   f"{r['types_served']}/{r['types']} types (intervals apart for "
                   f"{sum(r['own_is_best_separated'])}, paired intervals for "
                   f"{sum(r['own_beats_every_rival_paired'])}), own - reference "
-                  f"{np.round(r['own_minus_reference'], 2).tolist()}", flush=True)
+                  f"{np.round(r['own_minus_reference'], 2).tolist()}, own - single DPO "
+                  f"{np.round(r['own_minus_single_dpo'], 2).tolist()}", flush=True)
     from emdpo_ray.utils import atomic_write_json
 
     atomic_write_json(os.path.join(REPO, "docs", "policies_serve_types.json"), results)

@@ -98,6 +98,22 @@ def true_rewards(meta: dict, prompts: list[str], texts: list[str]) -> np.ndarray
     ctx = np.array([context(p) for p in prompts])                        # [n]
     return scale * np.einsum("knf,nf->kn", theta[:, ctx], feats)
 
+def describe_type(meta: dict, k: int) -> str:
+    """What type k's true reward asks for, in words: the features with the largest weights,
+    '+' wanted and '-' unwanted (per context for `contextual`, of the first sentence for
+    `order`), e.g. '+formal -casual -length'."""
+    theta, names = np.asarray(meta["theta"], float)[k], meta.get("features", FEATURES)
+
+    def words(w: np.ndarray) -> str:
+        top = [i for i in np.argsort(-np.abs(w)) if abs(w[i]) >= 0.5 * np.abs(w).max() > 0]
+        return " ".join(f"{'+' if w[i] > 0 else '-'}{names[i]}" for i in top) or "(no preference)"
+
+    family = meta.get("family", "linear")
+    if family == "contextual":
+        return f"nature topics: {words(theta[1])}; made things: {words(theta[0])}"
+    return words(theta) + (" (first sentence)" if family == "order" else "")
+
+
 def _response(rng: np.random.Generator, topic: str) -> str:
     n_sent = int(rng.integers(1, 5))
     rates = {s: rng.uniform(0, 0.9) for s in WORDS}

@@ -7,7 +7,8 @@ baseline and the reference, sampled exactly as serving samples (no truncation un
 configured) on prompts kept apart from training. The true rewards come from the synthetic
 data's sidecar (`<data>.meta.json`). Intervals are percentile bootstraps over prompts.
 A true type is served when its own policy (the learned type matched to it) earns it more
-than every other type's policy and the reference.
+than every other type's policy and the reference. Beside that, each own policy against the
+single-DPO policy trained on everyone: what EM-DPO claims to add over one policy.
 """
 
 from __future__ import annotations
@@ -82,6 +83,24 @@ def paired_margins(reps: np.ndarray, own: np.ndarray, rivals: list[int],
     return {"margin_over_next_best_ci": margin_ci, "own_beats_every_rival_paired": beats}
 
 
+def own_minus(mean: np.ndarray, reps: np.ndarray, own: np.ndarray, other: int, name: str,
+              level: float = 0.95) -> dict:
+    """Per true type: own policy minus policy `other` (mean [T, P], replicates [B, T, P]),
+    with its paired interval (same resampled prompts); None where a type has no own policy.
+    Keys `own_minus_<name>`, `..._ci`, and `own_above_<name>_paired` (interval above 0)."""
+    lo, hi = 50 * (1 - level), 50 * (1 + level)
+    diff, ci = [], []
+    for t, o in enumerate(own):
+        if o < 0:
+            diff.append(None), ci.append(None)
+            continue
+        d = reps[:, t, o] - reps[:, t, other]
+        diff.append(float(mean[t, o] - mean[t, other]))
+        ci.append([float(np.nanpercentile(d, lo)), float(np.nanpercentile(d, hi))])
+    return {f"own_minus_{name}": diff, f"own_minus_{name}_ci": ci,
+            f"own_above_{name}_paired": [c is not None and c[0] > 0 for c in ci]}
+
+
 def generation_eval(samples: list[dict], meta: dict, match: np.ndarray, k: int,
                     mixtures: dict[str, np.ndarray], seed: int = 0) -> dict:
     """The reward matrix, which types their own policy serves, and each type's true regret
@@ -106,14 +125,9 @@ def generation_eval(samples: list[dict], meta: dict, match: np.ndarray, k: int,
            "reward": mean.tolist(), "reward_ci": ci.tolist(), **served(mean, ci, own, rivals)}
     out["types_served"] = int(sum(out["own_is_best"]))
     out.update(paired_margins(reps, own, rivals))
-    if REFERENCE_NAME in col:
-        r = col[REFERENCE_NAME]
-        gain = np.array([reps[:, t, o] - reps[:, t, r] if o >= 0 else np.full(len(reps), np.nan)
-                         for t, o in enumerate(own)])
-        out["own_minus_reference"] = [float(mean[t, o] - mean[t, r]) if o >= 0 else None
-                                      for t, o in enumerate(own)]
-        out["own_minus_reference_ci"] = np.stack(
-            [np.nanpercentile(gain, 2.5, 1), np.nanpercentile(gain, 97.5, 1)], -1).tolist()
+    for name in (REFERENCE_NAME, SINGLE_DPO):
+        if name in col:
+            out.update(own_minus(mean, reps, own, col[name], name))
     own_reward = np.array([mean[t, o] if o >= 0 else np.nan for t, o in enumerate(own)])
     regret = {}
     for label, w in mixtures.items():

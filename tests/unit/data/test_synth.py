@@ -69,3 +69,18 @@ def test_token_counts_separate_linear_types_but_not_contextual_or_order_ones():
     assert _start_ari("linear") > 0.8
     assert _start_ari("contextual") < 0.3
     assert _start_ari("order") < 0.3
+
+
+def test_describe_type_names_the_strongest_weights():
+    from emdpo_ray.data.synth import describe_type
+
+    # canonical type 0: length -1, formal +1, casual -1 (equal weights: all three, by size)
+    meta = {"theta": synth.CANONICAL[:1].tolist(), "features": synth.FEATURES}
+    assert sorted(describe_type(meta, 0).split()) == ["+formal", "-casual", "-length"]
+    # weights under half the largest are left out
+    meta = {"theta": [[0.1, 2.0, 0.0, 0.0, -1.5, 0.0, 0.0]], "features": synth.FEATURES}
+    assert describe_type(meta, 0) == "+formal -direct"
+    order = {"theta": [[0, 0, 1, 0, 0, 0, 0]], "family": "order"}
+    assert describe_type(order, 0) == "+casual (first sentence)"
+    ctx = {"theta": [[[0, 1, 0, 0, 0, 0, 0], [0, -1, 0, 0, 0, 0, 0]]], "family": "contextual"}
+    assert describe_type(ctx, 0) == "nature topics: -formal; made things: +formal"

@@ -48,6 +48,7 @@ def test_generation_eval_on_texts_scored_by_the_synthetic_rewards():
     assert out["own_policy"] == ["type_1", "type_0"]
     assert out["own_is_best"] == [False, False] and out["types_served"] == 0
     assert out["own_minus_reference"] == [-1.0, -1.0]
+    assert "own_minus_single_dpo" not in out   # no single-DPO samples, no comparison
     # regret against the own policy: true type 0 owns type_1 (reward 0) and uniform gives it
     # 0.5 * 2 + 0.5 * 0 = 1: regret -1; true type 1 owns type_0 (-2), uniform gives -1: -1
     assert out["true_regret"]["uniform"]["regret"] == [-1.0, -1.0]
@@ -69,3 +70,36 @@ def test_paired_margins_by_hand():
     # own policy 1: worse than 0 by 1 on every prompt
     assert paired_margins(reps, np.array([1]), [0, 1, 2], level=1.0)[
         "own_beats_every_rival_paired"] == [False]
+
+
+def test_own_minus_single_dpo_is_paired_over_prompts():
+    from emdpo_ray.report.generations import own_minus
+
+    # 1 true type, policies (own, single_dpo); prompt difficulty moves both together, so the
+    # own policy is 0.5 above on every replicate though their ranges [0, 2], [-0.5, 1.5] overlap
+    reps = np.array([[[0.0, -0.5]], [[1.0, 0.5]], [[2.0, 1.5]]])
+    mean = reps.mean(0)
+    out = own_minus(mean, reps, np.array([0]), 1, "single_dpo", level=1.0)
+    assert out["own_minus_single_dpo"] == [0.5]
+    assert out["own_minus_single_dpo_ci"] == [[0.5, 0.5]]
+    assert out["own_above_single_dpo_paired"] == [True]
+    # a type without an own policy gets no figure; one below the single policy is not above
+    worse = own_minus(mean, reps, np.array([1]), 0, "single_dpo", level=1.0)
+    assert worse["own_minus_single_dpo"] == [-0.5] and worse["own_above_single_dpo_paired"] == [False]
+    none = own_minus(mean, reps, np.array([-1]), 1, "single_dpo")
+    assert none["own_minus_single_dpo"] == [None] and none["own_above_single_dpo_paired"] == [False]
+
+
+def test_generation_eval_compares_every_own_policy_with_the_single_dpo_policy():
+    meta = {"theta": [[0, 1, 0, 0, 0, 0, 0], [0, -1, 0, 0, 0, 0, 0]], "reward_scale": 1.0}
+    samples = []
+    for p in ("Explain owls.", "Describe tea."):
+        samples += [{"policy": "type_0", "prompt": p, "text": "therefore furthermore"},
+                    {"policy": "type_1", "prompt": p, "text": "yeah cool"},
+                    {"policy": "single_dpo", "prompt": p, "text": "therefore"}]
+    out = generation_eval(samples, meta, np.array([0, 1]), 2, {})
+    # single_dpo carries one formal word: type 0 gets 2 from its own, 1 from single (+1);
+    # type 1 gets 0 from its own, -1 from single (+1); the single policy is no rival for "served"
+    assert out["own_minus_single_dpo"] == [1.0, 1.0]
+    assert out["own_above_single_dpo_paired"] == [True, True]
+    assert out["types_served"] == 2
