@@ -14,6 +14,11 @@ type (report/generations.py).
   seeded random directions over the synthetic features, which the project was never tuned
   on; 160 users.
 
+Also each type's true regret (in its true reward, against its own policy) when an unknown
+user is served by MMRA's mixture, the uniform one, the learned shares (eta), the single-DPO
+policy or the reference: the largest over types, with its interval over resampled prompts and
+its paired difference from uniform's.
+
 Writes docs/policies_serve_types.json and docs/policies_serve_types.png.
 """
 
@@ -73,6 +78,13 @@ def run_one(name: str, seed: int, out: str, extra: list[str]) -> dict:
             "margin_over_next_best_ci": gen["margin_over_next_best_ci"],
             "own_beats_every_rival_paired": gen["own_beats_every_rival_paired"],
             "sampling": json.load(open(os.path.join(run, "mmra.json")))["sampling"],
+            "mmra_weights": json.load(open(os.path.join(run, "mmra.json")))["weights"],
+            # MMRA against simpler ways to serve an unknown user, in the true rewards
+            "true_max_regret": {name: {key: v[key] for key in ("max_regret", "max_regret_ci",
+                                                               "max_regret_minus_uniform_ci")
+                                       if key in v}
+                                for name, v in ev["true_regret"].items()
+                                if name in ("mmra", "uniform", "eta", "single_dpo", "reference")},
             "types_served": gen["types_served"]}
 
 
@@ -127,7 +139,9 @@ def main() -> int:
                   f"{sum(r['own_is_best_separated'])}, paired intervals for "
                   f"{sum(r['own_beats_every_rival_paired'])}), own - reference "
                   f"{np.round(r['own_minus_reference'], 2).tolist()}, own - single DPO "
-                  f"{np.round(r['own_minus_single_dpo'], 2).tolist()}", flush=True)
+                  f"{np.round(r['own_minus_single_dpo'], 2).tolist()}; true max regret "
+                  + ", ".join(f"{n} {v['max_regret']:.2f}" for n, v in r["true_max_regret"].items()),
+                  flush=True)
     from emdpo_ray.utils import atomic_write_json
 
     atomic_write_json(os.path.join(REPO, "docs", "policies_serve_types.json"), results)

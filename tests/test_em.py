@@ -117,6 +117,9 @@ def test_eval_reports_ari_accuracy_and_true_regret(finished_run, synth_data):
     tr = out["true_regret"]
     assert {"mmra", "uniform", "eta", "policy_0", "single_dpo"} <= set(tr)
     assert all(len(v["regret"]) == 3 for v in tr.values())
+    assert all(v["max_regret_ci"][0] <= v["max_regret_ci"][1] for v in tr.values())
+    lo, hi = tr["mmra"]["max_regret_minus_uniform_ci"]
+    assert lo <= hi and "max_regret_minus_uniform_ci" not in tr["uniform"]
 
 
 def test_reference_cache_hit_and_invalidation(finished_run, synth_data, tmp_path):

@@ -9,7 +9,8 @@ Prints JSON with
   generations on held-out prompts under every true type, with intervals, and which types
   their own policy serves (report/generations.py); plots/rewards.png;
 - `true_regret`: each true type's regret against its own policy under the true reward, for
-  MMRA and every baseline, from the same generations.
+  MMRA and every baseline, from the same generations; the largest over types with its
+  interval over resampled prompts, and its paired difference from the uniform mixture's.
 
 The result is also written to the run directory (`eval.json`).
 """

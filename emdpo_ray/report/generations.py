@@ -128,14 +128,42 @@ def generation_eval(samples: list[dict], meta: dict, match: np.ndarray, k: int,
     for name in (REFERENCE_NAME, SINGLE_DPO):
         if name in col:
             out.update(own_minus(mean, reps, own, col[name], name))
-    own_reward = np.array([mean[t, o] if o >= 0 else np.nan for t, o in enumerate(own)])
-    regret = {}
-    for label, w in mixtures.items():
-        reg = own_reward - mean[:, :k] @ np.asarray(w, float)
-        regret[label] = {"regret": reg.tolist(), "max_regret": float(np.nanmax(reg))}
-    for name in (SINGLE_DPO, REFERENCE_NAME):
-        if name in col:
-            reg = own_reward - mean[:, col[name]]
-            regret[name] = {"regret": reg.tolist(), "max_regret": float(np.nanmax(reg))}
-    out["true_regret"] = regret
+    out["true_regret"] = true_regret(mean, reps, own, k, mixtures,
+                                     {n: col[n] for n in (SINGLE_DPO, REFERENCE_NAME) if n in col})
+    return out
+
+
+def true_regret(mean: np.ndarray, reps: np.ndarray, own: np.ndarray, k: int,
+                mixtures: dict[str, np.ndarray], singles: dict[str, int],
+                level: float = 0.95) -> dict:
+    """Each true type's regret, in its true reward, against its own policy (as in the LP),
+    for every mixture of the K policies (weights [k]) and every other single policy (a
+    column of mean [T, P]), with the max over types and its interval over resampled prompts
+    (replicates [B, T, P]); with a `uniform` mixture, each one's max regret minus uniform's
+    on the same replicates (`max_regret_minus_uniform_ci`): does the mixture beat the
+    simplest one."""
+    lo, hi = 50 * (1 - level), 50 * (1 + level)
+    has_own = own >= 0
+    own_idx = np.where(has_own, own, 0)
+    own_reward = np.where(has_own, mean[np.arange(len(own)), own_idx], np.nan)     # [T]
+    own_reps = reps[:, np.arange(len(own)), own_idx]                              # [B, T]
+
+    def given(w: np.ndarray | None, c: int | None):
+        got = mean[:, :k] @ w if w is not None else mean[:, c]
+        got_reps = reps[:, :, :k] @ w if w is not None else reps[:, :, c]
+        reg = own_reward - got
+        reg_reps = np.where(has_own, own_reps - got_reps, np.nan)
+        return reg, np.nanmax(reg_reps, 1)
+
+    rows = {label: given(np.asarray(w, float), None) for label, w in mixtures.items()}
+    rows.update({name: given(None, c) for name, c in singles.items()})
+    out = {}
+    for label, (reg, max_reps) in rows.items():
+        out[label] = {"regret": reg.tolist(), "max_regret": float(np.nanmax(reg)),
+                      "max_regret_ci": [float(np.nanpercentile(max_reps, lo)),
+                                        float(np.nanpercentile(max_reps, hi))]}
+        if "uniform" in rows and label != "uniform":
+            d = max_reps - rows["uniform"][1]
+            out[label]["max_regret_minus_uniform_ci"] = [float(np.nanpercentile(d, lo)),
+                                                         float(np.nanpercentile(d, hi))]
     return out

@@ -108,8 +108,13 @@ def evaluation(ev: dict) -> list[Table]:
         n = len(next(iter(ev["true_regret"].values()))["regret"])
         for i in range(n):
             r.add_column(f"true type {i}", justify="right")
-        r.add_column("max", justify="right")
+        r.add_column("max [95% interval]", justify="right")
+        r.add_column("max - uniform's (paired)", justify="right")
         for name, v in ev["true_regret"].items():
-            r.add_row(name, *[_f(x, 2) for x in v["regret"]], _f(v["max_regret"]))
+            lo_hi = v.get("max_regret_ci")
+            vs = v.get("max_regret_minus_uniform_ci")
+            r.add_row(name, *[_f(x, 2) for x in v["regret"]],
+                      _f(v["max_regret"], 2) + (f" {_vec(lo_hi)}" if lo_hi else ""),
+                      _vec(vs) if vs else "-")
         out.append(r)
     return out

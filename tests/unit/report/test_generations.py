@@ -103,3 +103,21 @@ def test_generation_eval_compares_every_own_policy_with_the_single_dpo_policy():
     assert out["own_minus_single_dpo"] == [1.0, 1.0]
     assert out["own_above_single_dpo_paired"] == [True, True]
     assert out["types_served"] == 2
+
+
+def test_true_regret_max_and_its_paired_interval_against_uniform_by_hand():
+    from emdpo_ray.report.generations import true_regret
+
+    # 2 true types owning policies 0 and 1; two replicates of the [T, P] reward matrix
+    reps = np.array([[[2.0, 0.0], [0.0, 2.0]], [[4.0, 0.0], [0.0, 2.0]]])
+    mean = reps.mean(0)                                   # [[3, 0], [0, 2]]
+    out = true_regret(mean, reps, np.array([0, 1]), 2,
+                      {"uniform": np.array([0.5, 0.5]), "policy_0": np.array([1.0, 0.0])}, {},
+                      level=1.0)
+    # uniform: type 0 loses 3 - 1.5, type 1 loses 2 - 1; per replicate max(1, 1), max(2, 1)
+    assert out["uniform"]["regret"] == [1.5, 1.0] and out["uniform"]["max_regret"] == 1.5
+    assert out["uniform"]["max_regret_ci"] == [1.0, 2.0]
+    assert "max_regret_minus_uniform_ci" not in out["uniform"]
+    # policy 0 alone: type 1 loses all of its 2 on both replicates; minus uniform: 1, then 0
+    assert out["policy_0"]["regret"] == [0.0, 2.0] and out["policy_0"]["max_regret_ci"] == [2.0, 2.0]
+    assert out["policy_0"]["max_regret_minus_uniform_ci"] == [0.0, 1.0]
