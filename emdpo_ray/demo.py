@@ -29,6 +29,7 @@ def show_generations(rd, console) -> None:
     """One typical generation of every policy on the held-out prompts (MMRA's samples),
     scored by every true type's reward (the mean reward matrix is `emdpo-ray eval`'s, printed
     just before by `make demo`)."""
+    from rich.markup import escape
     from rich.table import Table
 
     from emdpo_ray.data import synth
@@ -58,7 +59,7 @@ def show_generations(rd, console) -> None:
         cells = [f"[bold]{r:+.1f}[/bold]" if owner.get(name) == t else f"{r:+.1f}"
                  for t, r in enumerate(rewards[i])]
         text = keep[i]["text"].strip().replace("\n", " / ") or "(empty)"
-        tab.add_row(label, f"{keep[i]['prompt']} -> {text[:160]}", *cells)
+        tab.add_row(label, escape(f"{keep[i]['prompt']} -> {text[:160]}"), *cells)
     console.print(tab)
     console.print("what each true type wants: " + "   ".join(
         f"type {t}: {synth.describe_type(meta, t)}" for t in range(rewards.shape[1])))
