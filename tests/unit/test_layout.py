@@ -101,3 +101,14 @@ def test_run_file_names_live_in_the_run_directory_module():
 def test_modules_stay_readable():
     sizes = {m: sum(1 for _ in open(p, encoding="utf-8")) for m, p in _modules().items()}
     assert max(sizes.values()) <= 400, {m: n for m, n in sizes.items() if n > 400}
+
+
+def test_readme_run_directory_table_names_every_run_file():
+    """Every name of the layout in run/rundir.py appears in the README's run-directory table."""
+    src = open(os.path.join(PKG, "run", "rundir.py"), encoding="utf-8").read()
+    layout = src[src.index("# The layout"):src.index("SINGLE_DPO =")]
+    names = re.findall(r'^[A-Z_]+ = "([^"]+)"', layout, re.M)
+    readme = open(os.path.join(os.path.dirname(PKG), "README.md"), encoding="utf-8").read()
+    table = readme[readme.index("### Run directory"):readme.index("Every file is written atomically")]
+    missing = [n for n in names if n not in table]
+    assert len(names) >= 15 and not missing, missing
