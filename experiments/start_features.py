@@ -2,7 +2,7 @@
 unsupervised start loses it. Needs the data and SFT references of `make starts`.
 
     .venv/bin/python experiments/start_features.py [--families linear,contextual,order]
-        [--seeds 0,1]
+        [--seeds 0,1] [--features NAME,...] [--out docs/start_features.json]
 
 Per family and seed (runs/starts/<family>-<seed>.jsonl, its reference), for each feature set
 of the start's linear Plackett-Luce mixture (train/start.py): the reference's states pooled
@@ -30,6 +30,12 @@ exact model class, a bound, not a start). ARI against the true types:
   split is a fixed point the start could converge to, or EM drifts away from it).
 
 `oracle`: users assigned by the true rewards and shares. Writes docs/start_features.{json,md}.
+
+Variants (`--features`, VARIANTS): the reference's states or the positional counts projected
+on the users' preference subspace (8 dimensions), and the two side by side;
+docs/start_features-order-variants.{json,md} (`--families order --features "reference in
+users' subspace,tokens by position in users' subspace,reference + tokens by position" --out
+docs/start_features-order-variants.json`).
 """
 
 from __future__ import annotations
@@ -45,6 +51,21 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEATURES = ["reference", "reference last layer", "reference embeddings", "reference 8 parts",
             "tokens", "tokens by position", "generator"]
+# Further variants (`--features`): the users' preference subspace (the features projected on
+# the top 8 principal directions of the per-user preference embeddings, where users differ),
+# and the reference's states beside the positional counts.
+VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
+            "reference + tokens by position"]
+
+
+def preference_subspace(x, mask, user_index, num_users, dims: int = 8):
+    """x projected on the top `dims` principal directions of the users' preference
+    embeddings (train/start.py), standardised: a low-dimensional start where users differ."""
+    from emdpo_ray.train import start as st
+
+    emb = st.preference_embeddings(x, mask, user_index, num_users)
+    _, _, vt = np.linalg.svd(emb - emb.mean(0), full_matrices=False)
+    return st.standardized((x @ vt[:dims].T).astype(np.float32), mask)
 
 
 def positional_counts(records, parts: int = 3) -> np.ndarray:
@@ -121,7 +142,7 @@ def crossfit_labels(x, mask, user_index, num_users, truth, k: int, folds: int = 
     return e_step(scores, user_index, num_users, gamma.mean(0)).gamma.argmax(1)
 
 
-def one(family: str, seed: int, runs: str) -> dict:
+def one(family: str, seed: int, runs: str, features: list[str] = FEATURES) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     from emdpo_ray.config import load_config
@@ -162,10 +183,17 @@ def one(family: str, seed: int, runs: str) -> dict:
               "tokens": lambda: st.response_features(records)[0],
               "tokens by position": lambda: positional_counts(records),
               "generator": lambda: generator_features(records, meta)}
+    positional = lambda: st.standardized(positional_counts(records), mask)  # noqa: E731
+    makers.update({
+        "reference in users' subspace": lambda: preference_subspace(
+            states(None), mask, ui, num_users),
+        "tokens by position in users' subspace": lambda: preference_subspace(
+            positional(), mask, ui, num_users),
+        "reference + tokens by position": lambda: np.concatenate([states(None), positional()], -1)})
     held = st.heldout_records(ui, 0.2, seed)
     out = {"family": family, "seed": seed, "users": num_users,
            "oracle": ari(oracle_labels(records, ui, num_users, meta)), "features": {}}
-    for name in FEATURES:
+    for name in features:
         x = makers[name]()
         start = st.feature_start(x, mask, ui, num_users, k, seed, 20, restarts=8)
         path = st.l2_path(x, mask, ui, num_users, start, [1e-2, 1e-3, 1e-4], 20)
@@ -216,6 +244,14 @@ true rewards.
 """
 
 
+VARIANTS_NOTE = """Variants here (`--features`): `reference in users' subspace` and `tokens by position in
+users' subspace`, the reference's states and the positional counts (each standardised)
+projected on the top 8 principal directions of the users' preference embeddings (where
+users differ); `reference + tokens by position`, the two side by side.
+
+"""
+
+
 def table(results: list[dict]) -> str:
     rows = ["| family | seed | oracle | features | dims | start | L2 1e-3, 1e-4 | chosen L2 | "
             "labels, once | labels, cross-fitted | labels, EM | log-lik: start vs labels-EM |",
@@ -235,7 +271,12 @@ def main() -> int:
     p.add_argument("--families", default="linear,contextual,order")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--out", default=os.path.join(REPO, "docs", "start_features.json"))
+    p.add_argument("--features", default=",".join(FEATURES),
+                   help=f"feature sets, of {FEATURES + VARIANTS}")
     a = p.parse_args()
+    unknown = set(a.features.split(",")) - set(FEATURES + VARIANTS)
+    if unknown:
+        p.error(f"--features: unknown {sorted(unknown)}; choose from {FEATURES + VARIANTS}")
     warnings.filterwarnings("ignore")
     from emdpo_ray.utils import atomic_write_json, atomic_write_text
 
@@ -243,9 +284,10 @@ def main() -> int:
     results = []
     for family in a.families.split(","):
         for seed in map(int, a.seeds.split(",")):
-            results.append(one(family, seed, runs))
+            results.append(one(family, seed, runs, a.features.split(",")))
             atomic_write_json(a.out, results)
-            atomic_write_text(a.out[:-5] + ".md", HEADER + table(results) + "\n")
+            note = VARIANTS_NOTE if set(a.features.split(",")) & set(VARIANTS) else ""
+            atomic_write_text(a.out[:-5] + ".md", HEADER + note + table(results) + "\n")
     return 0
 
 
