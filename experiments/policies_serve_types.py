@@ -64,6 +64,7 @@ def run_one(name: str, seed: int, out: str, extra: list[str]) -> dict:
     p = subprocess.run([f"{BIN}/emdpo-ray", "eval", "--run", run, "--data", data, "--format",
                         "json"], check=True, env=env, capture_output=True, text=True)
     ev = json.loads(p.stdout)
+    mmra = json.load(open(os.path.join(run, "mmra.json")))
     gen = ev["generations"]
     return {"set": name, "seed": seed, "types": k, "ari": ev["ari"], "policies": gen["policies"],
             "own_policy": gen["own_policy"], "reward": gen["reward"],
@@ -77,8 +78,7 @@ def run_one(name: str, seed: int, out: str, extra: list[str]) -> dict:
             "margin_over_next_best": gen["margin_over_next_best"],
             "margin_over_next_best_ci": gen["margin_over_next_best_ci"],
             "own_beats_every_rival_paired": gen["own_beats_every_rival_paired"],
-            "sampling": json.load(open(os.path.join(run, "mmra.json")))["sampling"],
-            "mmra_weights": json.load(open(os.path.join(run, "mmra.json")))["weights"],
+            "sampling": mmra["sampling"], "mmra_weights": mmra["weights"],
             # MMRA against simpler ways to serve an unknown user, in the true rewards
             "true_max_regret": {name: {key: v[key] for key in ("max_regret", "max_regret_ci",
                                                                "max_regret_minus_uniform_ci")

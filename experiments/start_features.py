@@ -183,7 +183,10 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES) -> di
               "tokens": lambda: st.response_features(records)[0],
               "tokens by position": lambda: positional_counts(records),
               "generator": lambda: generator_features(records, meta)}
-    positional = lambda: st.standardized(positional_counts(records), mask)  # noqa: E731
+
+    def positional() -> np.ndarray:
+        return st.standardized(positional_counts(records), mask)
+
     makers.update({
         "reference in users' subspace": lambda: preference_subspace(
             states(None), mask, ui, num_users),
