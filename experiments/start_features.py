@@ -35,7 +35,15 @@ Variants (`--features`, VARIANTS): the reference's states or the positional coun
 on the users' preference subspace (8 dimensions), and the two side by side;
 docs/start_features-order-variants.{json,md} (`--families order --features "reference in
 users' subspace,tokens by position in users' subspace,reference + tokens by position" --out
-docs/start_features-order-variants.json`).
+docs/start_features-order-variants.json`). Two more, from the language model itself:
+`policies' states`, the same pooled states from each of the K policies the default run of
+`make starts` trained on this data (runs/starts/<family>-auto-<seed>, trained on the start's
+types), side by side: does a policy trained on a partly right split represent what the
+reference does not?; `reference output gradients`, the gradient of each response's
+log-likelihood with respect to the reference's output layer, projected to 192 dimensions (a
+first-order model of what a DPO step can change);
+docs/start_features-order-policies.{json,md} (`--families order --features "policies'
+states,reference output gradients" --out docs/start_features-order-policies.json`).
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ FEATURES = ["reference", "reference last layer", "reference embeddings", "refere
 # the top 8 principal directions of the per-user preference embeddings, where users differ),
 # and the reference's states beside the positional counts.
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
-            "reference + tokens by position"]
+            "reference + tokens by position", "policies' states", "reference output gradients"]
 
 
 def preference_subspace(x, mask, user_index, num_users, dims: int = 8):
@@ -86,6 +94,58 @@ def positional_counts(records, parts: int = 3) -> np.ndarray:
             for p, t in enumerate(toks):
                 x[i, j, min(parts - 1, p * parts // len(toks)) * len(vocab) + vocab[t]] += 1
     return x
+
+
+def output_gradients(model, arrays: dict, dims: int = 192, seed: int = 0) -> np.ndarray:
+    """[n, m, dims] per response: the gradient of its mean token log-likelihood with respect
+    to the output layer's weights, sum_t (onehot(y_t) - p_t) h_t^T, under a fixed Gaussian
+    projection."""
+    import torch
+
+    from emdpo_ray.models.bank import REFERENCE
+    from emdpo_ray.models.features import projection
+    from emdpo_ray.models.scoring import flat_rows
+
+    n, m = arrays["resp_mask"].shape
+    out = np.zeros((n, m, dims), np.float32)
+    proj = None
+    with torch.no_grad():
+        for s in range(0, n, max(1, 128 // m)):
+            idx = np.arange(s, min(n, s + max(1, 128 // m)))
+            rows = flat_rows(arrays, np.stack([idx, np.full(len(idx), REFERENCE)], 1), "cpu")
+            o = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                      output_hidden_states=True)
+            # state t predicts token t + 1: the loss mask marks those states (features.py)
+            nxt = torch.roll(rows["input_ids"], -1, 1)
+            lm = rows["loss_mask"].float()
+            resid = (torch.nn.functional.one_hot(nxt, o.logits.shape[-1]).float()
+                     - o.logits.float().softmax(-1)) * lm[..., None]
+            g = torch.einsum("btv,bth->bvh", resid, o.hidden_states[-1].float())
+            g = (g.reshape(len(g), -1) / lm.sum(1, keepdim=True).clamp_min(1)).numpy()
+            proj = projection(g.shape[1], dims, seed) if proj is None else proj
+            p_idx, j_idx = (t.numpy() for t in rows["scatter"])
+            out[idx[p_idx], j_idx] = g @ proj
+    return out
+
+
+def policy_states(run: str, arrays: dict) -> np.ndarray:
+    """[n, m, K * D] the middle-layer pooled states (features.py) of each policy of a run,
+    side by side."""
+    from emdpo_ray.models.bank import load_policy_bank
+    from emdpo_ray.models.features import response_representations
+    from emdpo_ray.run.rundir import RunDir
+
+    import torch
+
+    rd = RunDir(run).require_finished()
+    cfg = rd.config()
+    _, bank = load_policy_bank(rd.base_path(cfg), cfg.model, rd.policy_dirs())
+    out = []
+    for name in bank.names:
+        bank.model.set_adapter(name)
+        out.append(response_representations(bank.model, arrays, torch.device("cpu"),
+                                            dims=1 << 16))
+    return np.concatenate(out, -1)
 
 
 def generator_features(records, meta: dict) -> np.ndarray:
@@ -192,7 +252,11 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES) -> di
             states(None), mask, ui, num_users),
         "tokens by position in users' subspace": lambda: preference_subspace(
             positional(), mask, ui, num_users),
-        "reference + tokens by position": lambda: np.concatenate([states(None), positional()], -1)})
+        "reference + tokens by position": lambda: np.concatenate([states(None), positional()], -1),
+        "policies' states": lambda: st.standardized(policy_states(
+            os.path.join(runs, f"{family}-auto-{seed}"), enc.arrays()), mask),
+        "reference output gradients": lambda: st.standardized(
+            output_gradients(model, enc.arrays()), mask)})
     held = st.heldout_records(ui, 0.2, seed)
     out = {"family": family, "seed": seed, "users": num_users,
            "oracle": ari(oracle_labels(records, ui, num_users, meta)), "features": {}}
@@ -250,7 +314,11 @@ true rewards.
 VARIANTS_NOTE = """Variants here (`--features`): `reference in users' subspace` and `tokens by position in
 users' subspace`, the reference's states and the positional counts (each standardised)
 projected on the top 8 principal directions of the users' preference embeddings (where
-users differ); `reference + tokens by position`, the two side by side.
+users differ); `reference + tokens by position`, the two side by side; `policies' states`,
+the same pooled states from each of the K policies that the default run of `make starts`
+trained on this data (on the start's types), side by side; `reference output gradients`, the
+gradient of each response's log-likelihood with respect to the reference's output layer,
+projected to 192 dimensions.
 
 """
 
