@@ -78,12 +78,11 @@ def main() -> int:
 
     from emdpo_ray.run.rundir import RunDir
     from emdpo_ray.serve.app import start
-    from emdpo_ray.utils import free_port
 
     if not RunDir(DEMO_RUN).is_finished():
         raise SystemExit("bench/serving.py: run `make demo` first (it trains runs/demo/run)")
     ray = local_ray()
-    url = start(DEMO_RUN, "127.0.0.1", free_port())
+    url = start(DEMO_RUN, "127.0.0.1", 0)
     res = {} if a.load else overhead_and_batching(url, 30 if a.quick else 100)
     res.update(load_figures(url))
     serve.shutdown()

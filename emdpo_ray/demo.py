@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from emdpo_ray.run.rundir import RunDir
     from emdpo_ray.serve.api import API_KEY_ENV
     from emdpo_ray.serve.app import start
-    from emdpo_ray.utils import free_port, quiet_ray_logs
+    from emdpo_ray.utils import quiet_ray_logs
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--run", required=True)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=140)
     rd = RunDir.open(a.run).require_finished()
     show_generations(rd, console)
-    url = start(a.run, "127.0.0.1", free_port())
+    url = start(a.run, "127.0.0.1", 0)
     print(f"\nserving {a.run} at {url}/v1")
     known = {}
     for user, post in rd.posteriors().items():

@@ -98,10 +98,7 @@ def server(trained_run, tmp_path_factory):
     mm = json.load(open(os.path.join(run, "mmra.json")))
     mm["weights"] = [0.5, 0.5, 0.0]
     open(os.path.join(run, "mmra.json"), "w").write(json.dumps(mm))
-    from emdpo_ray.utils import free_port
-
-    port = free_port()
-    url = start(run, "127.0.0.1", port)
+    url = start(run, "127.0.0.1", 0)
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     yield url, client, run
     client.close()

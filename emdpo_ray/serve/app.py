@@ -82,14 +82,51 @@ def serve_config(run_dir: str, host: str = "0.0.0.0", port: int = 8000) -> dict:
                               "args": {"run_dir": rd.uri}, "deployments": deployments}]}
 
 
+PORT_TRIES = 3
+
+
+class PortTaken(RuntimeError):
+    """Serve's proxy could not bind its port."""
+
+
+def first_bound(bind, port: int, pick, tries: int = PORT_TRIES) -> int:
+    """`bind(p)` on `port`, or with port 0 on ports from `pick()` until one binds (a free port
+    can be taken by another process before the proxy binds it); returns the bound port."""
+    for _ in range(0 if port else tries - 1):
+        p = pick()
+        try:
+            bind(p)
+            return p
+        except PortTaken:
+            continue
+    p = port or pick()
+    bind(p)
+    return p
+
+
 def start(run_dir: str, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False):
-    """Deploy on the current (or a new local) Ray; returns the base URL."""
+    """Deploy on the current (or a new local) Ray; returns the base URL. Port 0: a free
+    one, picked once Ray is up (starting Ray binds ports of its own)."""
+    from ray.exceptions import RayTaskError
+
     from emdpo_ray.run.ray_runtime import RayRuntime
+    from emdpo_ray.utils import free_port
 
     args = AppArgs(run_dir=run_dir)
     cfg = RunDir.open(args.run_dir).config()
     RayRuntime(cfg, verbose)
-    serve.start(proxy_location=cfg.serve.proxy_location, http_options={"host": host, "port": port})
+
+    def bind(p: int) -> None:
+        try:
+            serve.start(proxy_location=cfg.serve.proxy_location,
+                        http_options={"host": host, "port": p})
+        except RayTaskError as e:
+            if "Failed to bind" not in str(e):
+                raise
+            serve.shutdown()
+            raise PortTaken(f"{host}:{p} is in use: choose another --port") from None
+
+    port = first_bound(bind, port, free_port)
     serve.run(app_builder(args), name="emdpo", route_prefix="/")
     return f"http://{host}:{port}"
 
