@@ -2,6 +2,7 @@
 
     .venv/bin/python experiments/starts.py [--families linear,contextual,order]
         [--configs auto,tokens,reference,labels] [--seeds 0,1] [--users 300]
+        [--set KEY=VALUE ...] [--runs runs/starts] [--out docs/starts.json]
 
 Each run: 300 users with 10 rankings of 3 each, three unbalanced types (shares 0.5/0.3/0.2),
 up to 3 EM iterations, default settings but for the start (`em.init`, `em.init_features`). Per
@@ -171,13 +172,16 @@ def main() -> int:
     p.add_argument("--users", type=int, default=300)
     p.add_argument("--set", action="append", default=[], help="extra config overrides")
     p.add_argument("--out", default=os.path.join(REPO, "docs", "starts.json"))
+    p.add_argument("--runs", default=os.path.join(REPO, "runs", "starts"),
+                   help="data, references and runs (another folder for another model: the "
+                        "runs of one family and seed share the first run's reference)")
     a = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore")
     from emdpo_ray.utils import atomic_write_json, atomic_write_text, quiet_ray_logs
 
     quiet_ray_logs()
-    out = os.path.join(REPO, "runs", "starts")
+    out = a.runs
     os.makedirs(out, exist_ok=True)
     results = []
     for family in a.families.split(","):
