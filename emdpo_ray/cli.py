@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="serve the K policies behind the MMRA router")
     v.add_argument("--run", required=True)
     v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free one, printed)")
+    v.add_argument("--port", type=int, default=8000,
+                   help="HTTP port (0: a free one, printed; not with --print-config)")
     v.add_argument("--print-config", action="store_true",
                    help="print a Serve config YAML (serve deploy / RayService) and exit")
     v.set_defaults(fn=_serve)

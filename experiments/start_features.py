@@ -37,8 +37,8 @@ docs/start_features-order-variants.{json,md} (`--families order --features "refe
 users' subspace,tokens by position in users' subspace,reference + tokens by position" --out
 docs/start_features-order-variants.json`). Two more, from the language model itself:
 `policies' states`, the same pooled states from each of the K policies the default run of
-`make starts` trained on this data (runs/starts/<family>-auto-<seed>, trained on the start's
-types), side by side: does a policy trained on a partly right split represent what the
+`make starts` trained on this data (runs/starts/<family>-auto-<seed>, on the types that run
+ended with), side by side: does a policy trained on a partly right split represent what the
 reference does not?; `reference output gradients`, the gradient of each response's
 log-likelihood with respect to the reference's output layer, projected to 192 dimensions (a
 first-order model of what a DPO step can change);
@@ -61,7 +61,8 @@ FEATURES = ["reference", "reference last layer", "reference embeddings", "refere
             "tokens", "tokens by position", "generator"]
 # Further variants (`--features`): the users' preference subspace (the features projected on
 # the top 8 principal directions of the per-user preference embeddings, where users differ),
-# and the reference's states beside the positional counts.
+# the reference's states beside the positional counts, and the language model's own: the
+# trained policies' states and the reference's output-layer gradients.
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
             "reference + tokens by position", "policies' states", "reference output gradients"]
 
@@ -107,11 +108,12 @@ def output_gradients(model, arrays: dict, dims: int = 192, seed: int = 0) -> np.
     from emdpo_ray.models.scoring import flat_rows
 
     n, m = arrays["resp_mask"].shape
+    per = max(1, 128 // m)     # records per batch: [rows, T, vocab] residuals stay small
     out = np.zeros((n, m, dims), np.float32)
     proj = None
     with torch.no_grad():
-        for s in range(0, n, max(1, 128 // m)):
-            idx = np.arange(s, min(n, s + max(1, 128 // m)))
+        for s in range(0, n, per):
+            idx = np.arange(s, min(n, s + per))
             rows = flat_rows(arrays, np.stack([idx, np.full(len(idx), REFERENCE)], 1), "cpu")
             o = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
                       output_hidden_states=True)
@@ -316,7 +318,7 @@ users' subspace`, the reference's states and the positional counts (each standar
 projected on the top 8 principal directions of the users' preference embeddings (where
 users differ); `reference + tokens by position`, the two side by side; `policies' states`,
 the same pooled states from each of the K policies that the default run of `make starts`
-trained on this data (on the start's types), side by side; `reference output gradients`, the
+trained on this data (on the types that run ended with), side by side; `reference output gradients`, the
 gradient of each response's log-likelihood with respect to the reference's output layer,
 projected to 192 dimensions.
 

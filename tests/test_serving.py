@@ -202,6 +202,9 @@ def test_print_config_is_a_valid_serve_config(trained_run):
     assert p.returncode == 0, p.stderr
     cfg = yaml.safe_load(p.stdout)
     ServeDeploySchema.model_validate(cfg)
+    zero = subprocess.run([sys.executable, "-m", "emdpo_ray", "serve", "--run", run,
+                           "--print-config", "--port", "0"], capture_output=True, text=True)
+    assert zero.returncode == 2 and "a Serve config needs a fixed one" in zero.stderr, zero.stderr
     app = cfg["applications"][0]
     assert app["import_path"] == "emdpo_ray.serving:app_builder"
     assert app["args"]["run_dir"] == os.path.abspath(run)

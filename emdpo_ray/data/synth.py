@@ -98,6 +98,7 @@ def true_rewards(meta: dict, prompts: list[str], texts: list[str]) -> np.ndarray
     ctx = np.array([context(p) for p in prompts])                        # [n]
     return scale * np.einsum("knf,nf->kn", theta[:, ctx], feats)
 
+
 def describe_type(meta: dict, k: int) -> str:
     """What type k's true reward asks for, in words: the features with the largest weights,
     '+' wanted and '-' unwanted (per context for `contextual`, of the first sentence for

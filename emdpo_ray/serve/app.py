@@ -14,7 +14,7 @@ import signal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
-from emdpo_ray.config import DeploymentSettings
+from emdpo_ray.config import ConfigError, DeploymentSettings
 from emdpo_ray.run.rundir import RunDir, type_name
 from emdpo_ray.run.storage import is_remote
 from emdpo_ray.serve.policy_server import PolicyServer
@@ -85,8 +85,9 @@ def serve_config(run_dir: str, host: str = "0.0.0.0", port: int = 8000) -> dict:
 PORT_TRIES = 3
 
 
-class PortTaken(RuntimeError):
-    """Serve's proxy could not bind its port."""
+class PortTaken(ConfigError):
+    """Serve's proxy could not bind its port (the CLI says so and exits 2, as for any bad
+    option)."""
 
 
 def first_bound(bind, port: int, pick, tries: int = PORT_TRIES) -> int:
@@ -141,6 +142,9 @@ def serve_main(a) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     rd = RunDir.open(a.run).require_finished()
     if a.print_config:
+        if not a.port:
+            raise ConfigError("--port 0 picks a free port when serving here; a Serve config "
+                              "needs a fixed one")
         print(yaml.safe_dump(serve_config(rd.uri, "0.0.0.0", a.port), sort_keys=False))
         return 0
     url = start(rd.uri, a.host, a.port)
