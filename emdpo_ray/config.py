@@ -144,6 +144,12 @@ class EMConfig(_Section):
         "Start each M-step from the previous iteration's policies (else from the base)."))
     warm_epochs: float = Field(1.0, gt=0, description=(
         "Passes over the records in warm-started M-steps (after the first)."))
+    final_epochs: float = Field(4.0, ge=0, description=(
+        "After EM: passes over every record (the guard's held-out rankings included) that "
+        "train the policies on the final types, warm from the last M-step, before they are "
+        "installed. EM's M-steps are kept short so they do not memorise the current types; "
+        "the served policies need more (README: 'Do the policies serve their types?'). "
+        "0: install the last M-step's policies."))
     cross_fit: bool = Field(False, description=(
         "Score each user with policies trained without that user (two folds), so a policy "
         "cannot simply confirm the users it was trained on. Doubles compute, not fits; pays "

@@ -19,7 +19,7 @@ user is served by MMRA's mixture, the uniform one, the learned shares (eta), the
 policy or the reference: the largest over types, with its interval over resampled prompts and
 its paired difference from uniform's.
 
-Writes docs/policies_serve_types.json and docs/policies_serve_types.png.
+Writes docs/policies_serve_types.json, .md (the README's tables) and .png.
 """
 
 from __future__ import annotations
@@ -117,6 +117,37 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _ci(v: float, ci) -> str:
+    return f"{v:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def tables(results: list[dict]) -> str:
+    """The README's two tables: each type served by its own policy, and MMRA's true regret."""
+    out = ["| typed set (seed) | ARI | types served (own policy best) | intervals apart (paired) "
+           "| own - reference, per true type [95% interval] | own - single DPO, per true type "
+           "[95% paired interval] |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        k = r["types"]
+        out.append(
+            f"| {r['set']} ({r['seed']}) | {r['ari']:.3f} | {r['types_served']} of {k} | "
+            f"{sum(r['own_is_best_separated'])} of {k} "
+            f"({sum(r['own_beats_every_rival_paired'])} of {k}) | "
+            + ", ".join(map(_ci, r["own_minus_reference"], r["own_minus_reference_ci"])) + " | "
+            + ", ".join(map(_ci, r["own_minus_single_dpo"], r["own_minus_single_dpo_ci"])) + " |")
+    names = ["mmra", "uniform", "eta", "single_dpo", "reference"]
+    out += ["", "| typed set (seed) | MMRA weights | MMRA | uniform | eta | single DPO | reference "
+            "| MMRA - uniform (paired) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        t = r["true_max_regret"]
+        cells = [f"{t[n]['max_regret']:.2f} [{t[n]['max_regret_ci'][0]:.2f}, "
+                 f"{t[n]['max_regret_ci'][1]:.2f}]" for n in names]
+        diff = t["mmra"]["max_regret"] - t["uniform"]["max_regret"]
+        out.append(f"| {r['set']} ({r['seed']}) | "
+                   + ", ".join(f"{w:.2f}" for w in r["mmra_weights"]) + " | " + " | ".join(cells)
+                   + f" | {_ci(diff, t['mmra']['max_regret_minus_uniform_ci'])} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -124,10 +155,15 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(REPO, "runs", "policies-serve-types"))
     p.add_argument("--prompts", type=int, help="held-out prompts (mmra.num_prompts, of 48)")
     p.add_argument("--samples", type=int, help="samples per prompt and policy")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run, as in `emdpo-ray train --set`")
+    p.add_argument("--json", default=os.path.join(REPO, "docs", "policies_serve_types.json"),
+                   help="where the figures go (the plot goes beside it, .png)")
     a = p.parse_args()
     extra = [arg for key, v in (("mmra.num_prompts", a.prompts),
                                 ("mmra.samples_per_prompt", a.samples)) if v is not None
              for arg in ("--set", f"{key}={v}")]
+    extra += [arg for o in a.overrides for arg in ("--set", o)]
     os.makedirs(a.out, exist_ok=True)
     results = []
     for name in a.sets:
@@ -144,8 +180,11 @@ def main() -> int:
                   flush=True)
     from emdpo_ray.utils import atomic_write_json
 
-    atomic_write_json(os.path.join(REPO, "docs", "policies_serve_types.json"), results)
-    plot(results, os.path.join(REPO, "docs", "policies_serve_types.png"))
+    from emdpo_ray.utils import atomic_write_text
+
+    atomic_write_json(a.json, results)
+    atomic_write_text(os.path.splitext(a.json)[0] + ".md", tables(results))
+    plot(results, os.path.splitext(a.json)[0] + ".png")
     return 0
 
 

@@ -131,10 +131,19 @@ def test_driver_sigkill_in_mstep_estep_and_checkpoint_then_resume(tmp_path, reli
     _kill_during(p, "iter 2: M-step", delay)
     assert json.load(open(state))["iteration"] == 1
     kills.append(f"M-step 2 (+{delay:.1f}s)")
+    # 5. iteration 2 completes; the final fit dies before its state is stored
+    rc, err = _finish(_cli_train(data, cut, {"EMDPO_FAULT": "final_fit:2"}))
+    assert rc == -signal.SIGKILL, err[-3000:]
+    assert "final fit: 4 epochs" in err
+    st = json.load(open(state))
+    assert st["iteration"] == 2 and "final_fit" not in st
+    kills.append("final fit")
 
     rc, err = _finish(_cli_train(data, cut))
     assert rc == 0, err[-3000:]
-    assert "resuming after iteration 1" in err
+    assert "resuming after iteration 2" in err and "final fit: done" in err
+    assert json.load(open(state))["final_fit"]["after_iteration"] == 2
+    assert json.load(open(os.path.join(cut, "summary.json")))["final_fit"]["epochs"] == 4
     hist = json.load(open(os.path.join(cut, "history.json")))
     assert [h["iteration"] for h in hist] == [0, 1, 2]       # none lost, none counted twice
     assert not [f for f in os.listdir(cut) if ".partial" in f or f.startswith(".tmp")]

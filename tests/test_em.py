@@ -246,3 +246,32 @@ def test_eval_reward_matrix_of_generations(finished_run, synth_data):
     assert os.path.exists(os.path.join(run, "plots", "rewards.png"))
     assert json.load(open(os.path.join(run, "eval.json")))["generations"]["reward"] == gen["reward"]
 
+
+
+def test_final_fit_trains_the_installed_policies_on_the_final_types(finished_run):
+    """After EM, the policies train em.final_epochs more passes on the final types, warm
+    from the last M-step; those are the policies installed, and the state records it."""
+    import glob
+
+    from safetensors.numpy import load_file
+
+    run, summary, msgs = finished_run
+    last = summary["iterations"]
+    ff = summary["final_fit"]
+    assert ff["after_iteration"] == last and ff["epochs"] == 4.0
+    assert json.load(open(os.path.join(run, "state.json")))["final_fit"] == ff
+    assert "type_0/rewards/accuracies" in ff["metrics"]
+    assert any(m.startswith("final fit: 4 epochs") for m in msgs)
+
+    def adapters(pattern):
+        (d,) = glob.glob(os.path.join(run, "ray_results", pattern, "final", "policies"))
+        return {j: load_file(os.path.join(d, f"type_{j}", "adapter_model.safetensors"))
+                for j in range(3)}
+
+    installed = {j: load_file(os.path.join(run, "policies", f"type_{j}",
+                                           "adapter_model.safetensors")) for j in range(3)}
+    final, before = adapters(f"final-{last + 1:03d}-*"), adapters(f"mstep-{last:03d}-*")
+    for j in range(3):
+        for name, w in installed[j].items():
+            np.testing.assert_array_equal(w, final[j][name])
+        assert any(not np.allclose(w, before[j][name]) for name, w in installed[j].items())

@@ -132,16 +132,19 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
     if held is not None and not held.any():
         held = None  # no user has two rankings: nothing to hold out
 
-    def mstep(gamma: np.ndarray, it: int, init_from, tag: str):
+    def mstep(gamma: np.ndarray, it: int, init_from, tag: str, final: bool = False):
         w, need = record_weights(gamma[ui], fold_rec)
-        if held is not None:
+        if held is not None and not final:
             w[held] = 0.0  # the guard's rankings: scored, never trained on
-        steps = (lambda d, t, loss: on_steps(f"M-step {it}", d, t, loss)) if on_steps else None
-        return prep.run_mstep(names=names, num_types=k, weights=w, score_mask=need,
+        phase = "final fit" if final else f"M-step {it}"
+        steps = (lambda d, t, loss: on_steps(phase, d, t, loss)) if on_steps else None
+        epochs = (cfg.em.final_epochs if final else
+                  cfg.em.warm_epochs if init_from is not None else cfg.dpo.epochs)
+        return prep.run_mstep(names=names, num_types=k, weights=w,
+                              score_mask=np.zeros_like(need) if final else need,
                               run_name=f"{tag}-{it:03d}-{time.time_ns()}",
                               seed=cfg.seed * 100003 + it, init_from=init_from,
-                              epochs=cfg.em.warm_epochs if init_from is not None else cfg.dpo.epochs,
-                              on_steps=steps)
+                              epochs=epochs, on_steps=steps)
 
     try:
         history: list[dict] = []
@@ -156,7 +159,9 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             # the iteration in flight, which is redone, so drop it rather than count it twice.
             history = [h for h in rd.history() if h["iteration"] <= state["iteration"]]
             done = state.get("converged", False)
-            say(f"resuming after iteration {state['iteration']}")
+            final_fit = state.get("final_fit")
+            say(f"resuming after iteration {state['iteration']}"
+                + (" and the final fit" if final_fit else ""))
         else:
             t = time.perf_counter()
 
@@ -176,7 +181,7 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             baseline = start_info.get("heldout_loglik_chosen") if held is not None else None
             with np.errstate(divide="ignore"):
                 log_gamma = np.log(gamma)
-            eta, it0, prev, ckpt, done = gamma.mean(0), 1, None, None, False
+            eta, it0, prev, ckpt, done, final_fit = gamma.mean(0), 1, None, None, False, None
             a = ari(true_types, gamma)
             # Iteration 0: the start. Every policy is still the reference (rewards 0), so the
             # mixture's log-likelihood is that of uniformly random rankings.
@@ -239,10 +244,26 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             say(f"iter {it}: loglik={cur.loglik:.2f} eta={np.round(eta, 3).tolist()} "
                 f"max|dgamma|={d_gamma:.3g}" + (f" ari={a:.3f}" if a is not None else "")
                 + f" (fit {res.wall_s:.1f}s)")
+        if cfg.em.final_epochs > 0 and final_fit is None:
+            last = history[-1]["iteration"]
+            say(f"final fit: {cfg.em.final_epochs:g} epochs on the final types, every ranking")
+            res = mstep(gamma, last + 1, ckpt, "final", final=True)
+            ckpt = res.checkpoint
+            final_fit = {"after_iteration": last, "epochs": cfg.em.final_epochs,
+                         "fit_wall_s": res.wall_s, "worker_failures": res.worker_failures,
+                         "metrics": {key: v for key, v in res.metrics.items()
+                                     if "/" in key and not key.startswith("time/")}}
+            # same iteration and posteriors; the state now points at the final policies
+            rd.save_iteration(last, log_gamma, history,
+                              {**rd.state(), "checkpoint": rd.store.checkpoint_uri(ckpt),
+                               "final_fit": final_fit},
+                              before_state=lambda: fault_point("final_fit", last))
+            say(f"final fit: done ({res.wall_s:.1f}s)")
     finally:
         prep.close()  # the workers' CPUs go back before MMRA's tasks need them
 
-    summary = finalize(rd, records, users, log_gamma, eta, history, ckpt, true_types)
+    summary = finalize(rd, records, users, log_gamma, eta, history, ckpt, true_types,
+                       final_fit)
     rd.push_all()
     if cfg.mmra.enabled:
         from emdpo_ray.train.mmra_run import run_mmra
@@ -252,7 +273,8 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
     return summary
 
 
-def finalize(rd: RunDir, records, users, log_gamma, eta, history, ckpt, true_types) -> dict:
+def finalize(rd: RunDir, records, users, log_gamma, eta, history, ckpt, true_types,
+             final_fit: dict | None = None) -> dict:
     """Contract outputs: policies/type_k, posteriors.jsonl, plots, summary.json."""
     gamma = np.exp(log_gamma)
     k = gamma.shape[1]
@@ -263,7 +285,7 @@ def finalize(rd: RunDir, records, users, log_gamma, eta, history, ckpt, true_typ
                "iterations": sum(h["iteration"] > 0 for h in history),
                "mixing_weights": eta.tolist(),
                "log_likelihood": history[-1]["log_likelihood"] if history else None,
-               "ari": ari(true_types, gamma)}
+               "ari": ari(true_types, gamma), "final_fit": final_fit}
     rd.write_summary(summary)
     from emdpo_ray.report.plots import plot_run
 
