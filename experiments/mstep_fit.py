@@ -75,7 +75,7 @@ def bounds(family: str, seed: int) -> dict:
     from emdpo_ray.data import synth
     from emdpo_ray.data.encode import index_records
     from emdpo_ray.data.sources import load_records
-    from emdpo_ray.train import start
+    from emdpo_ray.train import linear_mixture as lm, start
 
     data = os.path.join(STARTS, f"{family}-{seed}.jsonl")
     cfg = load_config(None, [f"seed={seed}"])
@@ -93,9 +93,9 @@ def bounds(family: str, seed: int) -> dict:
     labels[ui] = [r.true_type for r in records]
     x, mask = start.response_features(records)
     keep = ~held
-    mix = start.fit_linear_mixture(x[keep], mask[keep], ui[keep], len(users),
+    mix = lm.fit_linear_mixture(x[keep], mask[keep], ui[keep], len(users),
                                    smoothed_onehot(labels, 3, 0.0), 0, 1e-3)
-    tok = start.predictive_user_logliks(start.record_logliks(x, mask, mix.theta), held, ui,
+    tok = start.predictive_user_logliks(lm.record_logliks(x, mask, mix.theta), held, ui,
                                         len(users), mix.eta)
     m = len(records[0].responses)
     return {"oracle": float(oracle.sum() / held.sum()),

@@ -70,9 +70,9 @@ VARIANTS = ["reference in users' subspace", "tokens by position in users' subspa
 def preference_subspace(x, mask, user_index, num_users, dims: int = 8):
     """x projected on the top `dims` principal directions of the users' preference
     embeddings (train/start.py), standardised: a low-dimensional start where users differ."""
-    from emdpo_ray.train import start as st
+    from emdpo_ray.train import linear_mixture as lm, start as st
 
-    emb = st.preference_embeddings(x, mask, user_index, num_users)
+    emb = lm.preference_embeddings(x, mask, user_index, num_users)
     _, _, vt = np.linalg.svd(emb - emb.mean(0), full_matrices=False)
     return st.standardized((x @ vt[:dims].T).astype(np.float32), mask)
 
@@ -192,15 +192,15 @@ def crossfit_labels(x, mask, user_index, num_users, truth, k: int, folds: int = 
     """Each user's MAP type under a linear mixture fitted to the true labels of the users in
     the other folds (out of sample: no user's rankings fit the weights that assign it)."""
     from emdpo_ray.core.estep import e_step, smoothed_onehot
-    from emdpo_ray.train import start as st
+    from emdpo_ray.train import linear_mixture as lm
 
     fold = np.random.default_rng(0).integers(0, folds, num_users)[user_index]
     gamma = smoothed_onehot(truth, k, 0.05)
     scores = np.zeros((len(x), k))
     for f in range(folds):
         fit = fold != f
-        mix = st.fit_linear_mixture(x[fit], mask[fit], user_index[fit], num_users, gamma, 0, l2)
-        scores[~fit] = st.record_logliks(x[~fit], mask[~fit], mix.theta)
+        mix = lm.fit_linear_mixture(x[fit], mask[fit], user_index[fit], num_users, gamma, 0, l2)
+        scores[~fit] = lm.record_logliks(x[~fit], mask[~fit], mix.theta)
     return e_step(scores, user_index, num_users, gamma.mean(0)).gamma.argmax(1)
 
 
@@ -213,7 +213,7 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES) -> di
     from emdpo_ray.data.sources import load_records
     from emdpo_ray.models.features import response_representations
     from emdpo_ray.models.loading import load_base, load_tokenizer
-    from emdpo_ray.train import start as st
+    from emdpo_ray.train import linear_mixture as lm, start as st
 
     import torch
 
@@ -264,28 +264,28 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES) -> di
            "oracle": ari(oracle_labels(records, ui, num_users, meta)), "features": {}}
     for name in features:
         x = makers[name]()
-        start = st.feature_start(x, mask, ui, num_users, k, seed, 20, restarts=8)
-        path = st.l2_path(x, mask, ui, num_users, start, [1e-2, 1e-3, 1e-4], 20)
+        start = lm.feature_start(x, mask, ui, num_users, k, seed, 20, restarts=8)
+        path = lm.l2_path(x, mask, ui, num_users, start, [1e-2, 1e-3, 1e-4], 20)
         _, l2, _, g = st.choose_features({name: lambda: x}, mask, ui, num_users, k, seed, 20,
                                          held, 8, l2s=(1e-2, 1e-3, 1e-4))
         # as the default start: the chosen start continued on every record, or the fresh
         # restarts walked down to the chosen L2, whichever is likelier
-        final = max((st.fit_linear_mixture(x, mask, ui, num_users, g, 20, l2),
+        final = max((lm.fit_linear_mixture(x, mask, ui, num_users, g, 20, l2),
                      path[[1e-2, 1e-3, 1e-4].index(l2)]),
-                    key=lambda m: st.mixture_loglik(x, mask, ui, num_users, m))
+                    key=lambda m: lm.mixture_loglik(x, mask, ui, num_users, m))
         labels = smoothed_onehot(truth, k, 0.05)
-        once = st.fit_linear_mixture(x, mask, ui, num_users, labels, 0)
-        once_g = e_step(st.record_logliks(x, mask, once.theta), ui, num_users, once.eta).gamma
-        em = st.fit_linear_mixture(x, mask, ui, num_users, labels, 20)
+        once = lm.fit_linear_mixture(x, mask, ui, num_users, labels, 0)
+        once_g = e_step(lm.record_logliks(x, mask, once.theta), ui, num_users, once.eta).gamma
+        em = lm.fit_linear_mixture(x, mask, ui, num_users, labels, 20)
         out["features"][name] = {
             "dims": int(x.shape[-1]), "start": ari(start.gamma.argmax(1)),
             "start_l2_path": [ari(m.gamma.argmax(1)) for m in path],
             "chosen_l2": l2, "start_chosen_l2": ari(final.gamma.argmax(1)),
-            "start_loglik": round(st.mixture_loglik(x, mask, ui, num_users, start), 1),
+            "start_loglik": round(lm.mixture_loglik(x, mask, ui, num_users, start), 1),
             "labels_once": ari(once_g.argmax(1)),
             "labels_crossfit": ari(crossfit_labels(x, mask, ui, num_users, truth, k, l2=l2)),
             "labels_em": ari(em.gamma.argmax(1)),
-            "labels_em_loglik": round(st.mixture_loglik(x, mask, ui, num_users, em), 1)}
+            "labels_em_loglik": round(lm.mixture_loglik(x, mask, ui, num_users, em), 1)}
         print(family, seed, name, out["features"][name], flush=True)
     return out
 

@@ -54,6 +54,8 @@ def test_run_directory_contract(finished_run):
     start = hist[0]["start"]
     assert set(start["heldout_loglik_per_ranking"]) == {"tokens", "reference", "both"}
     assert start["features"] in start["heldout_loglik_per_ranking"]
+    # split-and-merge ran on the kept start: each kept move raised the log-likelihood
+    assert all(m["loglik"][1] > m["loglik"][0] + 1.0 for m in start["split_merge"])
     for h in hist[1:]:
         assert np.isfinite(h["log_likelihood"]) and len(h["mixing_weights"]) == 3
         assert {"startup_s", "train_s", "score_s", "estep_s", "fit_wall_s"} <= set(h["timings"])

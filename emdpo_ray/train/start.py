@@ -22,7 +22,9 @@ the features make obvious, which on types that flip with the prompt is the wrong
 penalty is walked down `em.init_l2` (strongest first, each fit continuing from the last) and
 the strength whose mixture best predicts the held-out rankings kept, the strongest within
 noise of the best: sparse token counts want a weak penalty, dense reference states a strong
-one (docs/start_features.md).
+one (docs/start_features.md). Last, split-and-merge moves (`em.init_split_merge`): two
+types that look alike are merged and another split in two, kept when the log-likelihood
+rises, which frees a type that restarts left empty or holding two types.
 
 `labels` starts from the records' `true_type` (an upper bound for evaluation); `random`
 tries `em.restarts` random hard starts, each scored by one M-step and E-step.
@@ -32,19 +34,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
-import torch
 from scipy.special import logsumexp
 
 from emdpo_ray.config import Config
-from emdpo_ray.core.estep import e_step, per_ranking_interval, smoothed_onehot, user_loglik
-from emdpo_ray.core.losses import plackett_luce_logp
+from emdpo_ray.core.estep import per_ranking_interval, smoothed_onehot, user_loglik
 from emdpo_ray.data.records import Record
+from emdpo_ray.train.linear_mixture import (feature_start, l2_path, mixture_loglik,
+                                            record_logliks, split_merge)
 
 
-SHORT_RUN = 5   # iterations of each start before the likeliest runs on
 TOKEN_PATTERN = r"(?u)\b\w+\b|[^\w\s]"   # words and single punctuation marks
 
 
@@ -62,101 +62,6 @@ def response_features(records: list[Record]) -> tuple[np.ndarray, np.ndarray]:
         x[i, :len(counts)] = counts
         mask[i, :len(counts)] = True
     return x, mask
-
-
-def preference_embeddings(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray,
-                          num_users: int) -> np.ndarray:
-    """[U, V]: per-user mean of sum_j c_j x_j, c linear from +1 (best) to -1 (worst)."""
-    m_per = mask.sum(1)
-    c = np.zeros(mask.shape)
-    for i, m in enumerate(m_per):
-        c[i, :m] = np.linspace(1.0, -1.0, m)
-    per_record = np.einsum("nm,nmv->nv", c, x)
-    emb = np.zeros((num_users, x.shape[-1]))
-    np.add.at(emb, user_index, per_record)
-    return emb / np.maximum(np.bincount(user_index, minlength=num_users), 1)[:, None]
-
-
-def kmeans_labels(emb: np.ndarray, k: int, seed: int) -> np.ndarray:
-    from sklearn.cluster import KMeans
-    from sklearn.preprocessing import normalize
-
-    if k == 1:
-        return np.zeros(len(emb), dtype=int)
-    return KMeans(n_clusters=k, n_init=20, random_state=seed).fit_predict(normalize(emb))
-
-
-@dataclass
-class LinearMixture:
-    theta: np.ndarray   # [K, V] reward weights per type
-    eta: np.ndarray     # [K] mixing weights
-    gamma: np.ndarray   # [U, K] posteriors
-
-
-def linear_logliks(x: torch.Tensor, mask: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """[N, K] Plackett-Luce log-likelihood of each record's ranking under r_k = x . theta_k;
-    x [N, m, V]. A plain matmul, whose backward is one more (the start's hot loop)."""
-    n, m, v = x.shape
-    r = (x.reshape(n * m, v) @ theta.T).reshape(n, m, len(theta))
-    return torch.stack([plackett_luce_logp(r[..., j], mask) for j in range(len(theta))], 1)
-
-
-def record_logliks(x: np.ndarray, mask: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """linear_logliks on arrays, as float64."""
-    with torch.no_grad():
-        return linear_logliks(torch.from_numpy(x), torch.from_numpy(mask),
-                              torch.from_numpy(theta).float()).double().numpy()
-
-
-def lbfgs(loss_fn, theta0: np.ndarray, max_iter: int = 50) -> np.ndarray:
-    """argmin of loss_fn(theta) (a torch scalar) by scipy's L-BFGS-B, torch giving the
-    gradient (torch.optim's first use imports torch's compiler stack into the driver). BLAS
-    runs on one thread: its spinning threads and torch's would fight over the cores."""
-    from scipy.optimize import minimize
-    from threadpoolctl import threadpool_limits
-
-    def f(v: np.ndarray):
-        t = torch.tensor(v.reshape(theta0.shape), dtype=torch.float32, requires_grad=True)
-        loss = loss_fn(t)
-        loss.backward()
-        return float(loss.detach()), t.grad.double().numpy().ravel()
-
-    with threadpool_limits(1, user_api="blas"):
-        res = minimize(f, theta0.astype(np.float64).ravel(), jac=True, method="L-BFGS-B",
-                       options={"maxiter": max_iter, "ftol": 1e-6})
-    return res.x.reshape(theta0.shape).astype(np.float32)
-
-
-def fit_linear_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
-                       gamma: np.ndarray, iterations: int, l2: float = 1e-2,
-                       tol: float = 1e-3) -> LinearMixture:
-    """EM for a mixture of linear Plackett-Luce models r_k = x . theta_k, from posteriors
-    `gamma`; at least one M-step, so theta always fits the returned posteriors' split. Stops
-    early once no posterior moves by more than `tol`."""
-    xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
-    theta = np.zeros((gamma.shape[1], x.shape[-1]), np.float32)
-    eta = gamma.mean(0)
-    for it in range(max(iterations, 1)):
-        w = torch.tensor(gamma[user_index], dtype=torch.float32)
-        theta = lbfgs(lambda th: -(w * linear_logliks(xt, mt, th)).sum() / len(x)
-                      + l2 * (th ** 2).sum(), theta)
-        if it >= iterations:
-            break
-        es = e_step(record_logliks(x, mask, theta), user_index, num_users, eta)
-        moved = float(np.abs(es.gamma - gamma).max())
-        gamma, eta = es.gamma, es.eta
-        if moved < tol:
-            break
-    return LinearMixture(theta, np.asarray(eta), gamma)
-
-
-def mixture_loglik(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
-                   mix: LinearMixture) -> float:
-    """log p(all rankings) = sum_u log sum_k eta_k prod_{i of u} PL(ranking_i | theta_k)."""
-    with np.errstate(divide="ignore"):
-        log_eta = np.log(np.asarray(mix.eta, float))
-    u = user_loglik(record_logliks(x, mask, mix.theta), user_index, num_users)
-    return float(logsumexp(log_eta + u, 1).sum())
 
 
 def heldout_records(user_index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -192,50 +97,6 @@ def standardized(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Features scaled to mean 0 and variance 1 over the real responses (padding stays 0)."""
     real = x[mask]
     return np.where(mask[..., None], (x - real.mean(0)) / (real.std(0) + 1e-6), 0).astype(np.float32)
-
-
-def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
-                  k: int, seed: int, refine_iterations: int, restarts: int = 1,
-                  l2: float = 1e-2, gamma: np.ndarray | None = None,
-                  info: dict | None = None, short: int = SHORT_RUN) -> LinearMixture:
-    """The linear Plackett-Luce mixture from `restarts` starts: k-means on preference
-    embeddings (or `gamma` when given), then random hard partitions. k-means alone often
-    settles on the split the features make obvious; random partitions let the likelihood
-    find the others. With several starts each runs `short` iterations and the likeliest
-    runs on to `refine_iterations` (short-run EM: a few iterations per start, the full
-    refinement for one). `info` gets each start's log-likelihood."""
-    if gamma is None:
-        gamma = smoothed_onehot(kmeans_labels(
-            preference_embeddings(x, mask, user_index, num_users), k, seed), k, 0.05)
-    if restarts <= 1:
-        return fit_linear_mixture(x, mask, user_index, num_users, gamma, refine_iterations, l2)
-    rng = np.random.default_rng(seed)
-    best, lls = None, []
-    for r in range(restarts):
-        g0 = gamma if r == 0 else smoothed_onehot(rng.integers(0, k, num_users), k, 0.05)
-        mix = fit_linear_mixture(x, mask, user_index, num_users, g0,
-                                 min(short, refine_iterations), l2)
-        lls.append(mixture_loglik(x, mask, user_index, num_users, mix))
-        if best is None or lls[-1] > lls[best[0]]:
-            best = (r, mix)
-    if info is not None:
-        info["restart_logliks"], info["restart_chosen"] = lls, best[0]
-    if refine_iterations > short:
-        return fit_linear_mixture(x, mask, user_index, num_users, best[1].gamma,
-                                  refine_iterations - short, l2)
-    return best[1]
-
-
-def l2_path(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
-            mix: LinearMixture, l2s: list[float], iterations: int) -> list[LinearMixture]:
-    """The mixture `mix` (fitted at l2s[0]) continued down the weaker penalties l2s[1:], each
-    fit started from the previous one's posteriors: [mix, fit at l2s[1], ...]: the restarts
-    run once, at the strongest penalty, and the weaker ones refine their split."""
-    out = [mix]
-    for l2 in l2s[1:]:
-        out.append(fit_linear_mixture(x, mask, user_index, num_users, out[-1].gamma,
-                                      iterations, l2))
-    return out
 
 
 def simplest_within_noise(per_user: dict, n_held: np.ndarray, level: float = 0.68,
@@ -292,7 +153,8 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
                 seed: int, smoothing: float, refine_iterations: int,
                 features: str = "tokens", reference_features: Callable[[], np.ndarray] | None = None,
                 info: dict | None = None, held: np.ndarray | None = None,
-                restarts: int = 1, l2s: tuple[float, ...] = (1e-2,)) -> np.ndarray:
+                restarts: int = 1, l2s: tuple[float, ...] = (1e-2,),
+                split_merge_tries: int = 0) -> np.ndarray:
     """The `kmeans` start on `features` (tokens, reference, both or auto) with `restarts`
     starts of the linear mixture and its L2 strength chosen down `l2s` (l2_path); the
     reference model's features come from
@@ -301,7 +163,8 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
     records on which candidates are compared and the chosen one's held-out log-likelihood
     is measured (`info`); by default 20% of each user's. On every record the chosen
     candidate's start, fitted without them, is continued, fresh restarts are run, and the
-    likelier of the two kept."""
+    likelier of the two kept, then improved by up to `split_merge_tries` split-and-merge
+    moves a round (split_merge)."""
     names = {"tokens": ["tokens"], "reference": ["reference"], "both": ["both"],
              "auto": ["tokens", "reference", "both"]}[features]
     x_tok, mask = response_features(records)
@@ -347,10 +210,14 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
                                           refine_iterations, l2=l2, gamma=gamma)
     lls = {n: mixture_loglik(x, mask, user_index, num_users, m) for n, m in fits.items()}
     kept = max(lls, key=lls.get)
+    sm: dict = {}
+    mix = split_merge(x, mask, user_index, num_users, fits[kept], l2, refine_iterations, seed,
+                      split_merge_tries, sm)
     if info is not None:
         info["final_logliks"], info["final"] = lls, kept
+        info["split_merge"] = sm.get("moves", [])
     # Keep the refined split but never start fully certain: the policies get a say.
-    return smoothed_onehot(fits[kept].gamma.argmax(1), k, smoothing)
+    return smoothed_onehot(mix.gamma.argmax(1), k, smoothing)
 
 
 def labels_from_records(records: list[Record], user_index: np.ndarray, num_users: int,
@@ -376,7 +243,8 @@ def initial_gamma(cfg: Config, k: int, records: list[Record], user_index: np.nda
         return kmeans_init(records, user_index, num_users, k, cfg.seed,
                            cfg.em.init_smoothing, cfg.em.init_refine_iterations,
                            cfg.em.init_features, reference_features, info, held,
-                           cfg.em.init_restarts, tuple(cfg.em.init_l2))
+                           cfg.em.init_restarts, tuple(cfg.em.init_l2),
+                           cfg.em.init_split_merge)
     if cfg.em.init == "labels":
         labels = labels_from_records(records, user_index, num_users, k)
         return smoothed_onehot(labels, k, cfg.em.init_smoothing)

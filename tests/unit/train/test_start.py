@@ -5,8 +5,8 @@ import pytest
 
 from emdpo_ray.config import load_config
 from emdpo_ray.data.records import parse_record
-from emdpo_ray.train.start import (initial_gamma, kmeans_init, labels_from_records,
-                                   preference_embeddings, response_features)
+from emdpo_ray.train.start import initial_gamma, kmeans_init, labels_from_records, response_features
+from emdpo_ray.train.linear_mixture import preference_embeddings
 
 
 def test_preference_embedding_by_hand():
@@ -79,7 +79,7 @@ def test_random_start_keeps_the_best_scored_restart():
 
 
 def test_record_loglik_by_hand():
-    from emdpo_ray.train.start import record_logliks
+    from emdpo_ray.train.linear_mixture import record_logliks
 
     # rewards log 3 and 0: the ranked-first response wins with probability 3 / (3 + 1)
     x = np.array([[[1.0], [0.0]]], np.float32)
@@ -125,7 +125,8 @@ def test_auto_features_keep_the_candidate_that_predicts_held_out_rankings():
 
 
 def test_the_l2_path_keeps_the_penalty_that_predicts_held_out_rankings():
-    from emdpo_ray.train.start import choose_features, heldout_records, l2_path, feature_start
+    from emdpo_ray.train.start import choose_features, heldout_records
+    from emdpo_ray.train.linear_mixture import l2_path, feature_start
 
     recs, ui, truth = _two_opposite_types(20, 5)
     x, mask = response_features(recs)
@@ -165,7 +166,7 @@ def test_the_simplest_candidate_within_noise_of_the_best_is_chosen_by_hand():
 
 
 def test_mixture_loglik_by_hand():
-    from emdpo_ray.train.start import LinearMixture, mixture_loglik
+    from emdpo_ray.train.linear_mixture import LinearMixture, mixture_loglik
 
     # one feature; responses [1] and [0]; type 0 has theta log 3, type 1 theta 0.
     # "ranked [1] first": p = 3/4 under type 0, 1/2 under type 1; eta (0.5, 0.5) -> 5/8.
@@ -180,7 +181,7 @@ def test_mixture_loglik_by_hand():
 
 
 def test_restarts_keep_the_start_of_highest_likelihood():
-    from emdpo_ray.train.start import feature_start, mixture_loglik
+    from emdpo_ray.train.linear_mixture import feature_start, mixture_loglik
 
     recs, ui, truth = _two_opposite_types(12, 3)
     x, mask = response_features(recs)
@@ -229,7 +230,7 @@ def test_lbfgs_finds_a_hand_worked_minimum():
     # 2 t0 + 0.5 t1 = 2 and 0.5 t0 + 2 t1 = -2; by symmetry t1 = -t0, so 1.5 t0 = 2: t = [4/3, -4/3]
     import torch
 
-    from emdpo_ray.train.start import lbfgs
+    from emdpo_ray.train.linear_mixture import lbfgs
 
     c = torch.tensor([1.0, -1.0])
     theta = lbfgs(lambda t: ((t - c) ** 2).sum() + 0.5 * t[0] * t[1], np.zeros(2, np.float32))
@@ -242,10 +243,83 @@ def test_the_start_keeps_the_compiler_stack_out_of_the_driver():
     import sys
 
     code = ("import sys, numpy as np\n"
-            "from emdpo_ray.train.start import fit_linear_mixture\n"
+            "from emdpo_ray.train.linear_mixture import fit_linear_mixture\n"
             "x = np.random.default_rng(0).normal(size=(8, 3, 4)).astype(np.float32)\n"
             "g = np.tile([[0.9, 0.1], [0.1, 0.9]], (2, 1))\n"
             "fit_linear_mixture(x, np.ones((8, 3), bool), np.arange(8) % 4, 4, g, 2)\n"
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_split_merge_moves_by_hand():
+    from emdpo_ray.train.linear_mixture import split_merge_moves
+
+    fit = np.array([-1.0, -0.5, -0.2])          # type 0's users fit worst, then type 1's
+    theta = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 0.0]])
+    # type 2 has no users: merging it away comes first (with either live type, ties by
+    # index), then the live pair whose weights point the same way; each move splits a live
+    # type other than the one merged away, the worst fitted first
+    dead = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]] * 3)
+    assert split_merge_moves(theta, dead, fit) == [(0, 2, 0), (0, 2, 1), (1, 2, 0), (1, 2, 1),
+                                                   (0, 1, 0)]
+    # every type has users: pairs by cosine, (0, 1) first (0.99), then (1, 2), then (0, 2)
+    theta = np.array([[1.0, 0.0], [0.9, 0.1], [0.1, 1.0]])
+    live = np.eye(3)[[0, 1, 2, 0, 1, 2]]
+    assert split_merge_moves(theta, live, fit) == [(0, 1, 0), (0, 1, 2), (1, 2, 0), (1, 2, 1),
+                                                   (0, 2, 0), (0, 2, 1)]
+
+
+def test_merge_split_by_hand():
+    from emdpo_ray.train.linear_mixture import merge_split
+
+    labels = np.array([0, 0, 1, 1, 2, 2, 2, 2])
+    emb = np.array([[0, 1], [0, 1], [0, 1], [0, 1], [1, 0], [1, 0], [-1, 0], [-1, 0]], float)
+    out = merge_split(labels, emb, 0, 1, 2, seed=0)   # 1 joins 0; 2 splits along its users
+    assert (out[:4] == 0).all()
+    assert sorted([tuple(out[4:6]), tuple(out[6:])]) == [(1, 1), (2, 2)]
+    assert merge_split(np.array([0, 0, 1, 2]), emb[:4], 0, 1, 2, seed=0) is None  # one user
+
+
+def _three_types(per_type=6, per_user=4):
+    """Type t ranks response t first, the other two after it in a fixed order."""
+    recs, truth = [], []
+    for u in range(3 * per_type):
+        t = u % 3
+        for i in range(per_user):
+            order = [t] + [j for j in (0, 1, 2) if j != t]
+            recs.append(parse_record({"user_id": f"u{u}", "prompt": f"p{i}",
+                                      "responses": ["a a", "b b", "c c"],
+                                      "ranking": order}, f"t:{len(recs)}"))
+        truth.append(t)
+    return recs, np.repeat(np.arange(3 * per_type), per_user), np.array(truth)
+
+
+def test_split_merge_frees_a_type_that_em_keeps_merged():
+    from sklearn.metrics import adjusted_rand_score
+
+    from emdpo_ray.core.estep import smoothed_onehot
+    from emdpo_ray.train.linear_mixture import fit_linear_mixture, mixture_loglik, split_merge
+
+    recs, ui, truth = _three_types()
+    x, mask = response_features(recs)
+    u = len(truth)
+    # a poor optimum: type 0's users split over types 0 and 2, types 1 and 2 kept as one;
+    # EM settles with two identical types, each holding half of two true types
+    wrong = np.where(truth == 0, np.arange(u) % 2 * 2, 1)
+    stuck = fit_linear_mixture(x, mask, ui, u, smoothed_onehot(wrong, 3, 0.05), 20)
+    assert stuck.gamma.max(1).min() < 0.6
+    info: dict = {}
+    fixed = split_merge(x, mask, ui, u, stuck, 1e-2, 20, seed=0, tries=6, info=info)
+    assert adjusted_rand_score(truth, fixed.gamma.argmax(1)) == 1.0
+    assert fixed.gamma.max(1).min() > 0.9
+    first = info["moves"][0]
+    assert sorted(first["merge"]) == [0, 2]   # the two alike
+    assert first["loglik"][0] == pytest.approx(mixture_loglik(x, mask, ui, u, stuck))
+    assert mixture_loglik(x, mask, ui, u, fixed) == pytest.approx(info["moves"][-1]["loglik"][1])
+    assert mixture_loglik(x, mask, ui, u, fixed) > first["loglik"][0] + 1.0
+    # nothing to gain from the true split: no move is kept, the mixture comes back as it was
+    right = fit_linear_mixture(x, mask, ui, u, smoothed_onehot(truth, 3, 0.05), 20)
+    info = {}
+    assert split_merge(x, mask, ui, u, right, 1e-2, 20, seed=0, tries=6, info=info) is right
+    assert info["moves"] == []

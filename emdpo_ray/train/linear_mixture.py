@@ -1,0 +1,230 @@
+"""The start's cheap stand-in for the policies: a mixture of *linear* Plackett-Luce models
+r_k = x . theta_k on per-response features, fitted by EM with L-BFGS M-steps, from several
+starts (k-means on per-user preference embeddings, then random partitions), then improved by
+split-and-merge moves. No language model; train/start.py chooses its features and penalty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+
+from emdpo_ray.core.estep import e_step, smoothed_onehot, user_loglik
+from emdpo_ray.core.losses import plackett_luce_logp
+
+SHORT_RUN = 5   # iterations of each start before the likeliest runs on
+
+
+def preference_embeddings(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray,
+                          num_users: int) -> np.ndarray:
+    """[U, V]: per-user mean of sum_j c_j x_j, c linear from +1 (best) to -1 (worst)."""
+    m_per = mask.sum(1)
+    c = np.zeros(mask.shape)
+    for i, m in enumerate(m_per):
+        c[i, :m] = np.linspace(1.0, -1.0, m)
+    per_record = np.einsum("nm,nmv->nv", c, x)
+    emb = np.zeros((num_users, x.shape[-1]))
+    np.add.at(emb, user_index, per_record)
+    return emb / np.maximum(np.bincount(user_index, minlength=num_users), 1)[:, None]
+
+
+def kmeans_labels(emb: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+    from sklearn.preprocessing import normalize
+
+    if k == 1:
+        return np.zeros(len(emb), dtype=int)
+    return KMeans(n_clusters=k, n_init=20, random_state=seed).fit_predict(normalize(emb))
+
+
+@dataclass
+class LinearMixture:
+    theta: np.ndarray   # [K, V] reward weights per type
+    eta: np.ndarray     # [K] mixing weights
+    gamma: np.ndarray   # [U, K] posteriors
+
+
+def linear_logliks(x: torch.Tensor, mask: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """[N, K] Plackett-Luce log-likelihood of each record's ranking under r_k = x . theta_k;
+    x [N, m, V]. A plain matmul, whose backward is one more (the start's hot loop)."""
+    n, m, v = x.shape
+    r = (x.reshape(n * m, v) @ theta.T).reshape(n, m, len(theta))
+    return torch.stack([plackett_luce_logp(r[..., j], mask) for j in range(len(theta))], 1)
+
+
+def record_logliks(x: np.ndarray, mask: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """linear_logliks on arrays, as float64."""
+    with torch.no_grad():
+        return linear_logliks(torch.from_numpy(x), torch.from_numpy(mask),
+                              torch.from_numpy(theta).float()).double().numpy()
+
+
+def lbfgs(loss_fn, theta0: np.ndarray, max_iter: int = 50) -> np.ndarray:
+    """argmin of loss_fn(theta) (a torch scalar) by scipy's L-BFGS-B, torch giving the
+    gradient (torch.optim's first use imports torch's compiler stack into the driver). BLAS
+    runs on one thread: its spinning threads and torch's would fight over the cores."""
+    from scipy.optimize import minimize
+    from threadpoolctl import threadpool_limits
+
+    def f(v: np.ndarray):
+        t = torch.tensor(v.reshape(theta0.shape), dtype=torch.float32, requires_grad=True)
+        loss = loss_fn(t)
+        loss.backward()
+        return float(loss.detach()), t.grad.double().numpy().ravel()
+
+    with threadpool_limits(1, user_api="blas"):
+        res = minimize(f, theta0.astype(np.float64).ravel(), jac=True, method="L-BFGS-B",
+                       options={"maxiter": max_iter, "ftol": 1e-6})
+    return res.x.reshape(theta0.shape).astype(np.float32)
+
+
+def fit_linear_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
+                       gamma: np.ndarray, iterations: int, l2: float = 1e-2,
+                       tol: float = 1e-3) -> LinearMixture:
+    """EM for a mixture of linear Plackett-Luce models r_k = x . theta_k, from posteriors
+    `gamma`; at least one M-step, so theta always fits the returned posteriors' split. Stops
+    early once no posterior moves by more than `tol`."""
+    xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
+    theta = np.zeros((gamma.shape[1], x.shape[-1]), np.float32)
+    eta = gamma.mean(0)
+    for it in range(max(iterations, 1)):
+        w = torch.tensor(gamma[user_index], dtype=torch.float32)
+        theta = lbfgs(lambda th: -(w * linear_logliks(xt, mt, th)).sum() / len(x)
+                      + l2 * (th ** 2).sum(), theta)
+        if it >= iterations:
+            break
+        es = e_step(record_logliks(x, mask, theta), user_index, num_users, eta)
+        moved = float(np.abs(es.gamma - gamma).max())
+        gamma, eta = es.gamma, es.eta
+        if moved < tol:
+            break
+    return LinearMixture(theta, np.asarray(eta), gamma)
+
+
+def mixture_loglik(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
+                   mix: LinearMixture) -> float:
+    """log p(all rankings) = sum_u log sum_k eta_k prod_{i of u} PL(ranking_i | theta_k)."""
+    with np.errstate(divide="ignore"):
+        log_eta = np.log(np.asarray(mix.eta, float))
+    u = user_loglik(record_logliks(x, mask, mix.theta), user_index, num_users)
+    return float(logsumexp(log_eta + u, 1).sum())
+
+
+def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
+                  k: int, seed: int, refine_iterations: int, restarts: int = 1,
+                  l2: float = 1e-2, gamma: np.ndarray | None = None,
+                  info: dict | None = None, short: int = SHORT_RUN) -> LinearMixture:
+    """The linear Plackett-Luce mixture from `restarts` starts: k-means on preference
+    embeddings (or `gamma` when given), then random hard partitions. k-means alone often
+    settles on the split the features make obvious; random partitions let the likelihood
+    find the others. With several starts each runs `short` iterations and the likeliest
+    runs on to `refine_iterations` (short-run EM: a few iterations per start, the full
+    refinement for one). `info` gets each start's log-likelihood."""
+    if gamma is None:
+        gamma = smoothed_onehot(kmeans_labels(
+            preference_embeddings(x, mask, user_index, num_users), k, seed), k, 0.05)
+    if restarts <= 1:
+        return fit_linear_mixture(x, mask, user_index, num_users, gamma, refine_iterations, l2)
+    rng = np.random.default_rng(seed)
+    best, lls = None, []
+    for r in range(restarts):
+        g0 = gamma if r == 0 else smoothed_onehot(rng.integers(0, k, num_users), k, 0.05)
+        mix = fit_linear_mixture(x, mask, user_index, num_users, g0,
+                                 min(short, refine_iterations), l2)
+        lls.append(mixture_loglik(x, mask, user_index, num_users, mix))
+        if best is None or lls[-1] > lls[best[0]]:
+            best = (r, mix)
+    if info is not None:
+        info["restart_logliks"], info["restart_chosen"] = lls, best[0]
+    if refine_iterations > short:
+        return fit_linear_mixture(x, mask, user_index, num_users, best[1].gamma,
+                                  refine_iterations - short, l2)
+    return best[1]
+
+
+def l2_path(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
+            mix: LinearMixture, l2s: list[float], iterations: int) -> list[LinearMixture]:
+    """The mixture `mix` (fitted at l2s[0]) continued down the weaker penalties l2s[1:], each
+    fit started from the previous one's posteriors: [mix, fit at l2s[1], ...]: the restarts
+    run once, at the strongest penalty, and the weaker ones refine their split."""
+    out = [mix]
+    for l2 in l2s[1:]:
+        out.append(fit_linear_mixture(x, mask, user_index, num_users, out[-1].gamma,
+                                      iterations, l2))
+    return out
+
+
+def split_merge_moves(theta: np.ndarray, gamma: np.ndarray, fit: np.ndarray,
+                      min_mass: float = 1.0) -> list[tuple[int, int, int]]:
+    """Candidate moves (i, j, s), likeliest first: merge type j into type i, then split type s
+    (s may be i: a merged pair re-split) into s and the freed j. Merge first the pairs whose
+    reward weights point the same way (cosine of theta), a type with no users before any;
+    split first the types whose users the mixture fits worst (`fit` [K]: mean log-likelihood
+    per ranking of each type's users under it)."""
+    k = len(theta)
+    norm = np.linalg.norm(theta, axis=1)
+    cos = theta @ theta.T / np.maximum(np.outer(norm, norm), 1e-12)
+    dead = gamma.sum(0) < min_mass
+    pairs = sorted(((i, j) for i in range(k) for j in range(k) if i != j),
+                   key=lambda p: (-int(dead[p[1]] and not dead[p[0]]), -cos[p], p))
+    pairs = [(i, j) for i, j in pairs if dead[j] or i < j]   # a live pair once, either way
+    moves = [(i, j, s) for i, j in pairs for s in range(k) if s != j and not dead[s]]
+    rank = {(i, j): r for r, (i, j) in enumerate(pairs)}
+    return sorted(moves, key=lambda m: (rank[m[:2]], fit[m[2]]))
+
+
+def merge_split(labels: np.ndarray, emb: np.ndarray, i: int, j: int, s: int,
+                seed: int) -> np.ndarray | None:
+    """Hard labels after the move (i, j, s) of split_merge_moves: j's users join i, then
+    s's users are split in two by k-means on their preference embeddings, one half becoming
+    j. None when s has fewer than two users."""
+    out = np.where(labels == j, i, labels)
+    members = np.flatnonzero(out == s)
+    if len(members) < 2:
+        return None
+    half = kmeans_labels(emb[members], 2, seed)
+    out[members[half == 1]] = j
+    return out
+
+
+def split_merge(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
+                mix: LinearMixture, l2: float, iterations: int, seed: int, tries: int,
+                info: dict | None = None, min_gain: float = 1.0) -> LinearMixture:
+    """Split-and-merge EM (Ueda et al., 2000) on the linear mixture: restarts find one
+    optimum, which may keep two types as one and split another in two (or leave a type
+    with no users). Up to `tries` moves (split_merge_moves) are refitted for `iterations`
+    each; the first that raises the log-likelihood by more than `min_gain` nats (refits
+    differ by a fraction of a nat) is kept, and the search runs again from it, at most K
+    times. `info["moves"]` lists the kept ones."""
+    k = mix.gamma.shape[1]
+    moves: list[dict] = []
+    if k < 2 or tries < 1:
+        return mix
+    emb = preference_embeddings(x, mask, user_index, num_users)
+    ll = mixture_loglik(x, mask, user_index, num_users, mix)
+    for _ in range(k):
+        labels = mix.gamma.argmax(1)
+        rec = record_logliks(x, mask, mix.theta)[np.arange(len(user_index)), labels[user_index]]
+        n = np.bincount(labels[user_index], minlength=k)
+        fit = np.bincount(labels[user_index], weights=rec, minlength=k) / np.maximum(n, 1)
+        kept = None
+        for i, j, s in split_merge_moves(mix.theta, mix.gamma, fit)[:tries]:
+            new = merge_split(labels, emb, i, j, s, seed)
+            if new is None:
+                continue
+            cand = fit_linear_mixture(x, mask, user_index, num_users,
+                                      smoothed_onehot(new, k, 0.05), iterations, l2)
+            cand_ll = mixture_loglik(x, mask, user_index, num_users, cand)
+            if cand_ll > ll + min_gain:
+                kept = (cand, {"merge": [i, j], "split": s, "loglik": [ll, cand_ll]})
+                break
+        if kept is None:
+            break
+        mix, ll = kept[0], kept[1]["loglik"][1]
+        moves.append(kept[1])
+    if info is not None:
+        info["moves"] = moves
+    return mix
