@@ -126,7 +126,12 @@ each run 5 iterations and the likeliest run on to 20, then its L2 penalty walked
 states (middle layer, pooled over the beginning, middle and end of each response), or both,
 and at the L2 strength, whichever predicts held-out rankings best, or the simplest within
 noise of it (the one-standard-error rule; `features, L2 chosen`; why:
-[`start_features.md`](start_features.md)). Earlier defaults, same data and references:
+[`start_features.md`](start_features.md)), then split-and-merge moves (`em.init_split_merge`
+= 6 a round; `moves`: those kept, each raising the start's log-likelihood by more than a
+nat). After EM, the final fit (`em.final_epochs` = 4) trains the policies that the
+held-out column scores. Without split-and-merge and the final fit (the defaults before
+them): [`starts-nosplitmerge.json`](starts-nosplitmerge.json). Earlier defaults, same data
+and references:
 the k-means split alone in [`starts-kmeans-only.json`](starts-kmeans-only.json); 8 restarts
 of 20 iterations with the reference's states projected to 64 dimensions in
 [`starts-dims64.json`](starts-dims64.json); short-run restarts, the last layer's states and
@@ -144,11 +149,11 @@ and at a DPO learning rate of 5e-3 in [`starts-lr5e-3.json`](starts-lr5e-3.json)
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| family | start | seed | features, L2 chosen | ARI: start, iter 1, 2, 3 | "
+    rows = ["| family | start | seed | features, L2 chosen | moves | ARI: start, iter 1, 2, 3 | "
             "guard: held-out log-lik per ranking, model behind the types vs new policies "
             "[95% interval] | "
             "held-out log-lik per ranking | log-lik falls |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         falls = [d for d in r["loglik_drops"] if d]
         checks = [g for g in r.get("guard", []) if g]
@@ -158,6 +163,7 @@ def table(results: list[dict]) -> str:
                           + ("" if g["accepted"] else " stop") for g in checks) or "off"
         rows.append(f"| {r['family']} | {r['config']} | {r['seed']} | "
                     f"{r['start'].get('features', '-')}, {r['start'].get('l2', '-')} | "
+                    f"{len(r['start'].get('split_merge', [])) if 'split_merge' in r['start'] else '-'} | "
                     + ", ".join(f"{a:.2f}" for a in r["ari"]) + f" | {guard}"
                     + f" | {r['heldout_loglik_per_ranking']:.3f} | "
                     + (", ".join(f"{d:.0f}" for d in falls) if falls else "none") + " |")
