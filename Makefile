@@ -62,7 +62,7 @@ identifiability: setup
 	$(BIN)/python experiments/identifiability.py
 
 # Which start recovers the types, per family, and what EM adds: docs/starts.{json,md}
-# (about 25 minutes: 3 families x 2 seeds, the default start)
+# (about 30 minutes: 3 families x 2 seeds, the default start)
 starts: setup
 	$(BIN)/python experiments/starts.py
 
@@ -72,7 +72,7 @@ start-features: setup
 	$(BIN)/python experiments/start_features.py
 
 # Do the policies serve their types? Reward matrices of generations on held-out prompts,
-# two typed sets, seeds 0 and 1: docs/policies_serve_types.{json,png} (about 9 minutes in all)
+# two typed sets, seeds 0 and 1: docs/policies_serve_types.{json,md,png} (about 13 minutes in all)
 policies-serve-types: setup
 	$(BIN)/python experiments/policies_serve_types.py --seeds 0 1 --prompts 48 --samples 8
 

@@ -47,12 +47,14 @@ def make_data(path: str, users: int, types: int, per_user: int, responses: int, 
 
 
 def em_run(data: str, k: int, out: str, sets: list[str]) -> dict:
-    """`emdpo-ray train` in-process (no MMRA): wall, history, summary."""
+    """`emdpo-ray train` in-process (no MMRA, no final fit: the benches time EM and its
+    M-steps; the final fit is one more M-step of the same kind): wall, history, summary."""
     from emdpo_ray.config import load_config
     from emdpo_ray.run.rundir import RunDir
     from emdpo_ray.train.driver import train
 
-    cfg = load_config(None, ["mmra.enabled=false", f"ray.cpus_per_worker={THREADS}", *sets])
+    cfg = load_config(None, ["mmra.enabled=false", "em.final_epochs=0",
+                             f"ray.cpus_per_worker={THREADS}", *sets])
     t = time.perf_counter()
     summary = train(cfg, data, k, out, overwrite=True)
     return {"wall": time.perf_counter() - t, "history": RunDir(out).history(),
