@@ -309,7 +309,7 @@ def test_conversational_parquet_shards_train_and_answer_chat_through_the_same_fo
 
     url, _, _ = server
     tok, ids = _conversational_shards_serve(
-        url, tmp_path, None, ["dpo.min_steps=4", "model.tiny.sft_epochs=1"],
+        url, tmp_path, None, ["dpo.min_steps=4", "model.tiny.sft_epochs=1", "em.final_epochs=0"],
         lambda run: RunDir(run).base_model_dir, "conv")
     assert ids[0] == tok.bos_token_id
 
@@ -328,6 +328,6 @@ def test_conversational_parquet_shards_on_smollm2_answer_chat_through_its_templa
     folder = resolve_named_model(load_config(config).model)
     tok, ids = _conversational_shards_serve(
         url, tmp_path, config, ["dpo.min_steps=2", "dpo.epochs=0.05", "dpo.batch_size=2",
-                                "ray.cpus_per_worker=1"],
+                                "ray.cpus_per_worker=1", "em.final_epochs=0"],
         lambda run: folder, "conv-smollm2")
     assert tok.chat_template and tok.decode(ids).startswith("<|im_start|>")
