@@ -50,6 +50,19 @@ def test_cli_help_lists_subcommands_and_knobs():
     for knob in ("--data", "--types", "--out", "--config", "--set", "dpo.beta", "em.init",
                  "ray.zero_stage"):
         assert knob in out
+    # every default the help shows is the configuration's default
+    import functools
+    import re
+
+    shown = re.findall(r"\b([a-z_]+(?:\.[a-z_]+)+)=([^\s|]+)(?=\s)", out.split("defaults shown")[1])
+    assert len(shown) >= 15, shown
+    cfg = load_config(None)
+    for key, text in shown:
+        actual = functools.reduce(getattr, key.split("."), cfg)
+        if isinstance(actual, bool):
+            assert text == str(actual).lower(), key
+        else:
+            assert float(text) == float(actual), key
 
 
 def test_generations_are_as_long_as_the_training_responses_unless_capped():
