@@ -125,8 +125,8 @@ class EMConfig(_Section):
         "em.init_refine_iterations."))
     init_split_merge: int = Field(6, ge=0, description=(
         "Split-and-merge moves of the kmeans start's linear mixture tried per round (merge "
-        "two alike types, split another; kept when the log-likelihood rises; train/start.py). "
-        "0: none."))
+        "two alike types, split another; kept when the log-likelihood rises by more than a "
+        "nat; train/linear_mixture.py). 0: none."))
     init_l2: list[NonNegativeFloat] = Field(
         default_factory=lambda: [1e-2, 1e-3, 1e-4], min_length=1, description=(
         "L2 penalties of the kmeans start's linear mixture, walked from the strongest down, "

@@ -94,7 +94,7 @@ def bounds(family: str, seed: int) -> dict:
     x, mask = start.response_features(records)
     keep = ~held
     mix = lm.fit_linear_mixture(x[keep], mask[keep], ui[keep], len(users),
-                                   smoothed_onehot(labels, 3, 0.0), 0, 1e-3)
+                                smoothed_onehot(labels, 3, 0.0), 0, 1e-3)
     tok = start.predictive_user_logliks(lm.record_logliks(x, mask, mix.theta), held, ui,
                                         len(users), mix.eta)
     m = len(records[0].responses)

@@ -161,9 +161,10 @@ def table(results: list[dict]) -> str:
                           + f" vs {g['heldout_loglik_per_ranking']:.3f}"
                           + (" [{:.3f}, {:.3f}]".format(*g["interval"]) if "interval" in g else "")
                           + ("" if g["accepted"] else " stop") for g in checks) or "off"
+        moves = r["start"].get("split_merge")
         rows.append(f"| {r['family']} | {r['config']} | {r['seed']} | "
                     f"{r['start'].get('features', '-')}, {r['start'].get('l2', '-')} | "
-                    f"{len(r['start'].get('split_merge', [])) if 'split_merge' in r['start'] else '-'} | "
+                    f"{'-' if moves is None else len(moves)} | "
                     + ", ".join(f"{a:.2f}" for a in r["ari"]) + f" | {guard}"
                     + f" | {r['heldout_loglik_per_ranking']:.3f} | "
                     + (", ".join(f"{d:.0f}" for d in falls) if falls else "none") + " |")

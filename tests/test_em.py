@@ -277,3 +277,25 @@ def test_final_fit_trains_the_installed_policies_on_the_final_types(finished_run
         for name, w in installed[j].items():
             np.testing.assert_array_equal(w, final[j][name])
         assert any(not np.allclose(w, before[j][name]) for name, w in installed[j].items())
+
+
+@pytest.mark.slow
+def test_cross_fit_run_final_fit_trains_only_the_served_policies(ray_local, tmp_path):
+    """em.cross_fit: the fold policies score out of fold during EM; the final fit trains
+    and installs the K served ones only."""
+    import glob
+
+    from emdpo_ray.data import synth
+
+    data = str(tmp_path / "d.jsonl")
+    synth.write(data, *synth.generate(users=16, types=2, rankings_per_user=4, seed=3))
+    run = str(tmp_path / "xfit")
+    summary = train(load_config(None, ["em.cross_fit=true", "em.max_iterations=1",
+                                       "dpo.min_steps=4", "mmra.enabled=false"]), data, 2, run)
+    assert summary["final_fit"]["after_iteration"] == 1
+    (em_dir,) = glob.glob(os.path.join(run, "ray_results", "mstep-001-*", "final", "policies"))
+    (final_dir,) = glob.glob(os.path.join(run, "ray_results", "final-002-*", "final", "policies"))
+    assert {"type_0", "f0_type_0", "f1_type_1"} <= set(os.listdir(em_dir))
+    assert sorted(d for d in os.listdir(final_dir) if not d.endswith(".md")) == ["type_0",
+                                                                                   "type_1"]
+    assert sorted(os.listdir(os.path.join(run, "policies"))) == ["type_0", "type_1"]

@@ -134,14 +134,16 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
 
     def mstep(gamma: np.ndarray, it: int, init_from, tag: str, final: bool = False):
         w, need = record_weights(gamma[ui], fold_rec)
-        if held is not None and not final:
+        run_names = names
+        if final:  # every ranking, nothing to score, the served policies only (not the folds')
+            run_names, w, need = names[:k], w[:, :k], np.zeros_like(need[:, :k])
+        elif held is not None:
             w[held] = 0.0  # the guard's rankings: scored, never trained on
         phase = "final fit" if final else f"M-step {it}"
         steps = (lambda d, t, loss: on_steps(phase, d, t, loss)) if on_steps else None
         epochs = (cfg.em.final_epochs if final else
                   cfg.em.warm_epochs if init_from is not None else cfg.dpo.epochs)
-        return prep.run_mstep(names=names, num_types=k, weights=w,
-                              score_mask=np.zeros_like(need) if final else need,
+        return prep.run_mstep(names=run_names, num_types=k, weights=w, score_mask=need,
                               run_name=f"{tag}-{it:03d}-{time.time_ns()}",
                               seed=cfg.seed * 100003 + it, init_from=init_from,
                               epochs=epochs, on_steps=steps)
