@@ -74,7 +74,7 @@ start-features: setup
 # Do the policies serve their types? Reward matrices of generations on held-out prompts,
 # two typed sets, seeds 0 and 1: docs/policies_serve_types.{json,md,png} (about 13 minutes in all)
 policies-serve-types: setup
-	$(BIN)/python experiments/policies_serve_types.py --seeds 0 1 --prompts 48 --samples 8
+	$(BIN)/python experiments/policies_serve_types.py --seeds 0 1 --prompts 48 --samples 16
 
 # What the SFT reference does to type inference on new rankings: docs/sft_reference.json
 # (about 10 minutes)

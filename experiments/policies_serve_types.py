@@ -1,7 +1,7 @@
 """`make policies-serve-types`: does each type's policy write what that type prefers?
 
     .venv/bin/python experiments/policies_serve_types.py [--seeds 0 1] [--prompts 48]
-        [--samples 8]
+        [--samples 16]
 
 For each typed set and seed: synthesise users, `emdpo-ray train` with the demo's config
 (SFT reference, EM-DPO, MMRA; `--prompts` held-out prompts x `--samples` samples per
