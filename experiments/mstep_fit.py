@@ -11,8 +11,11 @@ E-step's mixture log-likelihood per ranking of all rankings, four fifths of them
 
     .venv/bin/python experiments/mstep_fit.py [--family linear] [--seeds 0,1]
         [--settings "default,epochs 6,full fine-tuning"]   (names: SETTINGS below)
+        [--json docs/mstep_fit.json]
 
-Needs `make starts` first (its data and reference). Writes docs/mstep_fit.{json,md}.
+Needs `make starts` first (its data and reference). Writes docs/mstep_fit.{json,md}, or
+--json and the .md beside it; the figures of other seeds already in that file (same family)
+are kept, so seeds can be run one at a time.
 """
 
 from __future__ import annotations
@@ -105,15 +108,20 @@ def bounds(family: str, seed: int) -> dict:
             "random": -math.log(math.factorial(m)), "heldout_rankings": int(held.sum())}
 
 
-def table(res: dict) -> str:
+def table(res: dict, name: str = "mstep_fit.json") -> str:
     seeds = ", ".join(str(a) for a in res["seeds"])
     held = {b["heldout_rankings"] for b in res["bounds"].values()}
     ci = lambda v: f"[{v[0]:.3f}, {v[1]:.3f}]"  # noqa: E731
     lines = [
         "# How much of the types' preferences do the policies learn?",
         "",
-        "`make mstep-fit` ([`experiments/mstep_fit.py`](../experiments/mstep_fit.py), figures in",
-        "[`mstep_fit.json`](mstep_fit.json)): EM from the true labels, two iterations, on the",
+        ("`make mstep-fit`" if name == "mstep_fit.json" else
+         f"`python experiments/mstep_fit.py --family {res['family']} --seeds "
+         f"{','.join(str(v) for v in res['seeds'])} --settings "
+         f"\"{','.join(dict.fromkeys(r['setting'] for r in res['runs']))}\" "
+         f"--json docs/{name}`")
+        + " ([`experiments/mstep_fit.py`](../experiments/mstep_fit.py), figures in",
+        f"[`{name}`]({name})): EM from the true labels, two iterations, on the",
         f"`make starts` data ({res['family']} family, seeds {seeds}: 300 users, 10 rankings of 3)",
         "and its SFT reference, one M-step setting per row (default settings otherwise).",
         f"Log-likelihood per ranking of the {'/'.join(str(h) for h in sorted(held))} held-out",
@@ -149,6 +157,7 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--out", default=os.path.join(REPO, "runs", "mstep-fit"))
+    p.add_argument("--json", default=os.path.join(REPO, "docs", "mstep_fit.json"))
     a = p.parse_args()
     warnings.filterwarnings("ignore")
     seeds = [int(v) for v in a.seeds.split(",")]
@@ -158,15 +167,21 @@ def main() -> int:
         return 2
     res = {"family": a.family, "seeds": seeds,
            "bounds": {str(s): bounds(a.family, s) for s in seeds}, "runs": []}
+    old = json.load(open(a.json)) if os.path.exists(a.json) else None
+    if old is not None and old.get("family") == a.family:  # keep the other seeds' figures
+        res["seeds"] = sorted(set(old["seeds"]) | set(seeds))
+        res["bounds"] = {**{s: b for s, b in old["bounds"].items() if int(s) not in seeds},
+                         **res["bounds"]}
+        res["runs"] = [r for r in old["runs"] if r["seed"] not in seeds]
     for seed in seeds:
         for name in a.settings.split(","):
             res["runs"].append(run_setting(a.family, seed, name, a.out))
             print(json.dumps(res["runs"][-1]), flush=True)
     from emdpo_ray.utils import atomic_write_json, atomic_write_text
 
-    atomic_write_json(os.path.join(REPO, "docs", "mstep_fit.json"), res)
-    atomic_write_text(os.path.join(REPO, "docs", "mstep_fit.md"), table(res))
-    print(table(res))
+    atomic_write_json(a.json, res)
+    atomic_write_text(a.json[:-5] + ".md", table(res, os.path.basename(a.json)))
+    print(table(res, os.path.basename(a.json)))
     return 0
 
 
