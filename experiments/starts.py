@@ -148,6 +148,18 @@ and at a DPO learning rate of 5e-3 in [`starts-lr5e-3.json`](starts-lr5e-3.json)
 """
 
 
+def header(out: str, argv: list[str]) -> str:
+    """`make starts`'s header for docs/starts.json; for any other file, the command that wrote
+    it (the columns are those of starts.md)."""
+    if os.path.abspath(out) == os.path.join(REPO, "docs", "starts.json"):
+        return HEADER
+    name = os.path.basename(out)
+    cmd = " ".join(["python experiments/starts.py",
+                    *(f'"{v}"' if " " in v else v for v in argv)])
+    return (f"# Which start recovers the types? ({name[:-5]})\n\n`{cmd}` (figures in "
+            f"[`{name}`]({name}); columns as in [`starts.md`](starts.md)).\n\n")
+
+
 def table(results: list[dict]) -> str:
     rows = ["| family | start | seed | features, L2 chosen | moves | ARI: start, iter 1, 2, 3 | "
             "guard: held-out log-lik per ranking, model behind the types vs new policies "
@@ -197,7 +209,8 @@ def main() -> int:
                 results.append(run_one(family, config, seed, a.users, out, a.set))
                 print(json.dumps(results[-1]), flush=True)
                 atomic_write_json(a.out, results)
-                atomic_write_text(a.out[:-5] + ".md", HEADER + table(results) + "\n")
+                atomic_write_text(a.out[:-5] + ".md",
+                                  header(a.out, sys.argv[1:]) + table(results) + "\n")
     return 0
 
 
