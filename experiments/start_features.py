@@ -44,6 +44,10 @@ log-likelihood with respect to the reference's output layer, projected to 192 di
 first-order model of what a DPO step can change);
 docs/start_features-order-policies.{json,md} (`--families order --features "policies'
 states,reference output gradients" --out docs/start_features-order-policies.json`).
+`--reference NAME`: the states of another model (only the data of `make starts` needed), e.g.
+SmolLM2-135M-Instruct as published, docs/start_features-order-smollm2.{json,md}
+(`--families order --features reference --reference smollm2-135m-instruct --out
+docs/start_features-order-smollm2.json`, about 50 minutes).
 """
 
 from __future__ import annotations
@@ -204,7 +208,8 @@ def crossfit_labels(x, mask, user_index, num_users, truth, k: int, folds: int = 
     return e_step(scores, user_index, num_users, gamma.mean(0)).gamma.argmax(1)
 
 
-def one(family: str, seed: int, runs: str, features: list[str] = FEATURES) -> dict:
+def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
+        reference: str | None = None) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     from emdpo_ray.config import load_config
@@ -218,9 +223,13 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES) -> di
     import torch
 
     data, ref = os.path.join(runs, f"{family}-{seed}.jsonl"), os.path.join(runs, f"{family}-{seed}-reference")
+    cfg = load_config(None, [])
+    if reference is not None:  # another model's states, e.g. a pretrained one, not the SFT reference
+        from emdpo_ray.models.sources import resolve_named_model
+
+        ref = resolve_named_model(cfg.model.model_copy(update={"name_or_path": reference}))
     if not (os.path.exists(data) and os.path.isdir(ref)):
         raise SystemExit(f"{data} or {ref} missing: run `make starts` first")
-    cfg = load_config(None, [])
     records = load_records(data)
     meta = json.load(open(data + ".meta.json"))
     tok, model = load_tokenizer(ref, cfg.model), load_base(ref, cfg.model).eval()
@@ -344,6 +353,9 @@ def main() -> int:
     p.add_argument("--families", default="linear,contextual,order")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--out", default=os.path.join(REPO, "docs", "start_features.json"))
+    p.add_argument("--reference", default=None,
+                   help="the states of this model (a name such as smollm2-135m-instruct, an id "
+                        "or a folder) instead of each run's SFT reference")
     p.add_argument("--features", default=",".join(FEATURES),
                    help=f"feature sets, of {FEATURES + VARIANTS}")
     a = p.parse_args()
@@ -357,9 +369,14 @@ def main() -> int:
     results = []
     for family in a.families.split(","):
         for seed in map(int, a.seeds.split(",")):
-            results.append(one(family, seed, runs, a.features.split(",")))
+            results.append(one(family, seed, runs, a.features.split(","), a.reference))
+            results[-1]["reference"] = a.reference or "SFT reference"
             atomic_write_json(a.out, results)
             note = VARIANTS_NOTE if set(a.features.split(",")) & set(VARIANTS) else ""
+            if a.reference:
+                note += (f"The reference's states here are `{a.reference}`'s, as published (not "
+                         "fine-tuned on the responses), in place of each run's SFT reference: "
+                         f"`{' '.join(['python experiments/start_features.py', *sys.argv[1:]])}`.\n\n")
             atomic_write_text(a.out[:-5] + ".md", HEADER + note + table(results) + "\n")
     return 0
 
