@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import warnings
 
@@ -270,6 +271,7 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
             output_gradients(model, enc.arrays()), mask)})
     held = st.heldout_records(ui, 0.2, seed)
     out = {"family": family, "seed": seed, "users": num_users,
+           "reference": reference or "SFT reference",
            "oracle": ari(oracle_labels(records, ui, num_users, meta)), "features": {}}
     for name in features:
         x = makers[name]()
@@ -370,13 +372,12 @@ def main() -> int:
     for family in a.families.split(","):
         for seed in map(int, a.seeds.split(",")):
             results.append(one(family, seed, runs, a.features.split(","), a.reference))
-            results[-1]["reference"] = a.reference or "SFT reference"
             atomic_write_json(a.out, results)
             note = VARIANTS_NOTE if set(a.features.split(",")) & set(VARIANTS) else ""
             if a.reference:
                 note += (f"The reference's states here are `{a.reference}`'s, as published (not "
                          "fine-tuned on the responses), in place of each run's SFT reference: "
-                         f"`{' '.join(['python experiments/start_features.py', *sys.argv[1:]])}`.\n\n")
+                         f"`{shlex.join(['python', 'experiments/start_features.py', *sys.argv[1:]])}`.\n\n")
             atomic_write_text(a.out[:-5] + ".md", HEADER + note + table(results) + "\n")
     return 0
 

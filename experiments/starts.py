@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import warnings
 
@@ -154,8 +155,7 @@ def header(out: str, argv: list[str]) -> str:
     if os.path.abspath(out) == os.path.join(REPO, "docs", "starts.json"):
         return HEADER
     name = os.path.basename(out)
-    cmd = " ".join(["python experiments/starts.py",
-                    *(f'"{v}"' if " " in v else v for v in argv)])
+    cmd = shlex.join(["python", "experiments/starts.py", *argv])
     return (f"# Which start recovers the types? ({name[:-5]})\n\n`{cmd}` (figures in "
             f"[`{name}`]({name}); columns as in [`starts.md`](starts.md)).\n\n")
 
