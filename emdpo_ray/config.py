@@ -119,6 +119,12 @@ class EMConfig(_Section):
         "response), "
         "'both', or 'auto': the one of the three whose start best predicts held-out rankings "
         "(train/start.py)."))
+    init_sft_epochs: float | None = Field(None, ge=0, description=(
+        "Passes of further SFT, on the records' responses, of a copy of the reference whose "
+        "states are the start's 'reference' features (the reference itself is unchanged): "
+        "a reference trained longer carries the order of a response's sentences "
+        "(docs/start_features-order-levers.md). None: 2 for the default tiny model, 0 for a "
+        "named one; 0: the reference's own states."))
     init_restarts: int = Field(8, ge=1, description=(
         "Starts of the kmeans start's linear mixture: k-means, then random partitions, each "
         "run 5 iterations; the one of highest log-likelihood runs on to "
@@ -276,6 +282,13 @@ class Config(_Section):
         if self.model.gguf_file and not self.model.name_or_path:
             raise ValueError("model.gguf_file needs model.name_or_path (the folder holding it)")
         return self
+
+    @property
+    def start_sft_passes(self) -> float:
+        """em.init_sft_epochs as it applies to this model (tiny or named)."""
+        if self.em.init_sft_epochs is not None:
+            return self.em.init_sft_epochs
+        return 0.0 if self.model.name_or_path else 2.0
 
     @property
     def generation_tokens(self) -> int:

@@ -44,6 +44,12 @@ log-likelihood with respect to the reference's output layer, projected to 192 di
 first-order model of what a DPO step can change);
 docs/start_features-order-policies.{json,md} (`--families order --features "policies'
 states,reference output gradients" --out docs/start_features-order-policies.json`).
+`reference trained further`: the states of a copy of the reference given more passes of SFT
+on the responses, as the default start's (`em.init_sft_epochs`; `--further 1,2,4`: one set
+per number of passes); with `--l2s` (the start's L2 path, from the strongest),
+docs/start_features-order-levers.{json,md} (`--families order,contextual --features
+"reference,reference trained further" --further 1,2,4,8 --l2s 1,0.1,1e-2,1e-3,1e-4 --out
+docs/start_features-order-levers.json`).
 `--reference NAME`: the states of another model (only the data of `make starts` needed), e.g.
 SmolLM2-135M-Instruct as published, docs/start_features-order-smollm2.{json,md}
 (`--families order --features reference --reference smollm2-135m-instruct --out
@@ -69,7 +75,8 @@ FEATURES = ["reference", "reference last layer", "reference embeddings", "refere
 # the reference's states beside the positional counts, and the language model's own: the
 # trained policies' states and the reference's output-layer gradients.
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
-            "reference + tokens by position", "policies' states", "reference output gradients"]
+            "reference + tokens by position", "policies' states", "reference output gradients",
+            "reference trained further"]
 
 
 def preference_subspace(x, mask, user_index, num_users, dims: int = 8):
@@ -133,6 +140,30 @@ def output_gradients(model, arrays: dict, dims: int = 192, seed: int = 0) -> np.
             p_idx, j_idx = (t.numpy() for t in rows["scatter"])
             out[idx[p_idx], j_idx] = g @ proj
     return out
+
+
+def trained_further(model, arrays: dict, epochs: float, seed: int):
+    """A copy of `model` given `epochs` more passes of SFT on the responses at the tiny
+    model's rate, as the default start's copy (em.init_sft_epochs; train/sft.py), in one
+    process."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    from emdpo_ray.config import load_config
+    from emdpo_ray.train.sft import TINY_LR, sft_plans, train_sft
+    from emdpo_ray.utils import free_port
+
+    if not dist.is_initialized():  # train_sft sums over ranks: a group of one
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                rank=0, world_size=1)
+    cfg = load_config(None, [f"seed={seed}"])
+    plans, steps, _ = sft_plans(cfg, arrays["resp_mask"], [len(arrays["resp_mask"])], epochs)
+    out = copy.deepcopy(model).float()
+    train_sft(out, arrays, plans[0], steps, TINY_LR, cfg.dpo.max_grad_norm,
+              torch.device("cpu"), seed)
+    return out.eval()
 
 
 def policy_states(run: str, arrays: dict) -> np.ndarray:
@@ -210,7 +241,8 @@ def crossfit_labels(x, mask, user_index, num_users, truth, k: int, folds: int = 
 
 
 def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
-        reference: str | None = None) -> dict:
+        reference: str | None = None, l2s: tuple[float, ...] = (1e-2, 1e-3, 1e-4),
+        further: tuple[float, ...] | None = None) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     from emdpo_ray.config import load_config
@@ -243,11 +275,11 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     def ari(labels) -> float:
         return round(float(adjusted_rand_score(truth, labels)), 3)
 
-    def states(layer: int | None, parts: int = 3) -> np.ndarray:
+    def states(layer: int | None, parts: int = 3, of=None) -> np.ndarray:
         # dims above any width: every state kept, never projected (the 8 parts' 384 too)
-        return st.standardized(response_representations(model, enc.arrays(), torch.device("cpu"),
-                                                        segments=parts, dims=1 << 16,
-                                                        layer=layer), mask)
+        return st.standardized(response_representations(of or model, enc.arrays(),
+                                                        torch.device("cpu"), segments=parts,
+                                                        dims=1 << 16, layer=layer), mask)
 
     makers = {"reference": lambda: states(None), "reference last layer": lambda: states(-1),
               "reference embeddings": lambda: states(0),
@@ -268,21 +300,30 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         "policies' states": lambda: st.standardized(policy_states(
             os.path.join(runs, f"{family}-auto-{seed}"), enc.arrays()), mask),
         "reference output gradients": lambda: st.standardized(
-            output_gradients(model, enc.arrays()), mask)})
+            output_gradients(model, enc.arrays()), mask),
+        "reference trained further": lambda: states(None, of=trained_further(
+            model, enc.arrays(), cfg.start_sft_passes, seed))})
+    # --further: one set per number of further passes (0: the reference itself)
+    for e in further or ():
+        makers[f"reference + {e:g} SFT passes"] = (
+            lambda e=e: states(None, of=trained_further(model, enc.arrays(), e, seed)))
+    if further:
+        features = [f for f in features if f != "reference trained further"] + [
+            f"reference + {e:g} SFT passes" for e in further]
     held = st.heldout_records(ui, 0.2, seed)
-    out = {"family": family, "seed": seed, "users": num_users,
+    out = {"family": family, "seed": seed, "users": num_users, "l2s": list(l2s),
            "reference": reference or "SFT reference",
            "oracle": ari(oracle_labels(records, ui, num_users, meta)), "features": {}}
     for name in features:
         x = makers[name]()
-        start = lm.feature_start(x, mask, ui, num_users, k, seed, 20, restarts=8)
-        path = lm.l2_path(x, mask, ui, num_users, start, [1e-2, 1e-3, 1e-4], 20)
+        start = lm.feature_start(x, mask, ui, num_users, k, seed, 20, restarts=8, l2=l2s[0])
+        path = lm.l2_path(x, mask, ui, num_users, start, list(l2s), 20)
         _, l2, _, g = st.choose_features({name: lambda: x}, mask, ui, num_users, k, seed, 20,
-                                         held, 8, l2s=(1e-2, 1e-3, 1e-4))
+                                         held, 8, l2s=l2s)
         # as the default start: the chosen start continued on every record, or the fresh
         # restarts walked down to the chosen L2, whichever is likelier
         final = max((lm.fit_linear_mixture(x, mask, ui, num_users, g, 20, l2),
-                     path[[1e-2, 1e-3, 1e-4].index(l2)]),
+                     path[list(l2s).index(l2)]),
                     key=lambda m: lm.mixture_loglik(x, mask, ui, num_users, m))
         labels = smoothed_onehot(truth, k, 0.05)
         once = lm.fit_linear_mixture(x, mask, ui, num_users, labels, 0)
@@ -331,19 +372,21 @@ users differ); `reference + tokens by position`, the two side by side; `policies
 the same pooled states from each of the K policies that the default run of `make starts`
 trained on this data (on the types that run ended with), side by side; `reference output gradients`, the
 gradient of each response's log-likelihood with respect to the reference's output layer,
-projected to 192 dimensions.
+projected to 192 dimensions; `reference + N SFT passes`, the states of a copy of the
+reference given N more passes of SFT on the responses (`em.init_sft_epochs`, 2 by default).
 
 """
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| family | seed | oracle | features | dims | start | L2 1e-3, 1e-4 | chosen L2 | "
+    path = ", ".join(f"{a:g}" for a in results[0].get("l2s", [1e-2, 1e-3, 1e-4])[1:])
+    rows = [f"| family | seed | oracle | features | dims | start | L2 {path} | chosen L2 | "
             "labels, once | labels, cross-fitted | labels, EM | log-lik: start vs labels-EM |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         for name, f in r["features"].items():
             rows.append(f"| {r['family']} | {r['seed']} | {r['oracle']:.2f} | {name} | {f['dims']} "
-                        f"| {f['start']:.2f} | {f['start_l2_path'][1]:.2f}, {f['start_l2_path'][2]:.2f} "
+                        f"| {f['start']:.2f} | {', '.join(f'{a:.2f}' for a in f['start_l2_path'][1:])} "
                         f"| {f['chosen_l2']:g}: {f['start_chosen_l2']:.2f} "
                         f"| {f['labels_once']:.2f} | {f['labels_crossfit']:.2f} | {f['labels_em']:.2f} | "
                         f"{f['start_loglik']:.0f} vs {f['labels_em_loglik']:.0f} |")
@@ -358,6 +401,11 @@ def main() -> int:
     p.add_argument("--reference", default=None,
                    help="the states of this model (a name such as smollm2-135m-instruct, an id "
                         "or a folder) instead of each run's SFT reference")
+    p.add_argument("--l2s", default="1e-2,1e-3,1e-4",
+                   help="L2 penalties of the start, walked from the strongest down")
+    p.add_argument("--further", default=None,
+                   help="with the `reference trained further` set: its numbers of further SFT "
+                        "passes, one set each (default: em.init_sft_epochs' default)")
     p.add_argument("--features", default=",".join(FEATURES),
                    help=f"feature sets, of {FEATURES + VARIANTS}")
     a = p.parse_args()
@@ -371,13 +419,22 @@ def main() -> int:
     results = []
     for family in a.families.split(","):
         for seed in map(int, a.seeds.split(",")):
-            results.append(one(family, seed, runs, a.features.split(","), a.reference))
+            results.append(one(family, seed, runs, a.features.split(","), a.reference,
+                               tuple(sorted(map(float, a.l2s.split(",")), reverse=True)),
+                               tuple(map(float, a.further.split(","))) if a.further else None))
             atomic_write_json(a.out, results)
             note = VARIANTS_NOTE if set(a.features.split(",")) & set(VARIANTS) else ""
+            command = shlex.join(['python', 'experiments/start_features.py', *sys.argv[1:]])
             if a.reference:
                 note += (f"The reference's states here are `{a.reference}`'s, as published (not "
                          "fine-tuned on the responses), in place of each run's SFT reference: "
-                         f"`{shlex.join(['python', 'experiments/start_features.py', *sys.argv[1:]])}`.\n\n")
+                         f"`{command}`.\n\n")
+            l2s = sorted(map(float, a.l2s.split(",")), reverse=True)
+            if l2s != [1e-2, 1e-3, 1e-4]:
+                note += (f"The start's L2 path here is {', '.join(f'{v:g}' for v in l2s)} "
+                         f"(`start` at {l2s[0]:g}, the next columns down the path; `labels, "
+                         "once` still at 1e-2): "
+                         f"`{command}`.\n\n")
             atomic_write_text(a.out[:-5] + ".md", HEADER + note + table(results) + "\n")
     return 0
 

@@ -84,6 +84,7 @@ def run_one(family: str, config: str, seed: int, users: int, out: str, extra: li
     from emdpo_ray.data import synth
     from emdpo_ray.run.rundir import RunDir
     from emdpo_ray.train.driver import train
+    from emdpo_ray.train.sft import TINY_LR
 
     data = os.path.join(out, f"{family}-{seed}.jsonl")
     if not os.path.exists(data):
@@ -91,7 +92,11 @@ def run_one(family: str, config: str, seed: int, users: int, out: str, extra: li
                                           responses=3, shares=SHARES, seed=seed, family=family))
     run = os.path.join(out, f"{family}-{config}-{seed}")
     shared = os.path.join(out, f"{family}-{seed}-reference")
-    base = [f"model.name_or_path={shared}", "model.sft_epochs=0"] if os.path.isdir(shared) else []
+    # the shared tiny reference is passed as a named model: its start's copy is still
+    # trained further as the tiny model's is (em.init_sft_epochs, at the tiny model's rate)
+    base = ([f"model.name_or_path={shared}", "model.sft_epochs=0",
+             f"em.init_sft_epochs={load_config(None, []).start_sft_passes}",
+             f"model.sft_learning_rate={TINY_LR}"] if os.path.isdir(shared) else [])
     cfg = load_config(None, ["em.max_iterations=3", "em.tol_loglik=0", "em.tol_posterior=0",
                              "mmra.enabled=false", f"seed={seed}", *base, *CONFIGS[config],
                              *extra])
@@ -124,14 +129,18 @@ settings but for the start. `tokens`: a linear Plackett-Luce mixture on token co
 from `em.init_restarts` = 8 starts (the k-means split of the users, then random partitions),
 each run 5 iterations and the likeliest run on to 20, then its L2 penalty walked down
 `em.init_l2` (1e-2, 1e-3, 1e-4); `auto`: the same on token counts, the reference model's
-states (middle layer, pooled over the beginning, middle and end of each response), or both,
+states (middle layer, pooled over the beginning, middle and end of each response, from a
+copy of the reference given two more passes of SFT on the responses, `em.init_sft_epochs`),
+or both,
 and at the L2 strength, whichever predicts held-out rankings best, or the simplest within
 noise of it (the one-standard-error rule; `features, L2 chosen`; why:
 [`start_features.md`](start_features.md)), then split-and-merge moves (`em.init_split_merge`
 = 6 a round; `moves`: those kept, each raising the start's log-likelihood by more than a
 nat). After EM, the final fit (`em.final_epochs` = 4) trains the policies that the
-held-out column scores. Without split-and-merge and the final fit (the defaults before
-them): [`starts-nosplitmerge.json`](starts-nosplitmerge.json). Earlier defaults, same data
+held-out column scores. With the reference's own states (`em.init_sft_epochs=0`, the
+default before): [`starts-sft0.json`](starts-sft0.json). Without split-and-merge and the
+final fit (the defaults before them, and before the further-trained copy):
+[`starts-nosplitmerge.json`](starts-nosplitmerge.json). Earlier defaults, same data
 and references:
 the k-means split alone in [`starts-kmeans-only.json`](starts-kmeans-only.json); 8 restarts
 of 20 iterations with the reference's states projected to 64 dimensions in

@@ -209,6 +209,26 @@ def test_reference_is_a_trained_language_model_built_once(finished_run, synth_da
     assert os.path.getmtime(os.path.join(run, "base_model", "model.safetensors")) == stamp
 
 
+def test_start_features_come_from_a_copy_of_the_reference_trained_further(finished_run,
+                                                                          synth_data):
+    """em.init_sft_epochs: the start's states are a further-trained copy's; the base the
+    policies train from, and its reference log-probs, are left as they were."""
+    from emdpo_ray.train.sft import sft_plans
+
+    run, _, _ = finished_run
+    sft = RunDir(run).history()[0]["start"]["features_sft"]
+    assert sft["epochs"] == 2.0 and sft["steps"] > 0  # the tiny model's default
+    cfg = load_config(None, FAST)
+    with prepare_data(cfg, load_records(synth_data), RunDir(run)) as prep:
+        ref = prep.reference
+        plain = prep.group.response_features()()
+        plans, steps, lr = sft_plans(cfg, prep.index.resp_mask, prep.sizes, 1.0)
+        further = prep.group.response_features(plans, steps, lr, seed=0)()
+        assert further.shape == plain.shape and not np.allclose(further, plain, atol=1e-3)
+        np.testing.assert_array_equal(prep.group.response_features()(), plain)
+        np.testing.assert_array_equal(prep.group.reference_logps(), ref)
+
+
 def test_mmra_samples_every_policy_on_held_out_prompts_with_intervals(finished_run, synth_data):
     run, _, _ = finished_run
     mm = json.load(open(os.path.join(run, "mmra.json")))

@@ -24,6 +24,7 @@ from emdpo_ray.data.sources import load_records
 from emdpo_ray.run.rundir import RunDir, RunDirError, type_name
 from emdpo_ray.run.storage import checkpoint_from
 from emdpo_ray.train.prepare import prepare_data
+from emdpo_ray.train.sft import sft_plans
 from emdpo_ray.train.start import heldout_records, initial_gamma, predictive_user_logliks
 from emdpo_ray.utils import fault_point
 
@@ -176,8 +177,13 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             # (auto compares candidates only for k > 1: with one type nothing asks for them)
             wanted = cfg.em.init_features in ("reference", "both") or (
                 cfg.em.init_features == "auto" and k > 1)
-            features = (prep.group.response_features()
-                        if cfg.em.init == "kmeans" and wanted else None)
+            features = None
+            if cfg.em.init == "kmeans" and wanted:
+                # a copy of the reference trained further gives the states (em.init_sft_epochs)
+                sft = (sft_plans(cfg, prep.index.resp_mask, prep.sizes, cfg.start_sft_passes)
+                       if cfg.start_sft_passes > 0 else (None, 0, 0.0))
+                features = prep.group.response_features(*sft, seed=cfg.seed)
+                start_info["features_sft"] = {"epochs": cfg.start_sft_passes, "steps": sft[1]}
             gamma = initial_gamma(cfg, k, records, ui, u_count, restart, features, start_info,
                                   held)
             baseline = start_info.get("heldout_loglik_chosen") if held is not None else None

@@ -26,6 +26,9 @@ import numpy as np
 from emdpo_ray.config import Config
 
 
+TINY_LR, NAMED_LR = 5e-3, 2e-5  # the defaults of model.sft_learning_rate
+
+
 def sft_rows(resp_mask: np.ndarray, on: str) -> np.ndarray:
     """(record, response) pairs to train on: every real response, or the top-ranked one
     (responses are stored best first)."""
@@ -106,6 +109,18 @@ def train_sft(model, arrays: dict, plan: np.ndarray, steps: int, lr: float,
     return losses
 
 
+def sft_plans(cfg: Config, resp_mask: np.ndarray, sizes: list[int],
+              epochs: float) -> tuple[list[np.ndarray], int, float]:
+    """The ranks' plans (rank_plans), the step count and the learning rate of `epochs`
+    passes of SFT on the records of `resp_mask` in shards of `sizes`."""
+    mc = cfg.model
+    rows = sft_rows(resp_mask, mc.sft_on)
+    steps = sft_steps(len(rows), mc.sft_batch_size, epochs)
+    lr = mc.sft_learning_rate or (TINY_LR if not mc.name_or_path else NAMED_LR)
+    return rank_plans(rows, sft_batches(len(rows), mc.sft_batch_size, steps, cfg.seed),
+                      sizes), steps, lr
+
+
 def run_sft(cfg: Config, group, src: str, out_dir: str, resp_mask: np.ndarray, sizes: list[int],
             epochs: float, say=lambda m: None, progress=None, before_save=lambda: None) -> dict:
     """Fine-tune the model at `src` on the group's shards (data/encode.py layout; `resp_mask`
@@ -119,11 +134,9 @@ def run_sft(cfg: Config, group, src: str, out_dir: str, resp_mask: np.ndarray, s
     from emdpo_ray.utils import atomic_write_json
 
     mc = cfg.model
+    plans, steps, lr = sft_plans(cfg, resp_mask, sizes, epochs)
     rows = sft_rows(resp_mask, mc.sft_on)
-    steps = sft_steps(len(rows), mc.sft_batch_size, epochs)
-    lr = mc.sft_learning_rate or (5e-3 if not mc.name_or_path else 2e-5)
     t0 = time.perf_counter()
-    plans = rank_plans(rows, sft_batches(len(rows), mc.sft_batch_size, steps, cfg.seed), sizes)
     out = group.sft(src, plans, steps, lr, cfg.seed,
                     (lambda done, loss: progress(done, steps, loss)) if progress else None)
     before_save()

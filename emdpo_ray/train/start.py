@@ -10,11 +10,14 @@ the start must already split users. `kmeans` (default), on per-response features
    k-means split before any policy is trained.
 
 The features (`em.init_features`): `tokens`, bag-of-tokens counts (blind to order and to
-how a preference depends on the prompt); `reference`, the reference model's middle-layer
-states pooled over the beginning, middle and end of each response (models/features.py);
-`both`; or `auto` (default), each of the three tried on 80% of every user's rankings and
-the one whose mixture best predicts the other 20% kept (held-out predictive
-log-likelihood), or the simplest within noise of it (one-standard-error rule).
+how a preference depends on the prompt); `reference`, middle-layer states pooled over the
+beginning, middle and end of each response (models/features.py) of a copy of the reference
+given `em.init_sft_epochs` more passes of SFT on the responses (the workers drop it after):
+two more passes carry the order of a response's sentences far better than the reference's
+own states (docs/start_features-order-levers.md); `both`; or `auto` (default), each of the
+three tried on 80% of every user's rankings and the one whose mixture best predicts the
+other 20% kept (held-out predictive log-likelihood), or the simplest within noise of it
+(one-standard-error rule).
 
 The linear mixture is fitted from `em.init_restarts` starts (the k-means split, then random
 hard partitions), the one of highest log-likelihood kept: k-means settles on the split that

@@ -123,12 +123,23 @@ class PolicyWorker:
     def set_reference(self, ref: np.ndarray) -> None:
         self.ref = ref
 
-    def response_features(self, segments: int, dims: int) -> np.ndarray:
-        """This shard's segment-pooled reference states (models/features.py), for the start."""
-        from emdpo_ray.models.features import response_representations
+    def response_features(self, segments: int, dims: int, plan: np.ndarray | None = None,
+                          steps: int = 0, lr: float = 0.0, seed: int = 0) -> np.ndarray:
+        """This shard's segment-pooled reference states (models/features.py), for the start;
+        with a `plan`, those of a float32 copy of the base trained further by it (data
+        parallel, as `sft`) and then dropped: the base is unchanged."""
+        import copy
 
-        self.base.eval()
-        return response_representations(self.base, self.shard, self.device, segments, dims)
+        from emdpo_ray.models.features import response_representations
+        from emdpo_ray.train.sft import train_sft
+
+        model = self.base
+        if plan is not None:
+            model = copy.deepcopy(self.base).float()
+            train_sft(model, self.shard, plan, steps, lr, self.cfg.dpo.max_grad_norm,
+                      self.device, seed)
+        model.eval()
+        return response_representations(model, self.shard, self.device, segments, dims)
 
     def fit(self, job: dict, weights: np.ndarray, score_mask: np.ndarray, progress=None):
         import copy
@@ -297,14 +308,19 @@ class WorkerGroup:
         self.ref_refs = [ray.put(p) for p in parts]  # a replaced worker gets them back
         return np.concatenate(parts)
 
-    def response_features(self):
+    def response_features(self, plans: list[np.ndarray] | None = None, steps: int = 0,
+                          lr: float = 0.0, seed: int = 0):
         """Starts computing the reference representations of every response on every rank
-        (models/features.py); the function returned gathers them, [N, m, D] in record order."""
+        (models/features.py), of a copy trained further by `plans` (train/sft.py) when given;
+        the function returned gathers them, [N, m, D] in record order."""
         import ray
 
         from emdpo_ray.models.features import DIMS, SEGMENTS
 
-        refs = [a.response_features.remote(SEGMENTS, DIMS) for a in self.actors]
+        plan_refs = ([ray.put(p) for p in plans] if plans is not None
+                     else [None] * len(self.actors))
+        refs = [a.response_features.remote(SEGMENTS, DIMS, p, steps, lr, seed)
+                for a, p in zip(self.actors, plan_refs)]
         return lambda: np.concatenate(ray.get(refs))
 
     def fit(self, job: dict, weights: np.ndarray, score_mask: np.ndarray,
