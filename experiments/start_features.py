@@ -47,8 +47,8 @@ states,reference output gradients" --out docs/start_features-order-policies.json
 `reference trained further`: the states of a copy of the reference given more passes of SFT
 on the responses, as the default start's (`em.init_sft_epochs`; `--further 1,2,4`: one set
 per number of passes); with `--l2s` (the start's L2 path, from the strongest),
-docs/start_features-order-levers.{json,md} (`--families order,contextual --features
-"reference,reference trained further" --further 1,2,4,8 --l2s 1,0.1,1e-2,1e-3,1e-4 --out
+docs/start_features-order-levers.{json,md} (`--families order --features
+"reference,reference trained further" --further 1,2,4 --l2s 1,0.1,1e-2,1e-3,1e-4 --out
 docs/start_features-order-levers.json`).
 `--reference NAME`: the states of another model (only the data of `make starts` needed), e.g.
 SmolLM2-135M-Instruct as published, docs/start_features-order-smollm2.{json,md}
@@ -303,7 +303,7 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
             output_gradients(model, enc.arrays()), mask),
         "reference trained further": lambda: states(None, of=trained_further(
             model, enc.arrays(), cfg.start_sft_passes, seed))})
-    # --further: one set per number of further passes (0: the reference itself)
+    # --further: one set per number of further passes, in place of the default's one
     for e in further or ():
         makers[f"reference + {e:g} SFT passes"] = (
             lambda e=e: states(None, of=trained_further(model, enc.arrays(), e, seed)))
@@ -417,11 +417,12 @@ def main() -> int:
 
     runs = os.path.join(REPO, "runs", "starts")
     results = []
+    l2s = tuple(sorted(map(float, a.l2s.split(",")), reverse=True))
+    further = tuple(map(float, a.further.split(","))) if a.further else None
     for family in a.families.split(","):
         for seed in map(int, a.seeds.split(",")):
-            results.append(one(family, seed, runs, a.features.split(","), a.reference,
-                               tuple(sorted(map(float, a.l2s.split(",")), reverse=True)),
-                               tuple(map(float, a.further.split(","))) if a.further else None))
+            results.append(one(family, seed, runs, a.features.split(","), a.reference, l2s,
+                               further))
             atomic_write_json(a.out, results)
             note = VARIANTS_NOTE if set(a.features.split(",")) & set(VARIANTS) else ""
             command = shlex.join(['python', 'experiments/start_features.py', *sys.argv[1:]])
@@ -429,8 +430,7 @@ def main() -> int:
                 note += (f"The reference's states here are `{a.reference}`'s, as published (not "
                          "fine-tuned on the responses), in place of each run's SFT reference: "
                          f"`{command}`.\n\n")
-            l2s = sorted(map(float, a.l2s.split(",")), reverse=True)
-            if l2s != [1e-2, 1e-3, 1e-4]:
+            if l2s != (1e-2, 1e-3, 1e-4):
                 note += (f"The start's L2 path here is {', '.join(f'{v:g}' for v in l2s)} "
                          f"(`start` at {l2s[0]:g}, the next columns down the path; `labels, "
                          "once` still at 1e-2): "

@@ -138,8 +138,10 @@ noise of it (the one-standard-error rule; `features, L2 chosen`; why:
 = 6 a round; `moves`: those kept, each raising the start's log-likelihood by more than a
 nat). After EM, the final fit (`em.final_epochs` = 4) trains the policies that the
 held-out column scores. With the reference's own states (`em.init_sft_epochs=0`, the
-default before): [`starts-sft0.json`](starts-sft0.json). Without split-and-merge and the
-final fit (the defaults before them, and before the further-trained copy):
+default before; written by the code before it, the same as `python experiments/starts.py
+--set em.init_sft_epochs=0 --out docs/starts-sft0.json`):
+[`starts-sft0.json`](starts-sft0.json). Without split-and-merge and the final fit (the
+defaults before them, and before the further-trained copy):
 [`starts-nosplitmerge.json`](starts-nosplitmerge.json). Earlier defaults, same data
 and references:
 the k-means split alone in [`starts-kmeans-only.json`](starts-kmeans-only.json); 8 restarts
