@@ -49,7 +49,9 @@ on the responses, as the default start's (`em.init_sft_epochs`; `--further 1,2,4
 per number of passes); with `--l2s` (the start's L2 path, from the strongest),
 docs/start_features-order-levers.{json,md} (`--families order --features
 "reference,reference trained further" --further 1,2,4 --l2s 1,0.1,1e-2,1e-3,1e-4 --out
-docs/start_features-order-levers.json`).
+docs/start_features-order-levers.json`); on three more seeds of `order`, at the default two
+passes, docs/start_features-order-seeds.{json,md} (`--families order --seeds 2,3,4
+--features "reference trained further" --out docs/start_features-order-seeds.json`).
 `--reference NAME`: the states of another model (only the data of `make starts` needed), e.g.
 SmolLM2-135M-Instruct as published, docs/start_features-order-smollm2.{json,md}
 (`--families order --features reference --reference smollm2-135m-instruct --out
@@ -435,6 +437,8 @@ def main() -> int:
                          f"(`start` at {l2s[0]:g}, the next columns down the path; `labels, "
                          "once` still at 1e-2): "
                          f"`{command}`.\n\n")
+            if sys.argv[1:] and command not in note:
+                note += f"Command: `{command}`.\n\n"
             atomic_write_text(a.out[:-5] + ".md", HEADER + note + table(results) + "\n")
     return 0
 
