@@ -347,7 +347,7 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
 HEADER = """# What the start's features carry
 
 `make start-features` ([`experiments/start_features.py`](../experiments/start_features.py),
-figures in [`start_features.json`](start_features.json)), on the data and SFT references of
+figures in [`{json}`]({json})), on the data and SFT references of
 `make starts` (300 users, 10 rankings of 3, shares 0.5/0.3/0.2). Feature sets: the
 reference's states pooled over the beginning, middle and end of each response from its middle
 layer (`reference`, the default), its last layer and its token embeddings, and from its middle
@@ -439,7 +439,8 @@ def main() -> int:
                          f"`{command}`.\n\n")
             if sys.argv[1:] and command not in note:
                 note += f"Command: `{command}`.\n\n"
-            atomic_write_text(a.out[:-5] + ".md", HEADER + note + table(results) + "\n")
+            atomic_write_text(a.out[:-5] + ".md", HEADER.format(json=os.path.basename(a.out))
+                              + note + table(results) + "\n")
     return 0
 
 
