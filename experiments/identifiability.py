@@ -165,17 +165,6 @@ def held_out_accuracy(run: str, data: str, n_per_type: int, seed: int) -> float:
     return float(np.mean(accs))
 
 
-def interval(values: list[float]) -> list[float]:
-    """Mean and 95% t-interval over seeds."""
-    from scipy import stats
-
-    v = np.asarray([x for x in values if x is not None], float)
-    if len(v) < 2:
-        return [float(v.mean()), float("nan"), float("nan")] if len(v) else [float("nan")] * 3
-    h = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-    return [float(v.mean()), float(v.mean() - h), float(v.mean() + h)]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--users", type=int, default=160)
@@ -185,6 +174,7 @@ def main() -> int:
     a = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore")
+    from emdpo_ray.report.seeds import t_interval
     from emdpo_ray.utils import atomic_write_json, quiet_ray_logs
 
     quiet_ray_logs()
@@ -216,7 +206,7 @@ def main() -> int:
     for mode, n in CASES:
         rows = [r for r in runs if r["mode"] == mode and r["per_user"] == n]
         summary.append({"case": f"{mode} x{n}", **{
-            key: interval([r.get(key) for r in rows])
+            key: t_interval([r.get(key) for r in rows])
             for key in ("start_ari", "final_ari", "oracle_ari", "type_accuracy",
                         "labels_final_ari")}})
     result = {"users": a.users, "seeds": seeds, "cases": summary, "runs": runs,

@@ -3,6 +3,8 @@
     .venv/bin/python experiments/starts.py [--families linear,contextual,order]
         [--configs auto,tokens,reference,labels] [--seeds 0,1] [--users 300]
         [--set KEY=VALUE ...] [--runs runs/starts] [--out docs/starts.json]
+    .venv/bin/python experiments/starts.py --summary FILE.json [FILE.json ...] \
+        [--out docs/starts-summary.json]
 
 Each run: 300 users with 10 rankings of 3 each, three unbalanced types (shares 0.5/0.3/0.2),
 up to 3 EM iterations, default settings but for the start (`em.init`, `em.init_features`). Per
@@ -13,6 +15,10 @@ is a uniformly random order; the JSON also gives it with the policies' rewards s
 and 0.25 (`heldout_loglik_by_temperature`: does a less confident policy predict better?). The
 runs of one family and seed share one SFT reference (the
 first run's). Writes docs/starts.json and docs/starts.md.
+
+`--summary` reads the JSON of earlier runs (of the same settings: the files do not record
+their `--set`) and writes, per family and start, the start's and final ARI on each seed, their
+mean with a 95% t-interval over the seeds, and on how many seeds the final ARI reaches 0.8.
 """
 
 from __future__ import annotations
@@ -194,6 +200,69 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def summarize(results: list[dict], bar: float = 0.8) -> list[dict]:
+    """Per (family, config), in order of first appearance: the start's and final ARI by seed,
+    their mean and t-interval over seeds, and the seeds whose final ARI reaches `bar`."""
+    from emdpo_ray.report.seeds import t_interval
+
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in results:
+        runs = groups.setdefault((r["family"], r["config"]), {})
+        if r["seed"] in runs:
+            raise ValueError(f"{r['family']} {r['config']} seed {r['seed']} appears twice")
+        runs[r["seed"]] = r
+    out = []
+    for (family, config), runs in groups.items():
+        seeds = sorted(runs)
+        start = [runs[s]["ari"][0] for s in seeds]
+        final = [runs[s]["ari"][-1] for s in seeds]
+        out.append({"family": family, "config": config, "seeds": seeds,
+                    "start_ari": start, "final_ari": final,
+                    "start_ari_mean_interval": t_interval(start),
+                    "final_ari_mean_interval": t_interval(final),
+                    "bar": bar, "seeds_reaching_bar": [s for s, a in zip(seeds, final)
+                                                       if a >= bar]})
+    return out
+
+
+def summary_table(rows: list[dict]) -> str:
+    def mean_ci(m: list[float]) -> str:
+        return f"{m[0]:.2f}" + ("" if m[1] != m[1] else f" [{m[1]:.2f}, {m[2]:.2f}]")
+
+    lines = ["| family | start | seeds | ARI of the start, by seed | final ARI, by seed | "
+             "start: mean [95% t-interval] | final: mean [95% t-interval] | final >= bar |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['family']} | {r['config']} | {', '.join(map(str, r['seeds']))} | "
+                     + ", ".join(f"{a:.2f}" for a in r["start_ari"]) + " | "
+                     + ", ".join(f"{a:.2f}" for a in r["final_ari"]) + " | "
+                     + f"{mean_ci(r['start_ari_mean_interval'])} | "
+                     + f"{mean_ci(r['final_ari_mean_interval'])} | "
+                     + f"{len(r['seeds_reaching_bar'])} of {len(r['seeds'])} (>= {r['bar']}) |")
+    return "\n".join(lines)
+
+
+def write_summary(files: list[str], out: str, argv: list[str]) -> None:
+    from emdpo_ray.utils import atomic_write_json, atomic_write_text
+
+    results = []
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            results += json.load(fh)
+    rows = summarize(results)
+    atomic_write_json(out, rows)
+    name, cmd = os.path.basename(out), shlex.join(["python", "experiments/starts.py", *argv])
+    links = ", ".join(f"[`{os.path.basename(f)}`]({os.path.relpath(f, os.path.dirname(out))})"
+                      for f in files)
+    atomic_write_text(out[:-5] + ".md",
+                      f"# Type recovery over seeds ({name[:-5]})\n\n`{cmd}` (figures in "
+                      f"[`{name}`]({name}); from {links}). ARI against the true types: of the "
+                      "start, and after EM (final). The interval is Student's t over the seeds: "
+                      "with few seeds, wide (with two it can pass 1, the most ARI can be).\n\n"
+                      + summary_table(rows) + "\n")
+    print(summary_table(rows))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--families", default="linear,contextual,order")
@@ -201,11 +270,19 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--users", type=int, default=300)
     p.add_argument("--set", action="append", default=[], help="extra config overrides")
-    p.add_argument("--out", default=os.path.join(REPO, "docs", "starts.json"))
+    p.add_argument("--out", default=None,
+                   help="docs/starts.json, or docs/starts-summary.json with --summary")
+    p.add_argument("--summary", nargs="+", metavar="FILE.json",
+                   help="summarise earlier runs' JSON over seeds instead of running")
     p.add_argument("--runs", default=os.path.join(REPO, "runs", "starts"),
                    help="data, references and runs (another folder for another model: the "
                         "runs of one family and seed share the first run's reference)")
     a = p.parse_args()
+    if a.summary:
+        write_summary(a.summary, a.out or os.path.join(REPO, "docs", "starts-summary.json"),
+                      sys.argv[1:])
+        return 0
+    a.out = a.out or os.path.join(REPO, "docs", "starts.json")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore")
     from emdpo_ray.utils import atomic_write_json, atomic_write_text, quiet_ray_logs
