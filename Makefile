@@ -8,7 +8,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-unit test-heavy demo bench identifiability starts start-features policies-serve-types sft-reference em-ground mstep-fit smoke-smollm2 lint clean
+.PHONY: setup test test-unit test-heavy demo bench identifiability starts start-features num-types policies-serve-types sft-reference em-ground mstep-fit smoke-smollm2 lint clean
 
 setup: $(STAMP)
 
@@ -70,6 +70,11 @@ starts: setup
 # docs/start_features.{json,md}; needs `make starts` first (about 18 minutes)
 start-features: setup
 	$(BIN)/python experiments/start_features.py
+
+# How many types? `emdpo-ray types` on data with 2, 3 and 4 types, token counts and the SFT
+# reference's states: docs/num_types.{json,md}; needs `make starts` first
+num-types: setup
+	$(BIN)/python experiments/num_types.py
 
 # Do the policies serve their types? Reward matrices of generations on held-out prompts,
 # two typed sets, seeds 0 and 1: docs/policies_serve_types.{json,md,png} (about 13 minutes in all)

@@ -36,6 +36,31 @@ def training(history: list[dict], summary: dict) -> list[Table]:
     return out
 
 
+def types(rep: dict) -> Table:
+    """`emdpo-ray types`: one row per K."""
+    has_ari = "ari" in rep["rows"][0]
+    t = Table(title=f"How many types? {rep['features']}: K = {rep['chosen_types']}",
+              title_justify="left", caption=(
+                  f"held-out: log-likelihood per held-out ranking ({rep['heldout_rankings']} "
+                  "held out of "
+                  f"{rep['rankings']}, from {rep['users']} users), each user's type read from "
+                  "their other rankings; gain: over K - 1, with its 95% interval (users "
+                  "resampled). K grows while the gain's interval is above 0. Features that "
+                  "cannot see a difference between users find one type there."))
+    for c in ("K", "held-out [95%]", "gain over K-1 [95%]", "L2", "type shares") + (
+            ("ARI",) if has_ari else ()):
+        t.add_column(c, justify="right")
+    for r in rep["rows"]:
+        gain = ("-" if r["gain_interval"] is None else
+                f"{r['gain_per_ranking']:+.3f} [{r['gain_interval'][0]:+.3f}, "
+                f"{r['gain_interval'][1]:+.3f}]")
+        t.add_row(("* " if r["types"] == rep["chosen_types"] else "") + str(r["types"]),
+                  f"{r['heldout_loglik_per_ranking']:.3f} [{r['heldout_interval'][0]:.3f}, "
+                  f"{r['heldout_interval'][1]:.3f}]", gain, f"{r['l2']:g}", _vec(r["shares"]),
+                  *((_f(r["ari"], 2),) if has_ari else ()))
+    return t
+
+
 def mmra(mm: dict) -> Table:
     k = len(mm["weights"])
     boot = mm.get("bootstrap") or {}

@@ -43,7 +43,7 @@ def test_cli_help_lists_subcommands_and_knobs():
 
     out = subprocess.run([sys.executable, "-m", "emdpo_ray", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    for cmd in ("synth", "train", "mmra", "eval", "serve"):
+    for cmd in ("synth", "types", "train", "mmra", "eval", "serve"):
         assert cmd in out
     out = subprocess.run([sys.executable, "-m", "emdpo_ray", "train", "--help"],
                          capture_output=True, text=True, check=True).stdout
@@ -54,15 +54,24 @@ def test_cli_help_lists_subcommands_and_knobs():
     import functools
     import re
 
-    shown = re.findall(r"\b([a-z_]+(?:\.[a-z_]+)+)=([^\s|]+)(?=\s)", out.split("defaults shown")[1])
-    assert len(shown) >= 15, shown
+    shown = re.findall(r"\b([a-z_]+(?:\.[a-z_]+)+)=(\S+)", out.split("defaults shown")[1])
+    assert len(shown) >= 18, shown
     cfg = load_config(None)
+    forms = []
     for key, text in shown:
         actual = functools.reduce(getattr, key.split("."), cfg)
+        if "|" in text:
+            choices = text.split("|")
+            if any(c.isupper() for c in choices):  # the forms a value takes (DIR|HF_ID|...)
+                forms.append(key)
+            else:  # a choice list shows the default first
+                assert choices[0] == str(actual), key
+            continue
         if isinstance(actual, bool):
             assert text == str(actual).lower(), key
         else:
             assert float(text) == float(actual), key
+    assert forms == ["model.name_or_path"]
 
 
 def test_generations_are_as_long_as_the_training_responses_unless_capped():

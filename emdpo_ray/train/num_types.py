@@ -1,0 +1,166 @@
+"""How many types? Held-out likelihood of the start's linear mixture as K grows from 1
+(`emdpo-ray types`).
+
+For K = 1, 2, ..., up to a maximum: the linear Plackett-Luce mixture of the start
+(train/linear_mixture.py) is fitted without a fifth of every user's rankings, from restarts
+of which the first is the previous K's split with its worst-fitting type cut in two (growing
+by splits; the others are random partitions), its L2 strength chosen down `em.init_l2` as the
+start chooses it; each K is scored by how well it predicts every user's held-out rankings
+from the user's other ones. K grows while one more type raises that by more than noise: the
+95% interval of the gain, paired per user (users resampled), lies above zero (above 1e-3
+nats per ranking: a fit whose extra type is empty scores the same up to rounding).
+
+It sees what its features see. Token counts cannot express a preference that depends on
+the order of the words, nor one that flips with the prompt unless words of the prompt recur
+in the responses; where they see no difference between users K = 1 says only that, and a
+model's states (`--model`) are the features to ask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from emdpo_ray.config import ConfigError
+from emdpo_ray.core.estep import per_ranking_interval, smoothed_onehot
+from emdpo_ray.train.linear_mixture import (LinearMixture, feature_start, kmeans_labels,
+                                            l2_path, preference_embeddings, record_logliks)
+from emdpo_ray.train.start import predictive_user_logliks, simplest_within_noise
+
+
+def split_type(labels: np.ndarray, emb: np.ndarray, s: int, new: int, seed: int) -> np.ndarray:
+    """Hard labels with type s's users cut in two by k-means on their preference embeddings,
+    one half becoming type `new`. Unchanged when s has fewer than two users."""
+    out = labels.copy()
+    members = np.flatnonzero(labels == s)
+    if len(members) >= 2:
+        out[members[kmeans_labels(emb[members], 2, seed) == 1]] = new
+    return out
+
+
+def worst_fitting_type(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray,
+                       mix: LinearMixture) -> int:
+    """The type with at least two users whose users' rankings it fits worst (mean
+    log-likelihood per ranking under their own type; the largest type when none has two)."""
+    k = mix.gamma.shape[1]
+    labels = mix.gamma.argmax(1)
+    rec = record_logliks(x, mask, mix.theta)[np.arange(len(user_index)), labels[user_index]]
+    n = np.bincount(labels[user_index], minlength=k)
+    fit = np.bincount(labels[user_index], weights=rec, minlength=k) / np.maximum(n, 1)
+    users = np.bincount(labels, minlength=k)
+    if users.max() < 2:
+        return int(users.argmax())
+    return int(np.argmin(np.where(users >= 2, fit, np.inf)))
+
+
+# Gains below this (nats per held-out ranking) are numerical: a fit whose extra type is
+# empty or a copy of another scores the same up to rounding.
+MIN_GAIN = 1e-3
+
+
+def growth_choice(gain_intervals: list[list[float] | None], min_gain: float = MIN_GAIN) -> int:
+    """K chosen from the gain intervals of K = 1, 2, ... (None for K = 1): the last K before
+    the first one whose gain's interval reaches `min_gain`."""
+    k = 1
+    for kk, interval in enumerate(gain_intervals[1:], start=2):
+        if interval is None or interval[0] <= min_gain:
+            break
+        k = kk
+    return k
+
+
+def grow_types(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
+               max_types: int, held: np.ndarray, seed: int = 0, restarts: int = 8,
+               l2s: tuple[float, ...] = (1e-2,), iterations: int = 20,
+               level: float = 0.95) -> tuple[int, list[dict], dict[int, np.ndarray]]:
+    """(chosen K, one row per K, {K: hard labels [U] of the fit on every ranking}). A row: K,
+    the L2 chosen, held-out log-likelihood per held-out ranking with its interval, its gain
+    over K - 1 with the interval, and the type shares."""
+    keep = ~held
+    n_held = np.bincount(user_index[held], minlength=num_users)
+    per_ranking = max(int(held.sum()), 1)
+    emb = preference_embeddings(x, mask, user_index, num_users)
+    l2s = tuple(sorted(l2s, reverse=True))
+    rows: list[dict] = []
+    labels: dict[int, np.ndarray] = {}
+    prev_user, prev_fit = None, None
+    for k in range(1, max_types + 1):
+        gamma0 = None
+        if prev_fit is not None:
+            s = worst_fitting_type(x[keep], mask[keep], user_index[keep], prev_fit)
+            gamma0 = smoothed_onehot(split_type(prev_fit.gamma.argmax(1), emb, s, k - 1, seed),
+                                     k, 0.05)
+        mix = feature_start(x[keep], mask[keep], user_index[keep], num_users, k, seed,
+                            iterations, restarts if k > 1 else 1, l2s[0], gamma=gamma0)
+        path = l2_path(x[keep], mask[keep], user_index[keep], num_users, mix, list(l2s),
+                       iterations)
+        per_user = {l2: predictive_user_logliks(record_logliks(x, mask, m.theta), held,
+                                                user_index, num_users, m.eta)
+                    for l2, m in zip(l2s, path)}
+        l2 = simplest_within_noise(per_user, n_held, seed=seed)
+        fit = path[l2s.index(l2)]
+        row = {"types": k, "l2": l2,
+               "heldout_loglik_per_ranking": float(per_user[l2].sum() / per_ranking),
+               "heldout_interval": per_ranking_interval(per_user[l2], n_held, seed=seed,
+                                                        level=level),
+               "gain_per_ranking": None, "gain_interval": None,
+               "shares": np.round(fit.gamma.mean(0), 3).tolist()}
+        if prev_user is not None:
+            gain = per_user[l2] - prev_user
+            row["gain_per_ranking"] = float(gain.sum() / per_ranking)
+            row["gain_interval"] = per_ranking_interval(gain, n_held, seed=seed, level=level)
+        rows.append(row)
+        # the types on every ranking, from the held-out fit's split
+        labels[k] = feature_start(x, mask, user_index, num_users, k, seed, iterations,
+                                  l2=l2, gamma=fit.gamma).gamma.argmax(1)
+        prev_user, prev_fit = per_user[l2], fit
+    return growth_choice([r["gain_interval"] for r in rows]), rows, labels
+
+
+def model_states(records, model_path: str, cfg) -> np.ndarray:
+    """[N, m, D] a model's middle-layer states pooled by part (models/features.py), in the
+    records' ranked order: the reference's own states, not the further-trained copy's."""
+    import torch
+
+    from emdpo_ray.data.encode import encode
+    from emdpo_ray.models.features import response_representations
+    from emdpo_ray.models.loading import load_base, load_tokenizer
+    from emdpo_ray.models.sources import resolve_named_model
+
+    path = resolve_named_model(cfg.model.model_copy(update={"name_or_path": model_path}))
+    tok, model = load_tokenizer(path, cfg.model), load_base(path, cfg.model).eval()
+    return response_representations(model, encode(records, tok, cfg.data).arrays(),
+                                    torch.device("cpu"))
+
+
+def types_report(records, cfg, max_types: int, model_path: str | None = None,
+                 holdout: float = 0.2) -> dict:
+    """`emdpo-ray types`: grow_types on the records' token counts, or on `model_path`'s
+    states; ARI against `true_type` per K where every record has one."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from emdpo_ray.data.encode import index_records
+    from emdpo_ray.train.start import heldout_records, response_features, standardized
+
+    if max_types < 1:
+        raise ConfigError(f"--max-types must be >= 1, got {max_types}")
+    if not 0 < holdout < 1:
+        raise ConfigError(f"--holdout must be between 0 and 1, got {holdout}")
+    idx = index_records(records)
+    ui, num_users = idx.user_index, len(idx.users)
+    held = heldout_records(ui, holdout, cfg.seed)
+    if not held.any():
+        raise ConfigError("no user has two rankings: nothing to hold out, so no K can be tested")
+    x, mask = response_features(records)
+    if model_path is not None:
+        x = standardized(model_states(records, model_path, cfg), mask)
+    chosen, rows, labels = grow_types(x, mask, ui, num_users, max_types, held, cfg.seed,
+                                      cfg.em.init_restarts, tuple(cfg.em.init_l2),
+                                      max(cfg.em.init_refine_iterations, 1))
+    if all(r.true_type is not None for r in records):
+        truth = np.zeros(num_users, int)
+        truth[ui] = [r.true_type for r in records]
+        for row in rows:
+            row["ari"] = float(adjusted_rand_score(truth, labels[row["types"]]))
+    return {"chosen_types": chosen, "features": "tokens" if model_path is None else
+            f"states of {model_path}", "users": num_users, "rankings": len(records),
+            "heldout_rankings": int(held.sum()), "rows": rows}
