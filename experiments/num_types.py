@@ -61,11 +61,13 @@ HEADER = """# Does `emdpo-ray types` find how many types there are?
 1, 2, ... without a fifth of every user's rankings, each K's first restart the previous K's
 split with its worst-fitting type cut in two, and keeps growing K while one more type raises
 the held-out log-likelihood per ranking by more than noise (the 95% interval of the gain,
-users resampled, above 0). 300 users with 10 rankings of 3 each; `linear` with 2, 3 and 4
-types (shares 0.6/0.4, 0.5/0.3/0.2, 0.4/0.3/0.2/0.1), `contextual` and `order` with 3 (the
-data of `make starts`). Features: token counts (`tokens`, the correct model of `linear`,
-blind to `contextual` and `order`) or the SFT reference's own middle-layer states pooled over
-three parts of each response (`reference`, not the further-trained copy the start uses). A
+users resampled, above 1e-3 nats: beyond rounding). 300 users with 10 rankings of 3 each;
+`linear` with 2, 3 and 4 types (shares 0.6/0.4, 0.5/0.3/0.2, 0.4/0.3/0.2/0.1), `contextual`
+and `order` with 3 (the data of `make starts`). Features: token counts (`tokens`, the
+correct model of `linear`, blind to `order`; on `contextual` they see the types through the
+topic words, which every sentence repeats: a length preference per topic) or the SFT
+reference's own middle-layer states pooled over three parts of each response (`reference`,
+not the further-trained copy the start uses). A
 random order of 3 scores -1.792 per ranking.
 
 """
