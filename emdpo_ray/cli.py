@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Fit the start's linear Plackett-Luce mixture for K = 1, 2, ... without a fifth "
             "of every user's rankings and score how well it predicts them; K grows while "
-            "one more type raises that beyond noise (95%% interval of the gain above 0). "
+            "one more type raises that beyond noise (95%% interval of the gain above 1e-3 "
+            "nats per ranking). "
             "It sees what its features see: token counts miss preferences that depend on "
             "the order of words; --model gives a model's states instead."))
     k.add_argument("--data", required=True, help="records: .jsonl or .parquet, local or s3://")

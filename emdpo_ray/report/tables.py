@@ -45,7 +45,8 @@ def types(rep: dict) -> Table:
                   "held out of "
                   f"{rep['rankings']}, from {rep['users']} users), each user's type read from "
                   "their other rankings; gain: over K - 1, with its 95% interval (users "
-                  "resampled). K grows while the gain's interval is above 0. Features that "
+                  "resampled). K grows while the gain's interval is above 1e-3 (beyond rounding). "
+                  "Features that "
                   "cannot see a difference between users find one type there."))
     for c in ("K", "held-out [95%]", "gain over K-1 [95%]", "L2", "type shares") + (
             ("ARI",) if has_ari else ()):

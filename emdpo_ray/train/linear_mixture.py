@@ -176,18 +176,33 @@ def split_merge_moves(theta: np.ndarray, gamma: np.ndarray, fit: np.ndarray,
     return sorted(moves, key=lambda m: (rank[m[:2]], fit[m[2]]))
 
 
+def type_fit(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray,
+             mix: LinearMixture) -> np.ndarray:
+    """[K] mean log-likelihood per ranking of each type's users (MAP split) under that type."""
+    k = mix.gamma.shape[1]
+    labels = mix.gamma.argmax(1)[user_index]
+    rec = record_logliks(x, mask, mix.theta)[np.arange(len(user_index)), labels]
+    n = np.bincount(labels, minlength=k)
+    return np.bincount(labels, weights=rec, minlength=k) / np.maximum(n, 1)
+
+
+def split_type(labels: np.ndarray, emb: np.ndarray, s: int, new: int, seed: int) -> np.ndarray:
+    """Hard labels with type s's users cut in two by k-means on their preference embeddings,
+    one half becoming type `new`. Unchanged when s has fewer than two users."""
+    out = labels.copy()
+    members = np.flatnonzero(labels == s)
+    if len(members) >= 2:
+        out[members[kmeans_labels(emb[members], 2, seed) == 1]] = new
+    return out
+
+
 def merge_split(labels: np.ndarray, emb: np.ndarray, i: int, j: int, s: int,
                 seed: int) -> np.ndarray | None:
     """Hard labels after the move (i, j, s) of split_merge_moves: j's users join i, then
-    s's users are split in two by k-means on their preference embeddings, one half becoming
-    j. None when s has fewer than two users."""
+    s's users are split in two (split_type), one half becoming j. None when s has fewer than
+    two users."""
     out = np.where(labels == j, i, labels)
-    members = np.flatnonzero(out == s)
-    if len(members) < 2:
-        return None
-    half = kmeans_labels(emb[members], 2, seed)
-    out[members[half == 1]] = j
-    return out
+    return split_type(out, emb, s, j, seed) if (out == s).sum() >= 2 else None
 
 
 def split_merge(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
@@ -207,11 +222,9 @@ def split_merge(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_use
     ll = mixture_loglik(x, mask, user_index, num_users, mix)
     for _ in range(k):
         labels = mix.gamma.argmax(1)
-        rec = record_logliks(x, mask, mix.theta)[np.arange(len(user_index)), labels[user_index]]
-        n = np.bincount(labels[user_index], minlength=k)
-        fit = np.bincount(labels[user_index], weights=rec, minlength=k) / np.maximum(n, 1)
         kept = None
-        for i, j, s in split_merge_moves(mix.theta, mix.gamma, fit)[:tries]:
+        for i, j, s in split_merge_moves(mix.theta, mix.gamma,
+                                         type_fit(x, mask, user_index, mix))[:tries]:
             new = merge_split(labels, emb, i, j, s, seed)
             if new is None:
                 continue

@@ -22,34 +22,20 @@ import numpy as np
 
 from emdpo_ray.config import ConfigError
 from emdpo_ray.core.estep import per_ranking_interval, smoothed_onehot
-from emdpo_ray.train.linear_mixture import (LinearMixture, feature_start, kmeans_labels,
-                                            l2_path, preference_embeddings, record_logliks)
+from emdpo_ray.train.linear_mixture import (LinearMixture, feature_start, l2_path,
+                                            preference_embeddings, record_logliks, split_type,
+                                            type_fit)
 from emdpo_ray.train.start import predictive_user_logliks, simplest_within_noise
-
-
-def split_type(labels: np.ndarray, emb: np.ndarray, s: int, new: int, seed: int) -> np.ndarray:
-    """Hard labels with type s's users cut in two by k-means on their preference embeddings,
-    one half becoming type `new`. Unchanged when s has fewer than two users."""
-    out = labels.copy()
-    members = np.flatnonzero(labels == s)
-    if len(members) >= 2:
-        out[members[kmeans_labels(emb[members], 2, seed) == 1]] = new
-    return out
 
 
 def worst_fitting_type(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray,
                        mix: LinearMixture) -> int:
-    """The type with at least two users whose users' rankings it fits worst (mean
-    log-likelihood per ranking under their own type; the largest type when none has two)."""
-    k = mix.gamma.shape[1]
-    labels = mix.gamma.argmax(1)
-    rec = record_logliks(x, mask, mix.theta)[np.arange(len(user_index)), labels[user_index]]
-    n = np.bincount(labels[user_index], minlength=k)
-    fit = np.bincount(labels[user_index], weights=rec, minlength=k) / np.maximum(n, 1)
-    users = np.bincount(labels, minlength=k)
+    """The type with at least two users whose users' rankings it fits worst (type_fit; the
+    largest type when none has two)."""
+    users = np.bincount(mix.gamma.argmax(1), minlength=mix.gamma.shape[1])
     if users.max() < 2:
         return int(users.argmax())
-    return int(np.argmin(np.where(users >= 2, fit, np.inf)))
+    return int(np.argmin(np.where(users >= 2, type_fit(x, mask, user_index, mix), np.inf)))
 
 
 # Gains below this (nats per held-out ranking) are numerical: a fit whose extra type is

@@ -5,9 +5,8 @@ import pytest
 
 from emdpo_ray.config import load_config
 from emdpo_ray.data.records import parse_record
-from emdpo_ray.train.linear_mixture import LinearMixture
-from emdpo_ray.train.num_types import (growth_choice, split_type, types_report,
-                                       worst_fitting_type)
+from emdpo_ray.train.linear_mixture import LinearMixture, split_type
+from emdpo_ray.train.num_types import growth_choice, types_report, worst_fitting_type
 
 
 def test_split_type_cuts_one_type_by_its_users_preferences():
