@@ -113,12 +113,14 @@ class EMConfig(_Section):
     init_refine_iterations: int = Field(20, ge=0, description=(
         "After k-means, EM iterations of a linear Plackett-Luce mixture on the same "
         "features (cheap, no language model); 0 keeps plain k-means."))
-    init_features: Literal["auto", "tokens", "reference", "both"] = Field("auto", description=(
-        "What the kmeans start clusters on: 'tokens' (bag-of-tokens counts), 'reference' (the "
-        "reference model's middle-layer states over the beginning, middle and end of each "
-        "response), "
-        "'both', or 'auto': the one of the three whose start best predicts held-out rankings "
-        "(train/start.py)."))
+    init_features: Literal["auto", "tokens", "tokens_by_prompt", "reference", "both"] = Field(
+        "auto", description=(
+            "What the kmeans start clusters on: 'tokens' (bag-of-tokens counts), "
+            "'tokens_by_prompt' (the counts, and the same counts once per word of the prompt: "
+            "preferences that change with the prompt), 'reference' (the reference model's "
+            "middle-layer states over the beginning, middle and end of each response), 'both' "
+            "(tokens and reference), or 'auto': the one of the four whose start best predicts "
+            "held-out rankings (train/start.py)."))
     init_sft_epochs: float | None = Field(None, ge=0, description=(
         "Passes of further SFT, on the records' responses, of a copy of the reference whose "
         "states are the start's 'reference' features (the reference itself is unchanged): "

@@ -55,12 +55,12 @@ passes, docs/start_features-order-seeds.{json,md} (`--families order --seeds 2,3
 `--reference NAME`: the states of another model (only the data of `make starts` needed), e.g.
 SmolLM2-135M-Instruct as published, docs/start_features-order-smollm2.{json,md}
 (`--families order --features reference --reference smollm2-135m-instruct --out
-docs/start_features-order-smollm2.json`, about 50 minutes). `tokens without topic words`:
-token counts with the topics' words dropped; every sentence names its topic, so on
-`contextual` a weight per topic word is a length preference per topic, a shortcut to half of
-what those types flip; docs/start_features-contextual-topics.{json,md} (`--families
-contextual --features "tokens,tokens without topic words" --out
-docs/start_features-contextual-topics.json`).
+docs/start_features-order-smollm2.json`, about 50 minutes). `tokens by prompt`:
+the start's `tokens_by_prompt` (token counts, and the same counts times the prompt's
+coordinates on the directions of its words along which users' preferences co-vary);
+docs/start_features-contextual.{json,md} (`--families contextual --features
+"reference,reference trained further,tokens,tokens by prompt,generator" --out
+docs/start_features-contextual.json`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ FEATURES = ["reference", "reference last layer", "reference embeddings", "refere
 # trained policies' states and the reference's output-layer gradients.
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
             "reference + tokens by position", "policies' states", "reference output gradients",
-            "reference trained further", "tokens without topic words"]
+            "reference trained further", "tokens by prompt"]
 
 
 def preference_subspace(x, mask, user_index, num_users, dims: int = 8):
@@ -94,24 +94,6 @@ def preference_subspace(x, mask, user_index, num_users, dims: int = 8):
     emb = lm.preference_embeddings(x, mask, user_index, num_users)
     _, _, vt = np.linalg.svd(emb - emb.mean(0), full_matrices=False)
     return st.standardized((x @ vt[:dims].T).astype(np.float32), mask)
-
-
-def tokens_without_topics(records) -> np.ndarray:
-    """Token counts (train/start.py's) with the prompt topics' words set to 0. The generator
-    names the topic once in every sentence, so a topic word's count is the number of
-    sentences: a weight per topic word is a length preference per topic, part of what
-    `contextual` types flip with the topic."""
-    from sklearn.feature_extraction.text import CountVectorizer
-
-    from emdpo_ray.data import synth
-    from emdpo_ray.train.start import TOKEN_PATTERN, response_features
-
-    x, _ = response_features(records)
-    vocab = CountVectorizer(token_pattern=TOKEN_PATTERN, lowercase=True).fit(
-        [y for r in records for y in r.responses]).vocabulary_
-    topics = [vocab[t] for t in synth.TOPICS + synth.HELDOUT_TOPICS if t in vocab]
-    x[..., topics] = 0
-    return x
 
 
 def positional_counts(records, parts: int = 3) -> np.ndarray:
@@ -310,7 +292,8 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
               "reference embeddings": lambda: states(0),
               "reference 8 parts": lambda: states(None, 8),
               "tokens": lambda: st.response_features(records)[0],
-              "tokens without topic words": lambda: tokens_without_topics(records),
+              "tokens by prompt": lambda: st.tokens_by_prompt(records, st.response_features(records)[0],
+                                                            mask, ui, num_users),
               "tokens by position": lambda: positional_counts(records),
               "generator": lambda: generator_features(records, meta)}
 
@@ -400,9 +383,9 @@ trained on this data (on the types that run ended with), side by side; `referenc
 gradient of each response's log-likelihood with respect to the reference's output layer,
 projected to 192 dimensions; `reference + N SFT passes`, the states of a copy of the
 reference given N more passes of SFT on the responses (`em.init_sft_epochs`, 2 by default);
-`tokens without topic words`, token counts with the prompt topics' words dropped (the
-generator names the topic once in every sentence, so a topic word's count is the number of
-sentences).
+`tokens by prompt`, the start's `tokens_by_prompt`: token counts, and the same counts times
+the prompt's coordinates on the 4 directions of its words along which users' preferences
+co-vary (a weight per response word that changes with the prompt).
 
 """
 

@@ -13,7 +13,8 @@ held-out topics that no record uses. Three families of types:
 - `contextual`: reward = theta_k[c(x)] . f(y), c(x) = whether the prompt's topic is nature
   or made by people. Types 0 and 1 flip their preference with the context (0 likes formal
   prose about nature and casual prose about made things, 1 the reverse), so averaged over
-  prompts their token preferences cancel; type 2 keeps one preference everywhere.
+  prompts their token preferences cancel; type 2 keeps one preference everywhere. Each
+  response names its topic once, so no token count follows the context.
 - `order`: the responses of a record are the same sentences in different orders (the same
   token counts); reward = theta_k . f(first sentence): what a type wants to read first.
 """
@@ -115,14 +116,18 @@ def describe_type(meta: dict, k: int) -> str:
     return words(theta) + (" (first sentence)" if family == "order" else "")
 
 
-def _response(rng: np.random.Generator, topic: str) -> str:
+def _response(rng: np.random.Generator, topic: str, topic_once: bool = False) -> str:
+    """One response. `topic_once` names the topic in the first sentence only: repeated in
+    every sentence its count is the number of sentences, so a weight per topic word would be
+    a length preference per topic, which token counts could see of the contextual types."""
     n_sent = int(rng.integers(1, 5))
     rates = {s: rng.uniform(0, 0.9) for s in WORDS}
     as_list = rng.random() < 0.35
     sents = []
-    for _ in range(n_sent):
+    for i in range(n_sent):
         words = list(rng.choice(FILLER, size=int(rng.integers(3, 7))))
-        words.insert(int(rng.integers(0, len(words) + 1)), topic)
+        if i == 0 or not topic_once:
+            words.insert(int(rng.integers(0, len(words) + 1)), topic)
         for style, p in rates.items():
             if rng.random() < p:
                 words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(WORDS[style])))
@@ -172,7 +177,7 @@ def user_records(rng: np.random.Generator, theta: np.ndarray, reward_scale: floa
         if family == "order":
             resp = _reordered(rng, topic, responses)
         while len(resp) < responses:
-            r = _response(rng, topic)
+            r = _response(rng, topic, topic_once=family == "contextual")
             if r not in resp:
                 resp.append(r)
         r_true = true_rewards(meta, [prompt] * responses, resp)[0]
@@ -234,7 +239,7 @@ def generate(users: int = 120, types: int = 3, rankings_per_user: int = 8, respo
     for u in range(users):
         records += user_records(rng, theta, reward_scale, int(user_types[u]), f"u{u:04d}",
                                 rankings_per_user, responses, family)
-    meta = {"generator": "emdpo_ray.data.synth/v1", "family": family, "features": FEATURES,
+    meta = {"generator": "emdpo_ray.data.synth/v2", "family": family, "features": FEATURES,
             "theta": theta.tolist(),
             "reward_scale": reward_scale, "shares": p.tolist(), "seed": seed,
             "heldout_prompts": heldout_prompts()}

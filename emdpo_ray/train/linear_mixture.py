@@ -18,16 +18,19 @@ from emdpo_ray.core.losses import plackett_luce_logp
 SHORT_RUN = 5   # iterations of each start before the likeliest runs on
 
 
+def rank_weighted(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[N, V]: each record's sum_j c_j x_j, c linear from +1 (best) to -1 (worst)."""
+    c = np.zeros(mask.shape)
+    for i, m in enumerate(mask.sum(1)):
+        c[i, :m] = np.linspace(1.0, -1.0, m)
+    return np.einsum("nm,nmv->nv", c, x)
+
+
 def preference_embeddings(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray,
                           num_users: int) -> np.ndarray:
-    """[U, V]: per-user mean of sum_j c_j x_j, c linear from +1 (best) to -1 (worst)."""
-    m_per = mask.sum(1)
-    c = np.zeros(mask.shape)
-    for i, m in enumerate(m_per):
-        c[i, :m] = np.linspace(1.0, -1.0, m)
-    per_record = np.einsum("nm,nmv->nv", c, x)
+    """[U, V]: per-user mean of rank_weighted."""
     emb = np.zeros((num_users, x.shape[-1]))
-    np.add.at(emb, user_index, per_record)
+    np.add.at(emb, user_index, rank_weighted(x, mask))
     return emb / np.maximum(np.bincount(user_index, minlength=num_users), 1)[:, None]
 
 

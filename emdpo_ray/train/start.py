@@ -10,12 +10,15 @@ the start must already split users. `kmeans` (default), on per-response features
    k-means split before any policy is trained.
 
 The features (`em.init_features`): `tokens`, bag-of-tokens counts (blind to order and to
-how a preference depends on the prompt); `reference`, middle-layer states pooled over the
+how a preference depends on the prompt); `tokens_by_prompt`, the counts and beside them the
+same counts once per word of the prompt (a weight per response word and prompt word: types
+whose preference flips with what the prompt is about, docs/start_features-contextual.md);
+`reference`, middle-layer states pooled over the
 beginning, middle and end of each response (models/features.py) of a copy of the reference
 given `em.init_sft_epochs` more passes of SFT on the responses (the workers drop it after):
 two more passes carry the order of a response's sentences far better than the reference's
-own states (docs/start_features-order-levers.md); `both`; or `auto` (default), each of the
-three tried on 80% of every user's rankings and the one whose mixture best predicts the
+own states (docs/start_features-order-levers.md); `both` (tokens and reference); or `auto`
+(default), each of the four tried on 80% of every user's rankings and the one whose mixture best predicts the
 other 20% kept (held-out predictive log-likelihood), or the simplest within noise of it
 (one-standard-error rule).
 
@@ -45,7 +48,7 @@ from emdpo_ray.config import Config
 from emdpo_ray.core.estep import per_ranking_interval, smoothed_onehot, user_loglik
 from emdpo_ray.data.records import Record
 from emdpo_ray.train.linear_mixture import (feature_start, l2_path, mixture_loglik,
-                                            record_logliks, split_merge)
+                                            rank_weighted, record_logliks, split_merge)
 
 
 TOKEN_PATTERN = r"(?u)\b\w+\b|[^\w\s]"   # words and single punctuation marks
@@ -65,6 +68,75 @@ def response_features(records: list[Record]) -> tuple[np.ndarray, np.ndarray]:
         x[i, :len(counts)] = counts
         mask[i, :len(counts)] = True
     return x, mask
+
+
+# The prompt-interacted counts: response words and prompt words most documents hold (words
+# in over half the prompts, like an opener's, tell no prompt from another), and how many
+# directions of the prompt words the counts are crossed with.
+PROMPT_WORDS, PROMPT_RESPONSE_WORDS, PROMPT_MAX_DF, PROMPT_DIRECTIONS = 64, 256, 0.5, 4
+
+
+def prompt_words(prompts: list[str]) -> np.ndarray:
+    """[N, P] 0/1: which of the P (<= PROMPT_WORDS) most frequent informative words each
+    prompt holds (in at least 2 prompts and at most PROMPT_MAX_DF of them)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    vec = CountVectorizer(token_pattern=TOKEN_PATTERN, lowercase=True, binary=True,
+                          max_features=PROMPT_WORDS, min_df=2, max_df=PROMPT_MAX_DF)
+    try:
+        return vec.fit_transform(prompts).toarray().astype(np.float32)
+    except ValueError:  # no word passes the bounds (one prompt, or all alike)
+        return np.zeros((len(prompts), 0), np.float32)
+
+
+def preference_covariation(d: np.ndarray, g: np.ndarray, user_index: np.ndarray,
+                           num_users: int) -> np.ndarray:
+    """[P, P]: how users' preferences co-vary between prompts with word p and with word q.
+
+    d [N, F]: each record's preference vector (its responses' features, rank_weighted);
+    g [N, P]: its prompt words. D[u, p] is user u's mean preference under prompts with word p,
+    centred over users; M[p, q] = sum_u <D[u, p], D[u, q]>, each record's product with itself
+    left out (words of one prompt always co-occur, which says nothing of preferences). Users
+    whose preference flips between two groups of prompts make M negative across the groups
+    and positive within them, though over all users the flip cancels."""
+    cnt = np.zeros((num_users, g.shape[1]))
+    np.add.at(cnt, user_index, g)
+    w = g / np.maximum(cnt[user_index], 1)                                # [N, P]
+    per_user = np.zeros((num_users, g.shape[1], d.shape[1]))
+    np.add.at(per_user, user_index, w[:, :, None] * d[:, None, :])      # D[u, p]
+    mean = per_user.sum(0) / np.maximum((cnt > 0).sum(0), 1)[:, None]   # [P, F]
+    centred = np.where(cnt[..., None] > 0, per_user - mean, 0)
+    own = w[:, :, None] * (d[:, None, :] - mean)                        # each record's share
+    return np.einsum("upf,uqf->pq", centred, centred) - np.einsum("npf,nqf->pq", own, own)
+
+
+def prompt_directions(covariation: np.ndarray, r: int) -> np.ndarray:
+    """[P, r]: the top r eigenvectors of preference_covariation, the directions of the
+    prompt words along which users' preferences co-vary most."""
+    values, vectors = np.linalg.eigh(covariation)
+    return vectors[:, np.argsort(-values)[:r]]
+
+
+def by_prompt(x: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """[N, m, V * (1 + R)]: the counts x [N, m, V], and beside them the same counts times
+    each coordinate of the record's prompt, x[n, j, v] * z[n, c] (z [N, R]). A linear model
+    on them weighs a response word differently under different prompts, which a preference
+    that flips with what the prompt is about needs; plain counts cannot."""
+    inter = (x[:, :, :, None] * z[:, None, None, :]).reshape(*x.shape[:2], -1)
+    return np.concatenate([x, inter], -1).astype(np.float32)
+
+
+def tokens_by_prompt(records: list[Record], x_tok: np.ndarray, mask: np.ndarray,
+                     user_index: np.ndarray, num_users: int) -> np.ndarray:
+    """by_prompt of the PROMPT_RESPONSE_WORDS response words most responses hold, crossed
+    with each prompt's coordinates on the PROMPT_DIRECTIONS prompt_directions of the users'
+    preference_covariation (scaled to unit variance)."""
+    x = x_tok[..., np.sort(np.argsort(-(x_tok > 0).sum((0, 1)), kind="stable")
+                           [:PROMPT_RESPONSE_WORDS])]
+    g = prompt_words([r.prompt for r in records])
+    cov = preference_covariation(rank_weighted(x, mask), g, user_index, num_users)
+    z = g @ prompt_directions(cov, min(PROMPT_DIRECTIONS, g.shape[1]))
+    return by_prompt(x, z / (z.std(0) + 1e-6))
 
 
 def heldout_records(user_index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -168,8 +240,9 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
     candidate's start, fitted without them, is continued, fresh restarts are run, and the
     likelier of the two kept, then improved by up to `split_merge_tries` split-and-merge
     moves a round (split_merge)."""
-    names = {"tokens": ["tokens"], "reference": ["reference"], "both": ["both"],
-             "auto": ["tokens", "reference", "both"]}[features]
+    names = {"tokens": ["tokens"], "tokens_by_prompt": ["tokens_by_prompt"],
+             "reference": ["reference"], "both": ["both"],
+             "auto": ["tokens", "tokens_by_prompt", "reference", "both"]}[features]
     x_tok, mask = response_features(records)
 
     @functools.cache
@@ -179,6 +252,7 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
         return standardized(reference_features(), mask)
 
     makers = {"tokens": lambda: x_tok, "reference": x_ref,
+              "tokens_by_prompt": lambda: tokens_by_prompt(records, x_tok, mask, user_index, num_users),
               "both": lambda: np.concatenate([x_tok, x_ref()], -1)}
     candidates = {n: makers[n] for n in names}
     l2s = tuple(sorted(l2s, reverse=True))

@@ -26,6 +26,22 @@ def test_contextual_types_flip_with_the_topic():
     assert r[2, 0] == pytest.approx(r[2, 1])                          # type 2 never flips
 
 
+def test_contextual_responses_name_their_topic_once():
+    # one mention per response: no topic word's count grows with length, so token counts
+    # carry nothing of the context (the linear family still names it in every sentence)
+    recs, _ = synth.generate(users=10, types=3, rankings_per_user=5, seed=2, family="contextual")
+    sentences = 0
+    for rec in recs:
+        topic = rec["prompt"].rstrip(".").split()[-1]
+        for r in rec["responses"]:
+            assert synth._WORD_RE.findall(r.lower()).count(topic) == 1
+            sentences += r.count(".")
+    assert sentences > len(recs) * 3  # responses of more than one sentence were drawn
+    lin, _ = synth.generate(users=10, types=3, rankings_per_user=5, seed=2)
+    assert any(synth._WORD_RE.findall(r["responses"][0].lower())
+               .count(r["prompt"].rstrip(".").split()[-1]) > 1 for r in lin)
+
+
 def test_order_records_share_their_words_and_differ_in_what_comes_first():
     recs, meta = synth.generate(users=6, types=2, rankings_per_user=3, seed=1, family="order")
     for rec in recs:

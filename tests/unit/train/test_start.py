@@ -214,7 +214,8 @@ def test_reference_features_are_asked_for_only_when_used():
     assert tok_info["l2"] == 1e-2 and set(tok_info["heldout_loglik_by_l2"]["tokens"]) == {"0.01"}
     info: dict = {}
     g = kmeans_init(recs, ui, 8, 2, 0, 0.1, 2, features="auto", reference_features=ref, info=info)
-    assert calls == [1] and set(info["heldout_loglik_per_ranking"]) == {"tokens", "reference", "both"}
+    assert calls == [1] and set(info["heldout_loglik_per_ranking"]) == {
+        "tokens", "tokens_by_prompt", "reference", "both"}
     # fresh restarts on every record vs the chosen start continued: the likelier is kept
     lls = info["final_logliks"]
     assert set(lls) == {"fresh", "continued"} and info["final"] == max(lls, key=lls.get)
@@ -323,3 +324,52 @@ def test_split_merge_frees_a_type_that_em_keeps_merged():
     info = {}
     assert split_merge(x, mask, ui, u, right, 1e-2, 20, seed=0, tries=6, info=info) is right
     assert info["moves"] == []
+
+
+def test_preference_covariation_by_hand():
+    from emdpo_ray.train.start import preference_covariation, prompt_directions
+
+    # prompt words A, B; each user one record under each, one feature. Users 0 and 1 prefer
+    # it under A and not under B, users 2 and 3 the reverse: over users the preference under
+    # each word averages 0, but it co-varies: D[u, A] * D[u, B] = -1 for every user, so
+    # M[A, B] = -4; M[A, A] = sum_u D[u, A]^2 = 4, less each record's own product (4 x 1) = 0
+    g = np.array([[1, 0], [0, 1]] * 4, float)
+    d = np.array([[1], [-1], [1], [-1], [-1], [1], [-1], [1]], float)
+    ui = np.repeat(np.arange(4), 2)
+    m = preference_covariation(d, g, ui, 4)
+    assert np.allclose(m, [[0, -4], [-4, 0]])
+    v = prompt_directions(m, 1)[:, 0]          # eigenvalue 4: A against B
+    assert np.allclose(np.abs(v), np.sqrt(0.5)) and v[0] == pytest.approx(-v[1])
+    # two words that always share a prompt: one record per user, so all of their
+    # co-occurrence is a record's product with itself, which says nothing
+    g2, d2 = np.ones((3, 2)), np.array([[1.0], [2.0], [-3.0]])
+    assert np.allclose(preference_covariation(d2, g2, np.arange(3), 3), 0)
+
+
+def test_by_prompt_by_hand():
+    from emdpo_ray.train.start import by_prompt
+
+    x = np.array([[[1, 0], [0, 2]]], np.float32)          # one record, two responses
+    z = np.array([[3, -1]], np.float32)                    # its prompt's two coordinates
+    # each count, then it times each coordinate: x_v z_0, x_v z_1 for v = 0, 1
+    assert by_prompt(x, z).tolist() == [[[1, 0, 3, -1, 0, 0], [0, 2, 0, 0, 6, -2]]]
+
+
+def test_prompt_interacted_counts_see_types_that_flip_with_the_prompt():
+    from sklearn.metrics import adjusted_rand_score
+
+    from emdpo_ray.data import synth
+    from emdpo_ray.data.records import group_by_user
+
+    # types 0 and 1 of `contextual` mirror each other under every prompt: averaged over
+    # prompts their token preferences cancel, so plain counts cannot split them
+    recs, _ = synth.generate(users=120, types=2, rankings_per_user=8, seed=4, family="contextual")
+    parsed = [parse_record(r, f"s:{i}") for i, r in enumerate(recs)]
+    users, ui = group_by_user(parsed)
+    truth = {r.user_id: r.true_type for r in parsed}
+    ari = {}
+    for features in ("tokens", "tokens_by_prompt"):
+        g = kmeans_init(parsed, np.asarray(ui), len(users), 2, 0, 0.05, 10, features=features,
+                        restarts=4)
+        ari[features] = adjusted_rand_score([truth[u] for u in users], g.argmax(1))
+    assert ari["tokens"] < 0.3 and ari["tokens_by_prompt"] > 0.6, ari
