@@ -96,7 +96,7 @@ def _types(a) -> int:
 
     cfg = load_config(a.config, a.set)
     rep = types_report(load_records(a.data, cfg.data.user_field), cfg, a.max_types, a.model,
-                       a.holdout)
+                       a.holdout, a.features)
     _emit(a, rep, lambda: [tables.types(rep)])
     return 0
 
@@ -189,9 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
             "one more type raises that beyond noise (95%% interval of the gain above 1e-3 "
             "nats per ranking). "
             "It sees what its features see: token counts miss preferences that depend on "
-            "the order of words; --model gives a model's states instead."))
+            "the order of words or on the prompt; --features tokens_by_prompt crosses them "
+            "with the prompt, --model gives a model's states instead."))
     k.add_argument("--data", required=True, help="records: .jsonl or .parquet, local or s3://")
     k.add_argument("--max-types", type=int, default=6, help="largest K tried")
+    k.add_argument("--features", choices=["tokens", "tokens_by_prompt"], default="tokens",
+                   help="token counts, or the counts crossed with the prompt's directions "
+                        "along which users' preferences co-vary (default: %(default)s)")
     k.add_argument("--model", help="features from this model's states (a directory or a "
                                    "named model) instead of token counts")
     k.add_argument("--holdout", type=float, default=0.2,

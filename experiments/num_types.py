@@ -1,14 +1,16 @@
 """`make num-types`: does `emdpo-ray types` find how many types there are?
 
     .venv/bin/python experiments/num_types.py [--seeds 0,1] [--max-types 6]
-        [--runs runs/starts] [--out docs/num_types.json]
+        [--runs runs/starts] [--out docs/num_types.json] [--cases FAMILY:K:FEATURES,...]
 
 `linear` with 2, 3 and 4 true types (shares 0.6/0.4, 0.5/0.3/0.2, 0.4/0.3/0.2/0.1) on token
-counts, the correct model of those types; `contextual` and `order` with 3 (the data of `make
-starts`) on token counts, which cannot see them, and on the SFT reference's own states (the
-references `make starts` trained; run it first). 300 users with 10 rankings of 3 each. Per
-run: the K chosen, and per K the held-out log-likelihood per ranking, its gain over K - 1
-with the 95% interval, and the ARI of the K-type split. Writes docs/num_types.{json,md}.
+counts, the correct model of those types (3 also crossed with the prompt); `contextual` and
+`order` with 3 (the data of `make starts`) on token counts, which cannot see them, on the
+counts crossed with the prompt (`tokens_by_prompt`, `contextual`'s correct model), and on
+the SFT reference's own states (the references `make starts` trained; run it first). 300
+users with 10 rankings of 3 each. Per run: the K chosen, and per K the held-out
+log-likelihood per ranking, its gain over K - 1 with the 95% interval, and the ARI of the
+K-type split. Writes docs/num_types.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import warnings
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARES = {2: [0.6, 0.4], 3: [0.5, 0.3, 0.2], 4: [0.4, 0.3, 0.2, 0.1]}
 CASES = [("linear", 2, "tokens"), ("linear", 3, "tokens"), ("linear", 4, "tokens"),
-         ("contextual", 3, "tokens"), ("contextual", 3, "reference"),
+         ("linear", 3, "tokens_by_prompt"), ("contextual", 3, "tokens"),
+         ("contextual", 3, "tokens_by_prompt"), ("contextual", 3, "reference"),
          ("order", 3, "tokens"), ("order", 3, "reference")]
 
 
@@ -64,8 +67,9 @@ the held-out log-likelihood per ranking by more than noise (the 95% interval of 
 users resampled, above 1e-3 nats: beyond rounding). 300 users with 10 rankings of 3 each;
 `linear` with 2, 3 and 4 types (shares 0.6/0.4, 0.5/0.3/0.2, 0.4/0.3/0.2/0.1), `contextual`
 and `order` with 3 (the data of `make starts`). Features: token counts (`tokens`, the
-correct model of `linear`, blind to `order`; on `contextual` they see the types through the
-topic words, which every sentence repeats: a length preference per topic) or the SFT
+correct model of `linear`, blind to `order` and to what `contextual` types flip), the same
+crossed with the prompt (`tokens_by_prompt`, train/start.py: the correct model of
+`contextual`), or the SFT
 reference's own middle-layer states pooled over three parts of each response (`reference`,
 not the further-trained copy the start uses). A
 random order of 3 scores -1.792 per ranking.
@@ -79,7 +83,11 @@ def main() -> int:
     p.add_argument("--max-types", type=int, default=6)
     p.add_argument("--runs", default=os.path.join(REPO, "runs", "starts"))
     p.add_argument("--out", default=os.path.join(REPO, "docs", "num_types.json"))
+    p.add_argument("--cases", default=None, metavar="FAMILY:K:FEATURES,...",
+                   help="only these of CASES, e.g. contextual:3:tokens_by_prompt")
     a = p.parse_args()
+    cases = CASES if a.cases is None else [
+        c for c in CASES if ":".join(map(str, c)) in a.cases.split(",")]
     warnings.filterwarnings("ignore")
     import json
 
@@ -91,7 +99,7 @@ def main() -> int:
     os.makedirs(a.runs, exist_ok=True)
     results = []
     for seed in map(int, a.seeds.split(",")):
-        for family, k, features in CASES:
+        for family, k, features in cases:
             model = None
             if features == "reference":
                 model = os.path.join(a.runs, f"{family}-{seed}-reference")
@@ -99,7 +107,8 @@ def main() -> int:
                     raise SystemExit(f"{model} missing: run `python experiments/starts.py "
                                      f"--families {family} --seeds {seed}` first")
             records = load_records(data_path(a.runs, family, k, seed))
-            rep = types_report(records, load_config(None, [f"seed={seed}"]), a.max_types, model)
+            rep = types_report(records, load_config(None, [f"seed={seed}"]), a.max_types, model,
+                               features="tokens" if model else features)
             results.append({**rep, "family": family, "true_types": k, "seed": seed,
                             "features": features})
             print(json.dumps({x: results[-1][x] for x in ("family", "true_types", "seed",

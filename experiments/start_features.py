@@ -9,7 +9,10 @@ of the start's linear Plackett-Luce mixture (train/start.py): the reference's st
 over the beginning, middle and end of each response from its middle layer (`reference`, the
 default), from its last layer (the default before), from its token embeddings, and from its
 middle layer pooled over 8 parts (`reference 8 parts`, finer positions); token counts
-(`tokens`) and token counts in each third of the response (`tokens by position`, the cheap
+(`tokens`), the counts crossed with the prompt (`tokens by prompt`, the start's
+`tokens_by_prompt`: the counts times the prompt's coordinates on the directions of its
+words along which users' preferences co-vary) and token counts in each third of the
+response (`tokens by position`, the cheap
 analogue of the pooled states); and
 the generator's own features (`generator`: the style counts the true reward is linear in, of
 the first sentence for `order`, of the response otherwise, for `contextual` per context; the
@@ -55,12 +58,10 @@ passes, docs/start_features-order-seeds.{json,md} (`--families order --seeds 2,3
 `--reference NAME`: the states of another model (only the data of `make starts` needed), e.g.
 SmolLM2-135M-Instruct as published, docs/start_features-order-smollm2.{json,md}
 (`--families order --features reference --reference smollm2-135m-instruct --out
-docs/start_features-order-smollm2.json`, about 50 minutes). `tokens by prompt`:
-the start's `tokens_by_prompt` (token counts, and the same counts times the prompt's
-coordinates on the directions of its words along which users' preferences co-vary);
-docs/start_features-contextual.{json,md} (`--families contextual --features
-"reference,reference trained further,tokens,tokens by prompt,generator" --out
-docs/start_features-contextual.json`).
+docs/start_features-order-smollm2.json`, about 50 minutes). `contextual` on generator v2
+data, the start's candidates beside the bound: docs/start_features-contextual.{json,md}
+(`--families contextual --features "reference,reference trained further,tokens,tokens by
+prompt,generator" --out docs/start_features-contextual.json`).
 """
 
 from __future__ import annotations
@@ -76,14 +77,14 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEATURES = ["reference", "reference last layer", "reference embeddings", "reference 8 parts",
-            "tokens", "tokens by position", "generator"]
+            "tokens", "tokens by prompt", "tokens by position", "generator"]
 # Further variants (`--features`): the users' preference subspace (the features projected on
 # the top 8 principal directions of the per-user preference embeddings, where users differ),
 # the reference's states beside the positional counts, and the language model's own: the
 # trained policies' states and the reference's output-layer gradients.
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
             "reference + tokens by position", "policies' states", "reference output gradients",
-            "reference trained further", "tokens by prompt"]
+            "reference trained further"]
 
 
 def preference_subspace(x, mask, user_index, num_users, dims: int = 8):
@@ -292,8 +293,8 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
               "reference embeddings": lambda: states(0),
               "reference 8 parts": lambda: states(None, 8),
               "tokens": lambda: st.response_features(records)[0],
-              "tokens by prompt": lambda: st.tokens_by_prompt(records, st.response_features(records)[0],
-                                                            mask, ui, num_users),
+              "tokens by prompt": lambda: st.tokens_by_prompt(
+                  records, st.response_features(records)[0], mask, ui, num_users),
               "tokens by position": lambda: positional_counts(records),
               "generator": lambda: generator_features(records, meta)}
 
@@ -358,7 +359,8 @@ figures in [`{json}`]({json})), on the data and SFT references of
 `make starts` (300 users, 10 rankings of 3, shares 0.5/0.3/0.2). Feature sets: the
 reference's states pooled over the beginning, middle and end of each response from its middle
 layer (`reference`, the default), its last layer and its token embeddings, and from its middle
-layer over 8 parts; token counts, and token counts in each third of the response (`tokens by
+layer over 8 parts; token counts, token counts crossed with the prompt (`tokens by prompt`,
+the start's `tokens_by_prompt`), and token counts in each third of the response (`tokens by
 position`). ARI of the linear Plackett-Luce mixture of the start on each feature set: the
 start at L2 1e-2 (`start`), walked down to 1e-3 and 1e-4, and at the L2 whose fit without a
 fifth of each user's rankings best predicts them, or the strongest within noise of it
@@ -382,10 +384,7 @@ the same pooled states from each of the K policies that the default run of `make
 trained on this data (on the types that run ended with), side by side; `reference output gradients`, the
 gradient of each response's log-likelihood with respect to the reference's output layer,
 projected to 192 dimensions; `reference + N SFT passes`, the states of a copy of the
-reference given N more passes of SFT on the responses (`em.init_sft_epochs`, 2 by default);
-`tokens by prompt`, the start's `tokens_by_prompt`: token counts, and the same counts times
-the prompt's coordinates on the 4 directions of its words along which users' preferences
-co-vary (a weight per response word that changes with the prompt).
+reference given N more passes of SFT on the responses (`em.init_sft_epochs`, 2 by default).
 
 """
 

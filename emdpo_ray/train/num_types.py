@@ -119,24 +119,32 @@ def model_states(records, model_path: str, cfg) -> np.ndarray:
 
 
 def types_report(records, cfg, max_types: int, model_path: str | None = None,
-                 holdout: float = 0.2) -> dict:
-    """`emdpo-ray types`: grow_types on the records' token counts, or on `model_path`'s
+                 holdout: float = 0.2, features: str = "tokens") -> dict:
+    """`emdpo-ray types`: grow_types on the records' token counts (`features="tokens"`), the
+    counts crossed with the prompt (`"tokens_by_prompt"`, train/start.py), or `model_path`'s
     states; ARI against `true_type` per K where every record has one."""
     from sklearn.metrics import adjusted_rand_score
 
     from emdpo_ray.data.encode import index_records
-    from emdpo_ray.train.start import heldout_records, response_features, standardized
+    from emdpo_ray.train.start import (heldout_records, response_features, standardized,
+                                       tokens_by_prompt)
 
     if max_types < 1:
         raise ConfigError(f"--max-types must be >= 1, got {max_types}")
     if not 0 < holdout < 1:
         raise ConfigError(f"--holdout must be between 0 and 1, got {holdout}")
+    if features not in ("tokens", "tokens_by_prompt"):
+        raise ConfigError(f"--features must be tokens or tokens_by_prompt, got {features!r}")
+    if model_path is not None and features != "tokens":
+        raise ConfigError("--model gives the features itself: drop --features")
     idx = index_records(records)
     ui, num_users = idx.user_index, len(idx.users)
     held = heldout_records(ui, holdout, cfg.seed)
     if not held.any():
         raise ConfigError("no user has two rankings: nothing to hold out, so no K can be tested")
     x, mask = response_features(records)
+    if features == "tokens_by_prompt":
+        x = tokens_by_prompt(records, x, mask, ui, num_users)
     if model_path is not None:
         x = standardized(model_states(records, model_path, cfg), mask)
     chosen, rows, labels = grow_types(x, mask, ui, num_users, max_types, held, cfg.seed,
@@ -147,6 +155,6 @@ def types_report(records, cfg, max_types: int, model_path: str | None = None,
         truth[ui] = [r.true_type for r in records]
         for row in rows:
             row["ari"] = float(adjusted_rand_score(truth, labels[row["types"]]))
-    return {"chosen_types": chosen, "features": "tokens" if model_path is None else
+    return {"chosen_types": chosen, "features": features if model_path is None else
             f"states of {model_path}", "users": num_users, "rankings": len(records),
             "heldout_rankings": int(held.sum()), "rows": rows}

@@ -11,16 +11,16 @@ the start must already split users. `kmeans` (default), on per-response features
 
 The features (`em.init_features`): `tokens`, bag-of-tokens counts (blind to order and to
 how a preference depends on the prompt); `tokens_by_prompt`, the counts and beside them the
-same counts once per word of the prompt (a weight per response word and prompt word: types
-whose preference flips with what the prompt is about, docs/start_features-contextual.md);
-`reference`, middle-layer states pooled over the
+same counts times the prompt's coordinates on the directions of its words along which
+users' preferences co-vary (types whose preference flips with what the prompt is about,
+docs/start_features-contextual.md); `reference`, middle-layer states pooled over the
 beginning, middle and end of each response (models/features.py) of a copy of the reference
 given `em.init_sft_epochs` more passes of SFT on the responses (the workers drop it after):
 two more passes carry the order of a response's sentences far better than the reference's
 own states (docs/start_features-order-levers.md); `both` (tokens and reference); or `auto`
-(default), each of the four tried on 80% of every user's rankings and the one whose mixture best predicts the
-other 20% kept (held-out predictive log-likelihood), or the simplest within noise of it
-(one-standard-error rule).
+(default), each of the four tried on 80% of every user's rankings and the one whose mixture
+best predicts the other 20% kept (held-out predictive log-likelihood), or the simplest
+within noise of it (one-standard-error rule).
 
 The linear mixture is fitted from `em.init_restarts` starts (the k-means split, then random
 hard partitions), the one of highest log-likelihood kept: k-means settles on the split that
@@ -135,6 +135,7 @@ def tokens_by_prompt(records: list[Record], x_tok: np.ndarray, mask: np.ndarray,
                            [:PROMPT_RESPONSE_WORDS])]
     g = prompt_words([r.prompt for r in records])
     cov = preference_covariation(rank_weighted(x, mask), g, user_index, num_users)
+    # no informative prompt word (all prompts alike): z has no columns, the counts stay
     z = g @ prompt_directions(cov, min(PROMPT_DIRECTIONS, g.shape[1]))
     return by_prompt(x, z / (z.std(0) + 1e-6))
 

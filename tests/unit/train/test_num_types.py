@@ -83,6 +83,26 @@ def test_types_needs_rankings_to_hold_out():
         types_report(_users(2), load_config(None, []), 0)
     with pytest.raises(ValueError, match="--holdout must be between 0 and 1"):
         types_report(_users(2), load_config(None, []), 2, holdout=1.0)
+    with pytest.raises(ValueError, match="--features must be tokens or tokens_by_prompt"):
+        types_report(_users(2), load_config(None, []), 2, features="words")
+    with pytest.raises(ValueError, match="--model gives the features itself"):
+        types_report(_users(2), load_config(None, []), 2, "some/model", features="tokens_by_prompt")
+
+
+def test_types_by_prompt_splits_types_that_flip_with_the_prompt():
+    from emdpo_ray.data import synth
+    from emdpo_ray.data.records import parse_record
+
+    # two mirrored types of `contextual`: their two-type split on token counts is blind, on
+    # the counts crossed with the prompt it finds them (whether a second type is kept needs
+    # more rankings than this: docs/num_types.md)
+    recs, _ = synth.generate(users=120, types=2, rankings_per_user=8, seed=4, family="contextual")
+    parsed = [parse_record(r, f"s:{i}") for i, r in enumerate(recs)]
+    cfg = load_config(None, [])
+    tok = types_report(parsed, cfg, 2)
+    rep = types_report(parsed, cfg, 2, features="tokens_by_prompt")
+    assert rep["features"] == "tokens_by_prompt"
+    assert tok["rows"][1]["ari"] < 0.2 and rep["rows"][1]["ari"] > 0.6
 
 
 def test_types_cli_errors_name_the_problem(tmp_path):
