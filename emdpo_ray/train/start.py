@@ -74,6 +74,7 @@ def response_features(records: list[Record]) -> tuple[np.ndarray, np.ndarray]:
 # in over half the prompts, like an opener's, tell no prompt from another), and how many
 # directions of the prompt words the counts are crossed with.
 PROMPT_WORDS, PROMPT_RESPONSE_WORDS, PROMPT_MAX_DF, PROMPT_DIRECTIONS = 64, 256, 0.5, 4
+USER_BLOCK = 1024
 
 
 def prompt_words(prompts: list[str]) -> np.ndarray:
@@ -101,13 +102,21 @@ def preference_covariation(d: np.ndarray, g: np.ndarray, user_index: np.ndarray,
     and positive within them, though over all users the flip cancels."""
     cnt = np.zeros((num_users, g.shape[1]))
     np.add.at(cnt, user_index, g)
-    w = g / np.maximum(cnt[user_index], 1)                                # [N, P]
-    per_user = np.zeros((num_users, g.shape[1], d.shape[1]))
-    np.add.at(per_user, user_index, w[:, :, None] * d[:, None, :])      # D[u, p]
-    mean = per_user.sum(0) / np.maximum((cnt > 0).sum(0), 1)[:, None]   # [P, F]
-    centred = np.where(cnt[..., None] > 0, per_user - mean, 0)
-    own = w[:, :, None] * (d[:, None, :] - mean)                        # each record's share
-    return np.einsum("upf,uqf->pq", centred, centred) - np.einsum("npf,nqf->pq", own, own)
+    w = g / np.maximum(cnt[user_index], 1)                               # [N, P]
+    # mean over users of D[u, p], from records: sum_u D[u, p] = sum_n w[n, p] d[n]
+    mean = (w.T @ d) / np.maximum((cnt > 0).sum(0), 1)[:, None]         # [P, F]
+    m = np.zeros((g.shape[1], g.shape[1]))
+    for lo in range(0, num_users, USER_BLOCK):   # D[u] per block of users: memory O(block P F)
+        rows = np.flatnonzero((user_index >= lo) & (user_index < lo + USER_BLOCK))
+        per_user = np.zeros((min(USER_BLOCK, num_users - lo), g.shape[1], d.shape[1]))
+        np.add.at(per_user, user_index[rows] - lo, w[rows, :, None] * d[rows, None, :])
+        centred = np.where(cnt[lo:lo + len(per_user), :, None] > 0, per_user - mean, 0)
+        m += np.einsum("upf,uqf->pq", centred, centred)
+    # each record's own product, sum_n w_np w_nq <d_n - mean_p, d_n - mean_q>, expanded
+    e = d @ mean.T                                                       # [N, P]: d_n . mean_p
+    own = ((w * (d * d).sum(1, keepdims=True)).T @ w - w.T @ (w * e) - (w * e).T @ w
+           + (mean @ mean.T) * (w.T @ w))
+    return m - own
 
 
 def prompt_directions(covariation: np.ndarray, r: int) -> np.ndarray:

@@ -346,6 +346,27 @@ def test_preference_covariation_by_hand():
     assert np.allclose(preference_covariation(d2, g2, np.arange(3), 3), 0)
 
 
+def test_preference_covariation_in_blocks_of_users_matches_its_definition(monkeypatch):
+    from emdpo_ray.train import start
+
+    rng = np.random.default_rng(0)
+    n, users, p, f = 40, 7, 5, 3
+    g = (rng.random((n, p)) < 0.4).astype(float)
+    d, ui = rng.normal(size=(n, f)), rng.integers(0, users, n)
+    # the definition, with every tensor whole: D[u, p], centred where u saw p, less each
+    # record's own product
+    cnt = np.array([[g[ui == u, q].sum() for q in range(p)] for u in range(users)])
+    w = g / np.maximum(cnt[ui], 1)
+    big = np.zeros((users, p, f))
+    np.add.at(big, ui, w[:, :, None] * d[:, None, :])
+    mean = big.sum(0) / np.maximum((cnt > 0).sum(0), 1)[:, None]
+    c = np.where(cnt[..., None] > 0, big - mean, 0)
+    own = w[:, :, None] * (d[:, None, :] - mean)
+    want = np.einsum("upf,uqf->pq", c, c) - np.einsum("npf,nqf->pq", own, own)
+    monkeypatch.setattr(start, "USER_BLOCK", 3)   # 7 users: blocks of 3, 3 and 1
+    assert np.allclose(start.preference_covariation(d, g, ui, users), want)
+
+
 def test_by_prompt_by_hand():
     from emdpo_ray.train.start import by_prompt
 
@@ -353,6 +374,16 @@ def test_by_prompt_by_hand():
     z = np.array([[3, -1]], np.float32)                    # its prompt's two coordinates
     # each count, then it times each coordinate: x_v z_0, x_v z_1 for v = 0, 1
     assert by_prompt(x, z).tolist() == [[[1, 0, 3, -1, 0, 0], [0, 2, 0, 0, 6, -2]]]
+
+
+def test_tokens_by_prompt_on_prompts_all_alike_is_the_counts():
+    from emdpo_ray.train.start import tokens_by_prompt
+
+    recs = [parse_record({"user_id": f"u{i % 4}", "prompt": "the same prompt",
+                          "responses": ["a b", "c d", "e f"], "ranking": [0, 1, 2]}, f"s:{i}")
+            for i in range(12)]
+    x, mask = response_features(recs)
+    assert np.array_equal(tokens_by_prompt(recs, x, mask, np.arange(12) % 4, 4), x)
 
 
 def test_prompt_interacted_counts_see_types_that_flip_with_the_prompt():
