@@ -71,8 +71,9 @@ starts: setup
 start-features: setup
 	$(BIN)/python experiments/start_features.py
 
-# How many types? `emdpo-ray types` on data with 2, 3 and 4 types, token counts and the SFT
-# reference's states: docs/num_types.{json,md}; needs `make starts` first
+# How many types? `emdpo-ray types` on data with 2, 3 and 4 types, token counts, the counts
+# crossed with the prompt and the SFT reference's states: docs/num_types.{json,md}; needs
+# `make starts` first
 num-types: setup
 	$(BIN)/python experiments/num_types.py
 
