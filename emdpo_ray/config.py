@@ -116,9 +116,11 @@ class EMConfig(_Section):
     init_features: Literal["auto", "tokens", "tokens_by_prompt", "reference", "both"] = Field(
         "auto", description=(
             "What the kmeans start clusters on: 'tokens' (bag-of-tokens counts), "
-            "'tokens_by_prompt' (the counts, and the same counts once per word of the prompt: "
-            "preferences that change with the prompt), 'reference' (the reference model's "
-            "middle-layer states over the beginning, middle and end of each response), 'both' "
+            "'tokens_by_prompt' (the counts, and the same counts times the prompt's "
+            "coordinates on the directions of its words along which users' preferences "
+            "co-vary: preferences that change with the prompt), 'reference' (the reference "
+            "model's middle-layer states over the beginning, middle and end of each "
+            "response), 'both' "
             "(tokens and reference), or 'auto': the one of the four whose start best predicts "
             "held-out rankings (train/start.py)."))
     init_sft_epochs: float | None = Field(None, ge=0, description=(
