@@ -50,9 +50,11 @@ def test_run_directory_contract(finished_run):
     hist = json.load(open(os.path.join(run, "history.json")))
     assert [h["iteration"] for h in hist] == list(range(summary["iterations"] + 1))  # 0: the start
     assert hist[0]["init"] == "kmeans" and hist[0]["log_likelihood"] < hist[1]["log_likelihood"]
-    # the auto start tried token counts and the workers' reference features, and kept one
+    # the auto start tried token counts (plain and crossed with the prompt) and the workers'
+    # reference features, and kept one
     start = hist[0]["start"]
-    assert set(start["heldout_loglik_per_ranking"]) == {"tokens", "reference", "both"}
+    assert set(start["heldout_loglik_per_ranking"]) == {"tokens", "tokens_by_prompt",
+                                                        "reference", "both"}
     assert start["features"] in start["heldout_loglik_per_ranking"]
     # split-and-merge ran on the kept start: each kept move raised the log-likelihood
     assert all(m["loglik"][1] > m["loglik"][0] + 1.0 for m in start["split_merge"])
