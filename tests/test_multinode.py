@@ -110,7 +110,12 @@ def cluster(s3, tmp_path):  # noqa: F811  (the fixture above)
             "print(json.dumps([[n['NodeManagerPort'], n['NodeID']] for n in ray.nodes() "
             "if n['Alive']]))") % f"127.0.0.1:{gcs}"], env=env, capture_output=True, text=True,
             timeout=120)
-        return dict(json.loads(out.stdout.strip().splitlines()[-1])) if out.returncode == 0 else {}
+        # the JSON line, or nothing yet: a node coming up can print its own log lines (a
+        # raylet's stack trace) to the probe's stdout
+        for line in reversed(out.stdout.strip().splitlines() if out.returncode == 0 else []):
+            if line.startswith("[["):
+                return dict(json.loads(line))
+        return {}
 
     try:
         start("head", True)
