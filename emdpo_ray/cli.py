@@ -70,6 +70,19 @@ def _step_bars(console):
     return on_steps
 
 
+def _num_types(value: str) -> int | str:
+    """--types: a whole number >= 1, or auto."""
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or auto, got {value!r}")
+    return k
+
+
 def _train(a) -> int:
     from emdpo_ray.config import load_config
     from emdpo_ray.train.driver import train
@@ -211,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "main knobs (--set key=value), defaults shown:\n"
                            "  em.max_iterations=3  em.init=kmeans|random|labels  "
                            "em.warm_start=true  em.warm_epochs=1  em.cross_fit=false\n"
-                           "  em.final_epochs=4  em.init_split_merge=6  em.guard_holdout=0.2\n"
+                           "  em.final_epochs=4  em.init_split_merge=6  em.guard_holdout=0.2  "
+                           "em.max_types=6\n"
                            "  dpo.beta=1.0  dpo.learning_rate=1e-3  dpo.epochs=2  "
                            "dpo.min_steps=60  dpo.batch_size=32\n"
                            "  model.name_or_path=DIR|HF_ID|smollm2-135m-instruct  "
@@ -220,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "ray.use_gpu=false\n"
                            "  mmra.enabled=true  mmra.single_dpo_baseline=false"))
     t.add_argument("--data", required=True, help="records: .jsonl or .parquet, local or s3://")
-    t.add_argument("--types", type=int, required=True,
-                   help="number of latent types K (`emdpo-ray types` suggests one)")
+    t.add_argument("--types", type=_num_types, required=True, help=(
+        "number of latent types K, or auto: K grows from 1 while one more type of the start's "
+        "mixture predicts held-out rankings better beyond noise (up to em.max_types; "
+        "`emdpo-ray types` shows the figures)"))
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--config", help="YAML config file")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -142,6 +142,10 @@ class EMConfig(_Section):
         "L2 penalties of the kmeans start's linear mixture, walked from the strongest down, "
         "each fit continuing from the last; the one whose mixture best predicts held-out "
         "rankings is kept (train/start.py)."))
+    max_types: int = Field(6, ge=1, description=(
+        "Largest K that `train --types auto` tries: K grows from 1 while one more type of the "
+        "start's linear mixture predicts held-out rankings better beyond noise, on each of "
+        "the em.init_features candidates (train/num_types.py)."))
     restarts: int = Field(3, ge=1, description="Random starts tried by init=random.")
     init_smoothing: float = Field(0.05, ge=0, lt=1, description=(
         "Initial posteriors are (1 - s) on the assigned type and s spread over the others."))

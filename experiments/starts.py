@@ -1,13 +1,14 @@
 """`make starts`: which start recovers the types, per synthetic family, and what EM adds.
 
     .venv/bin/python experiments/starts.py [--families linear,contextual,order]
-        [--configs auto,tokens,reference,labels] [--seeds 0,1] [--users 300]
+        [--configs auto,tokens,reference,labels,auto-types] [--seeds 0,1] [--users 300]
         [--set KEY=VALUE ...] [--runs runs/starts] [--out docs/starts.json]
     .venv/bin/python experiments/starts.py --summary FILE.json [FILE.json ...] \
         [--out docs/starts-summary.json]
 
 Each run: 300 users with 10 rankings of 3 each, three unbalanced types (shares 0.5/0.3/0.2),
-up to 3 EM iterations, default settings but for the start (`em.init`, `em.init_features`). Per
+up to 3 EM iterations, default settings but for the start (`em.init`, `em.init_features`;
+`auto-types`: the default start, and K chosen by it, `train --types auto`, not given). Per
 iteration the ARI against the true types and the log-likelihood; after EM the held-out
 predictive log-likelihood: 4 new rankings per user, drawn from the user's true type, scored
 by the mixture (the user's posterior over the learned policies), per ranking; -log 3! = -1.792
@@ -38,7 +39,9 @@ CONFIGS = {
     "reference": ["em.init_features=reference"],
     "auto": ["em.init_features=auto"],
     "labels": ["em.init=labels"],
+    "auto-types": ["em.init_features=auto"],   # and K chosen by the start (--types auto)
 }
+TYPES = {"auto-types": "auto"}   # configs that do not give train the true K
 SHARES = [0.5, 0.3, 0.2]
 
 
@@ -106,7 +109,7 @@ def run_one(family: str, config: str, seed: int, users: int, out: str, extra: li
     cfg = load_config(None, ["em.max_iterations=3", "em.tol_loglik=0", "em.tol_posterior=0",
                              "mmra.enabled=false", f"seed={seed}", *base, *CONFIGS[config],
                              *extra])
-    train(cfg, data, 3, run, overwrite=True)
+    train(cfg, data, TYPES.get(config, 3), run, overwrite=True)
     rd = RunDir(run)
     if not base:
         import shutil
@@ -114,7 +117,7 @@ def run_one(family: str, config: str, seed: int, users: int, out: str, extra: li
         shutil.copytree(rd.base_model_dir, shared)
     hist = rd.history()
     return {"family": family, "config": config, "seed": seed, "users": users,
-            "start": hist[0].get("start", {}),
+            "types": rd.types, "start": hist[0].get("start", {}),
             "ari": [h["ari"] for h in hist],
             "log_likelihood": [h["log_likelihood"] for h in hist],
             "loglik_drops": [h.get("loglik_drop") for h in hist[1:]],
@@ -191,7 +194,8 @@ def table(results: list[dict]) -> str:
                           + (" [{:.3f}, {:.3f}]".format(*g["interval"]) if "interval" in g else "")
                           + ("" if g["accepted"] else " stop") for g in checks) or "off"
         moves = r["start"].get("split_merge")
-        rows.append(f"| {r['family']} | {r['config']} | {r['seed']} | "
+        k = f" (K={r['types']})" if r["config"] in TYPES else ""
+        rows.append(f"| {r['family']} | {r['config']}{k} | {r['seed']} | "
                     f"{r['start'].get('features', '-')}, {r['start'].get('l2', '-')} | "
                     f"{'-' if moves is None else len(moves)} | "
                     + ", ".join(f"{a:.2f}" for a in r["ari"]) + f" | {guard}"

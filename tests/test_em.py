@@ -321,3 +321,38 @@ def test_cross_fit_run_final_fit_trains_only_the_served_policies(ray_local, tmp_
     assert sorted(d for d in os.listdir(final_dir) if not d.endswith(".md")) == ["type_0",
                                                                                    "type_1"]
     assert sorted(os.listdir(os.path.join(run, "policies"))) == ["type_0", "type_1"]
+
+
+@pytest.mark.slow
+def test_types_auto_chooses_k_from_the_start_and_resumes_with_it(ray_local, synth_data, tmp_path):
+    """`train --types auto`: K grown on the start's features, recorded at iteration 0, kept
+    by the run directory (identity says auto) and by the resume."""
+    run = str(tmp_path / "auto")
+    cfg = load_config(None, FAST + ["em.init_features=tokens", "em.max_iterations=1",
+                                    "em.final_epochs=0", "mmra.enabled=false",
+                                    "dpo.min_steps=5", "em.max_types=4"])
+    msgs = []
+    summary = train(cfg, synth_data, "auto", run, progress=msgs.append)
+    rd = RunDir(run)
+    chosen = rd.history()[0]["start"]["types"]
+    rows = chosen["candidates"]["tokens"]["rows"]
+    # three linear types: K grew while a type more predicted held-out rankings better
+    assert chosen["features"] == "tokens" and chosen["chosen_types"] == 3
+    assert [r["types"] for r in rows] == [1, 2, 3, 4]
+    assert rows[1]["gain_interval"][0] > 0 and rows[2]["gain_interval"][0] > 0
+    assert rows[3]["gain_interval"][0] <= 1e-3
+    assert summary["types"] == rd.types == 3 and rd.identity()["types"] == "auto"
+    assert {len(p) for p in rd.posteriors().values()} == {3}
+    assert any("types: K=3, grown on tokens features" in m for m in msgs)
+    again = []
+    assert train(cfg, synth_data, "auto", run, progress=again.append)["types"] == 3
+    assert any("resuming after iteration 1" in m for m in again)
+    assert not any("types: K=" in m for m in again)  # not chosen again
+
+
+def test_types_must_be_a_number_or_auto(synth_data, tmp_path):
+    with pytest.raises(ValueError, match="--types must be a whole number >= 1 or auto, got 'two'"):
+        train(load_config(None, []), synth_data, "two", str(tmp_path / "r"))
+    with pytest.raises(ValueError, match="em.init=labels takes the types"):
+        train(load_config(None, ["em.init=labels"]), synth_data, "auto", str(tmp_path / "r"))
+    assert not os.path.exists(tmp_path / "r")  # refused before anything is written

@@ -144,7 +144,16 @@ class RunDir:
 
     @property
     def types(self) -> int:
-        return self.identity()["types"]
+        """K: as given to `train`, or with `--types auto` as the start chose it (the mixing
+        weights of the last finished iteration)."""
+        k = self.identity()["types"]
+        if k != "auto":
+            return k
+        state = self.state()
+        if state is None:
+            raise RunDirError(f"{self.uri}: --types auto and no iteration finished yet, so "
+                              "no K has been chosen")
+        return len(state["eta"])
 
     @property
     def data_path(self) -> str:

@@ -23,6 +23,7 @@ from emdpo_ray.data.records import Record
 from emdpo_ray.data.sources import load_records
 from emdpo_ray.run.rundir import RunDir, RunDirError, type_name
 from emdpo_ray.run.storage import checkpoint_from
+from emdpo_ray.train.num_types import choose_num_types
 from emdpo_ray.train.prepare import prepare_data
 from emdpo_ray.train.sft import sft_plans
 from emdpo_ray.train.start import heldout_records, initial_gamma, predictive_user_logliks
@@ -105,18 +106,23 @@ def guard_check(scores: np.ndarray, held: np.ndarray, user_index: np.ndarray, nu
             "baseline": baseline, "accepted": bool(baseline is None or pred >= baseline)}
 
 
-def run_identity(cfg: Config, data_path: str, k: int) -> dict:
+def run_identity(cfg: Config, data_path: str, k: int | str) -> dict:
     return {"data": data_path if "://" in data_path else os.path.abspath(data_path),
             "types": k, "config": cfg.model_dump(mode="json")}
 
 
-def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool = False,
+def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite: bool = False,
           verbose: bool = False, progress=None, on_steps=None) -> dict:
-    """Run EM-DPO end to end; returns a summary (also written to the run directory).
+    """Run EM-DPO end to end with `k` types, or `"auto"`: K chosen by the start's features
+    (train/num_types.py); returns a summary (also written to the run directory).
     `progress(message)` narrates; `on_steps(phase, done, total, loss)` follows long phases."""
     records = load_records(data_path, cfg.data.user_field)  # all-or-nothing, before any write
-    if k < 1:
-        raise ValueError(f"--types must be >= 1, got {k}")
+    auto = k == "auto"
+    if not auto and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"--types must be a whole number >= 1 or auto, got {k!r}")
+    if auto and cfg.em.init == "labels":
+        raise ValueError("--types auto chooses K from the start's features, em.init=labels "
+                         "takes the types from the records' true_type: give --types")
     rd = RunDir(run_dir)
     resuming = rd.create_or_resume(run_identity(cfg, data_path, k), overwrite)
     state = rd.state() if resuming else None
@@ -126,12 +132,37 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
     prep = prepare_data(cfg, records, rd, verbose, say, on_steps)
     ui, u_count, users = prep.index.user_index, len(prep.index.users), prep.index.users
     true_types = user_true_types(records, ui, u_count)
-    names = policy_names(k, cfg.em.cross_fit)
     fold = np.random.default_rng(cfg.seed + 17).permutation(u_count) % 2
     fold_rec = fold[ui] if cfg.em.cross_fit else None
     held = heldout_records(ui, cfg.em.guard_holdout, cfg.seed) if cfg.em.guard_holdout else None
     if held is not None and not held.any():
         held = None  # no user has two rankings: nothing to hold out
+    t_start = time.perf_counter()
+    features, start_info = None, {}
+    try:
+        if state is not None:
+            k = rd.load_log_gamma(state).shape[1]  # with --types auto, the K chosen at the start
+        else:
+            # the workers compute the reference's features while the driver fits the tokens'
+            # (auto compares candidates only for k > 1: with one type nothing asks for them)
+            wanted = cfg.em.init_features in ("reference", "both") or (
+                cfg.em.init_features == "auto" and (auto or k > 1))
+            if (cfg.em.init == "kmeans" or auto) and wanted:
+                # a copy of the reference trained further gives the states (em.init_sft_epochs)
+                sft = (sft_plans(cfg, prep.index.resp_mask, prep.sizes, cfg.start_sft_passes)
+                       if cfg.start_sft_passes > 0 else (None, 0, 0.0))
+                features = prep.group.response_features(*sft, seed=cfg.seed)
+                start_info["features_sft"] = {"epochs": cfg.start_sft_passes, "steps": sft[1]}
+            if auto:
+                start_info["types"] = choose_num_types(cfg, records, ui, u_count, features, held)
+                k = start_info["types"]["chosen_types"]
+                say(f"types: K={k}, grown on {start_info['types']['features']} features up to "
+                    f"{cfg.em.max_types} while one more type predicted held-out rankings "
+                    "better beyond noise")
+    except BaseException:
+        prep.close()
+        raise
+    names = policy_names(k, cfg.em.cross_fit)
 
     def mstep(gamma: np.ndarray, it: int, init_from, tag: str, final: bool = False):
         w, need = record_weights(gamma[ui], fold_rec)
@@ -166,24 +197,10 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
             say(f"resuming after iteration {state['iteration']}"
                 + (" and the final fit" if final_fit else ""))
         else:
-            t = time.perf_counter()
-
             def restart(g, r):
                 res = mstep(g, 0, None, f"restart{r}")
                 return e_step(type_scores(res.scores, k, fold_rec), ui, u_count, g.mean(0)).loglik
 
-            start_info: dict = {}
-            # the workers compute the reference's features while the driver fits the tokens'
-            # (auto compares candidates only for k > 1: with one type nothing asks for them)
-            wanted = cfg.em.init_features in ("reference", "both") or (
-                cfg.em.init_features == "auto" and k > 1)
-            features = None
-            if cfg.em.init == "kmeans" and wanted:
-                # a copy of the reference trained further gives the states (em.init_sft_epochs)
-                sft = (sft_plans(cfg, prep.index.resp_mask, prep.sizes, cfg.start_sft_passes)
-                       if cfg.start_sft_passes > 0 else (None, 0, 0.0))
-                features = prep.group.response_features(*sft, seed=cfg.seed)
-                start_info["features_sft"] = {"epochs": cfg.start_sft_passes, "steps": sft[1]}
             gamma = initial_gamma(cfg, k, records, ui, u_count, restart, features, start_info,
                                   held)
             baseline = start_info.get("heldout_loglik_chosen") if held is not None else None
@@ -199,11 +216,11 @@ def train(cfg: Config, data_path: str, k: int, run_dir: str, *, overwrite: bool 
                             "log_likelihood": ll0,
                             "mixing_weights": eta.tolist(), "ari": a,
                             "timings": {**(prep.timings or {}),
-                                        "init_s": time.perf_counter() - t}})
+                                        "init_s": time.perf_counter() - t_start}})
             chose = (f", {start_info['features']} features, L2 {start_info['l2']:g}"
                      if "features" in start_info else "")
             say(f"init ({cfg.em.init}{chose}): eta={np.round(eta, 3).tolist()}"
-                + (f" ari={a:.3f}" if a is not None else "") + f" ({time.perf_counter() - t:.1f}s)")
+                + (f" ari={a:.3f}" if a is not None else "") + f" ({time.perf_counter() - t_start:.1f}s)")
 
         for it in range(it0, cfg.em.max_iterations + 1):
             if done:

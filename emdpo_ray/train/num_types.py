@@ -18,6 +18,8 @@ model's states (`--model`) are the features to ask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from emdpo_ray.config import ConfigError
@@ -57,10 +59,12 @@ def growth_choice(gain_intervals: list[list[float] | None], min_gain: float = MI
 def grow_types(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
                max_types: int, held: np.ndarray, seed: int = 0, restarts: int = 8,
                l2s: tuple[float, ...] = (1e-2,), iterations: int = 20,
-               level: float = 0.95) -> tuple[int, list[dict], dict[int, np.ndarray]]:
-    """(chosen K, one row per K, {K: hard labels [U] of the fit on every ranking}). A row: K,
-    the L2 chosen, held-out log-likelihood per held-out ranking with its interval, its gain
-    over K - 1 with the interval, and the type shares."""
+               level: float = 0.95,
+               ) -> tuple[int, list[dict], dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """(chosen K, one row per K, {K: hard labels [U] of the fit on every ranking}, {K: each
+    user's held-out log-likelihood [U]}). A row: K, the L2 chosen, held-out log-likelihood
+    per held-out ranking with its interval, its gain over K - 1 with the interval, and the
+    type shares."""
     keep = ~held
     n_held = np.bincount(user_index[held], minlength=num_users)
     per_ranking = max(int(held.sum()), 1)
@@ -68,6 +72,7 @@ def grow_types(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_user
     l2s = tuple(sorted(l2s, reverse=True))
     rows: list[dict] = []
     labels: dict[int, np.ndarray] = {}
+    held_user: dict[int, np.ndarray] = {}
     prev_user, prev_fit = None, None
     for k in range(1, max_types + 1):
         gamma0 = None
@@ -95,11 +100,53 @@ def grow_types(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_user
             row["gain_per_ranking"] = float(gain.sum() / per_ranking)
             row["gain_interval"] = per_ranking_interval(gain, n_held, seed=seed, level=level)
         rows.append(row)
+        held_user[k] = per_user[l2]
         # the types on every ranking, from the held-out fit's split
         labels[k] = feature_start(x, mask, user_index, num_users, k, seed, iterations,
                                   l2=l2, gamma=fit.gamma).gamma.argmax(1)
         prev_user, prev_fit = per_user[l2], fit
-    return growth_choice([r["gain_interval"] for r in rows]), rows, labels
+    return growth_choice([r["gain_interval"] for r in rows]), rows, labels, held_user
+
+
+def types_across_features(candidates: dict[str, Callable[[], np.ndarray]], mask: np.ndarray,
+                          user_index: np.ndarray, num_users: int, max_types: int,
+                          held: np.ndarray, seed: int = 0, restarts: int = 8,
+                          l2s: tuple[float, ...] = (1e-2,), iterations: int = 20) -> dict:
+    """K grown on each candidate feature set (grow_types; candidates simplest first), and
+    the candidate whose chosen K predicts the held-out rankings best, or the simplest within
+    noise of it (simplest_within_noise, as the start chooses its features): a blind feature
+    set stops at K = 1, so taking the largest K would trust any candidate that overfits.
+    {"chosen_types", "features", "candidates": {name: {"chosen_types", "rows"}}}."""
+    per_user: dict[str, np.ndarray] = {}
+    report: dict[str, dict] = {}
+    for name, make in candidates.items():
+        k, rows, _, held_user = grow_types(make(), mask, user_index, num_users, max_types,
+                                           held, seed, restarts, l2s, iterations)
+        report[name] = {"chosen_types": k, "rows": rows}
+        per_user[name] = held_user[k]
+    chosen = simplest_within_noise(per_user, np.bincount(user_index[held], minlength=num_users),
+                                   seed=seed)
+    return {"chosen_types": report[chosen]["chosen_types"], "features": chosen,
+            "candidates": report}
+
+
+def choose_num_types(cfg, records, user_index: np.ndarray, num_users: int,
+                     reference_features=None, held: np.ndarray | None = None) -> dict:
+    """`train --types auto`: types_across_features on the start's candidates
+    (`em.init_features`; the reference's states from `reference_features()`), up to
+    `em.max_types`, scored on `held` (by default a fifth of each user's rankings)."""
+    from emdpo_ray.train.start import feature_candidates, heldout_records
+
+    if held is None or not held.any():
+        held = heldout_records(user_index, 0.2, cfg.seed)
+    if not held.any():
+        raise ConfigError("--types auto: no user has two rankings, so no K can be tested on "
+                          "held-out rankings; give --types")
+    candidates, mask = feature_candidates(cfg.em.init_features, records, user_index,
+                                          num_users, reference_features)
+    return types_across_features(candidates, mask, user_index, num_users, cfg.em.max_types,
+                                 held, cfg.seed, cfg.em.init_restarts, tuple(cfg.em.init_l2),
+                                 max(cfg.em.init_refine_iterations, 1))
 
 
 def model_states(records, model_path: str, cfg) -> np.ndarray:
@@ -126,8 +173,7 @@ def types_report(records, cfg, max_types: int, model_path: str | None = None,
     from sklearn.metrics import adjusted_rand_score
 
     from emdpo_ray.data.encode import index_records
-    from emdpo_ray.train.start import (heldout_records, response_features, standardized,
-                                       tokens_by_prompt)
+    from emdpo_ray.train.start import feature_candidates, heldout_records, standardized
 
     if max_types < 1:
         raise ConfigError(f"--max-types must be >= 1, got {max_types}")
@@ -142,12 +188,11 @@ def types_report(records, cfg, max_types: int, model_path: str | None = None,
     held = heldout_records(ui, holdout, cfg.seed)
     if not held.any():
         raise ConfigError("no user has two rankings: nothing to hold out, so no K can be tested")
-    x, mask = response_features(records)
-    if features == "tokens_by_prompt":
-        x = tokens_by_prompt(records, x, mask, ui, num_users)
+    candidates, mask = feature_candidates(features, records, ui, num_users)
+    x = candidates[features]()
     if model_path is not None:
         x = standardized(model_states(records, model_path, cfg), mask)
-    chosen, rows, labels = grow_types(x, mask, ui, num_users, max_types, held, cfg.seed,
+    chosen, rows, labels, _ = grow_types(x, mask, ui, num_users, max_types, held, cfg.seed,
                                       cfg.em.init_restarts, tuple(cfg.em.init_l2),
                                       max(cfg.em.init_refine_iterations, 1))
     if all(r.true_type is not None for r in records):

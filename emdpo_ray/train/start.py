@@ -234,6 +234,31 @@ def choose_features(candidates: dict[str, Callable[[], np.ndarray]], mask: np.nd
     return chosen, l2, scores, fits[(chosen, l2)][2]
 
 
+def feature_candidates(features: str, records: list[Record], user_index: np.ndarray,
+                       num_users: int, reference_features: Callable[[], np.ndarray] | None = None,
+                       ) -> tuple[dict[str, Callable[[], np.ndarray]], np.ndarray]:
+    """The start's candidate feature sets for `em.init_features` (`auto`: all four, simplest
+    first), each a cached function giving [N, m, V], and the response mask [N, m]. The
+    reference model's features come from `reference_features()`, asked for only when a
+    candidate needs them (the workers may still be computing them)."""
+    names = {"tokens": ["tokens"], "tokens_by_prompt": ["tokens_by_prompt"],
+             "reference": ["reference"], "both": ["both"],
+             "auto": ["tokens", "tokens_by_prompt", "reference", "both"]}[features]
+    x_tok, mask = response_features(records)
+
+    @functools.cache
+    def x_ref() -> np.ndarray:
+        if reference_features is None:
+            raise ValueError(f"em.init_features={features} needs the reference model's features")
+        return standardized(reference_features(), mask)
+
+    makers = {"tokens": lambda: x_tok, "reference": x_ref,
+              "tokens_by_prompt": functools.cache(
+                  lambda: tokens_by_prompt(records, x_tok, mask, user_index, num_users)),
+              "both": lambda: np.concatenate([x_tok, x_ref()], -1)}
+    return {n: makers[n] for n in names}, mask
+
+
 def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k: int,
                 seed: int, smoothing: float, refine_iterations: int,
                 features: str = "tokens", reference_features: Callable[[], np.ndarray] | None = None,
@@ -250,21 +275,9 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
     candidate's start, fitted without them, is continued, fresh restarts are run, and the
     likelier of the two kept, then improved by up to `split_merge_tries` split-and-merge
     moves a round (split_merge)."""
-    names = {"tokens": ["tokens"], "tokens_by_prompt": ["tokens_by_prompt"],
-             "reference": ["reference"], "both": ["both"],
-             "auto": ["tokens", "tokens_by_prompt", "reference", "both"]}[features]
-    x_tok, mask = response_features(records)
-
-    @functools.cache
-    def x_ref() -> np.ndarray:
-        if reference_features is None:
-            raise ValueError(f"em.init_features={features} needs the reference model's features")
-        return standardized(reference_features(), mask)
-
-    makers = {"tokens": lambda: x_tok, "reference": x_ref,
-              "tokens_by_prompt": lambda: tokens_by_prompt(records, x_tok, mask, user_index, num_users),
-              "both": lambda: np.concatenate([x_tok, x_ref()], -1)}
-    candidates = {n: makers[n] for n in names}
+    candidates, mask = feature_candidates(features, records, user_index, num_users,
+                                          reference_features)
+    names = list(candidates)
     l2s = tuple(sorted(l2s, reverse=True))
     chosen, l2, gamma = names[0], l2s[0], None
     if held is None:

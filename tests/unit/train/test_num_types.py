@@ -89,6 +89,58 @@ def test_types_needs_rankings_to_hold_out():
         types_report(_users(2), load_config(None, []), 2, "some/model", features="tokens_by_prompt")
 
 
+def _candidates(recs):
+    from emdpo_ray.data.encode import index_records
+    from emdpo_ray.train.start import feature_candidates, heldout_records
+
+    idx = index_records(recs)
+    ui, num_users = idx.user_index, len(idx.users)
+    cands, mask = feature_candidates("tokens", recs, ui, num_users)
+    return cands["tokens"](), mask, ui, num_users, heldout_records(ui, 0.2, 0)
+
+
+def test_types_across_features_takes_the_k_of_the_features_that_predict_best():
+    from emdpo_ray.train.num_types import types_across_features
+
+    x, mask, ui, num_users, held = _candidates(_users(3))
+    # features alike for every response see no type (K = 1, every ranking -log 3!); a
+    # simpler candidate is passed over when it predicts held-out rankings worse beyond noise
+    blind = lambda: np.zeros_like(x)  # noqa: E731
+    rep = types_across_features({"blind": blind, "tokens": lambda: x}, mask, ui, num_users,
+                                max_types=4, held=held, restarts=2, iterations=5)
+    assert rep["candidates"]["blind"]["chosen_types"] == 1
+    assert rep["candidates"]["blind"]["rows"][0]["heldout_loglik_per_ranking"] == pytest.approx(
+        -np.log(6), abs=1e-6)
+    assert rep["candidates"]["tokens"]["chosen_types"] == 3
+    assert (rep["features"], rep["chosen_types"]) == ("tokens", 3)
+    # two candidates that predict alike: the simpler (first) one is kept
+    same = types_across_features({"a": lambda: x, "b": lambda: x.copy()}, mask, ui, num_users,
+                                 max_types=4, held=held, restarts=2, iterations=5)
+    assert (same["features"], same["chosen_types"]) == ("a", 3)
+
+
+def test_choose_num_types_needs_rankings_to_hold_out():
+    from emdpo_ray.data.encode import index_records
+    from emdpo_ray.train.num_types import choose_num_types
+
+    recs = _users(2, n_users=4, per_user=1)
+    idx = index_records(recs)
+    with pytest.raises(ValueError, match="--types auto: no user has two rankings"):
+        choose_num_types(load_config(None, ["em.init_features=tokens"]), recs, idx.user_index,
+                         len(idx.users))
+
+
+def test_train_types_argument_takes_a_number_or_auto():
+    import argparse
+
+    from emdpo_ray.cli import _num_types
+
+    assert _num_types("3") == 3 and _num_types("auto") == "auto"
+    for bad in ("0", "two", "2.5", "-1", "Auto"):
+        with pytest.raises(argparse.ArgumentTypeError, match="whole number >= 1 or auto"):
+            _num_types(bad)
+
+
 def test_types_by_prompt_splits_types_that_flip_with_the_prompt():
     from emdpo_ray.data import synth
     from emdpo_ray.data.records import parse_record
