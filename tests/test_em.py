@@ -330,13 +330,14 @@ def test_types_auto_chooses_k_from_the_start_and_resumes_with_it(ray_local, synt
     run = str(tmp_path / "auto")
     cfg = load_config(None, FAST + ["em.init_features=tokens", "em.max_iterations=1",
                                     "em.final_epochs=0", "mmra.enabled=false",
-                                    "dpo.min_steps=5", "em.max_types=4"])
+                                    "dpo.min_steps=5"])
     msgs = []
     summary = train(cfg, synth_data, "auto", run, progress=msgs.append)
     rd = RunDir(run)
     chosen = rd.history()[0]["start"]["types"]
     rows = chosen["candidates"]["tokens"]["rows"]
-    # three linear types: K grew while a type more predicted held-out rankings better
+    # three linear types: K grew while a type more predicted held-out rankings better, and
+    # stopped growing (em.max_types is 6) at the first that did not
     assert chosen["features"] == "tokens" and chosen["chosen_types"] == 3
     assert [r["types"] for r in rows] == [1, 2, 3, 4]
     assert rows[1]["gain_interval"][0] > 0 and rows[2]["gain_interval"][0] > 0

@@ -59,12 +59,13 @@ def growth_choice(gain_intervals: list[list[float] | None], min_gain: float = MI
 def grow_types(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
                max_types: int, held: np.ndarray, seed: int = 0, restarts: int = 8,
                l2s: tuple[float, ...] = (1e-2,), iterations: int = 20,
-               level: float = 0.95,
+               level: float = 0.95, until_chosen: bool = False,
                ) -> tuple[int, list[dict], dict[int, np.ndarray], dict[int, np.ndarray]]:
     """(chosen K, one row per K, {K: hard labels [U] of the fit on every ranking}, {K: each
     user's held-out log-likelihood [U]}). A row: K, the L2 chosen, held-out log-likelihood
     per held-out ranking with its interval, its gain over K - 1 with the interval, and the
-    type shares."""
+    type shares. `until_chosen`: stop at the first K that gains nothing (the choice is then
+    made) and fit no labels: what `train --types auto` needs, not the full table."""
     keep = ~held
     n_held = np.bincount(user_index[held], minlength=num_users)
     per_ranking = max(int(held.sum()), 1)
@@ -101,9 +102,12 @@ def grow_types(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_user
             row["gain_interval"] = per_ranking_interval(gain, n_held, seed=seed, level=level)
         rows.append(row)
         held_user[k] = per_user[l2]
-        # the types on every ranking, from the held-out fit's split
-        labels[k] = feature_start(x, mask, user_index, num_users, k, seed, iterations,
-                                  l2=l2, gamma=fit.gamma).gamma.argmax(1)
+        if until_chosen:
+            if growth_choice([r["gain_interval"] for r in rows]) < k:
+                break
+        else:  # the types on every ranking, from the held-out fit's split
+            labels[k] = feature_start(x, mask, user_index, num_users, k, seed, iterations,
+                                      l2=l2, gamma=fit.gamma).gamma.argmax(1)
         prev_user, prev_fit = per_user[l2], fit
     return growth_choice([r["gain_interval"] for r in rows]), rows, labels, held_user
 
@@ -121,7 +125,8 @@ def types_across_features(candidates: dict[str, Callable[[], np.ndarray]], mask:
     report: dict[str, dict] = {}
     for name, make in candidates.items():
         k, rows, _, held_user = grow_types(make(), mask, user_index, num_users, max_types,
-                                           held, seed, restarts, l2s, iterations)
+                                           held, seed, restarts, l2s, iterations,
+                                           until_chosen=True)
         report[name] = {"chosen_types": k, "rows": rows}
         per_user[name] = held_user[k]
     chosen = simplest_within_noise(per_user, np.bincount(user_index[held], minlength=num_users),

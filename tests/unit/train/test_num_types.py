@@ -107,15 +107,18 @@ def test_types_across_features_takes_the_k_of_the_features_that_predict_best():
     # simpler candidate is passed over when it predicts held-out rankings worse beyond noise
     blind = lambda: np.zeros_like(x)  # noqa: E731
     rep = types_across_features({"blind": blind, "tokens": lambda: x}, mask, ui, num_users,
-                                max_types=4, held=held, restarts=2, iterations=5)
+                                max_types=6, held=held, restarts=2, iterations=5)
     assert rep["candidates"]["blind"]["chosen_types"] == 1
     assert rep["candidates"]["blind"]["rows"][0]["heldout_loglik_per_ranking"] == pytest.approx(
         -np.log(6), abs=1e-6)
     assert rep["candidates"]["tokens"]["chosen_types"] == 3
+    # each stops growing at the first K that gains nothing
+    assert [[r["types"] for r in c["rows"]] for c in rep["candidates"].values()] == [[1, 2],
+                                                                                   [1, 2, 3, 4]]
     assert (rep["features"], rep["chosen_types"]) == ("tokens", 3)
     # two candidates that predict alike: the simpler (first) one is kept
     same = types_across_features({"a": lambda: x, "b": lambda: x.copy()}, mask, ui, num_users,
-                                 max_types=4, held=held, restarts=2, iterations=5)
+                                 max_types=6, held=held, restarts=2, iterations=5)
     assert (same["features"], same["chosen_types"]) == ("a", 3)
 
 
