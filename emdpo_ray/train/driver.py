@@ -26,7 +26,8 @@ from emdpo_ray.run.storage import checkpoint_from
 from emdpo_ray.train.num_types import choose_num_types
 from emdpo_ray.train.prepare import prepare_data
 from emdpo_ray.train.sft import sft_plans
-from emdpo_ray.train.start import heldout_records, initial_gamma, predictive_user_logliks
+from emdpo_ray.train.start import (feature_candidates, heldout_records, initial_gamma,
+                                   predictive_user_logliks)
 from emdpo_ray.utils import fault_point
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
     if held is not None and not held.any():
         held = None  # no user has two rankings: nothing to hold out
     t_start = time.perf_counter()
-    features, start_info = None, {}
+    features, start_info, candidates = None, {}, None
     try:
         if state is not None:
             k = rd.load_log_gamma(state).shape[1]  # with --types auto, the K chosen at the start
@@ -154,7 +155,10 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
                 features = prep.group.response_features(*sft, seed=cfg.seed)
                 start_info["features_sft"] = {"epochs": cfg.start_sft_passes, "steps": sft[1]}
             if auto:
-                start_info["types"] = choose_num_types(cfg, records, ui, u_count, features, held)
+                # built once: the start below reuses them at the K chosen
+                candidates = feature_candidates(cfg.em.init_features, records, ui, u_count,
+                                                features)
+                start_info["types"] = choose_num_types(cfg, *candidates, ui, u_count, held)
                 k = start_info["types"]["chosen_types"]
                 say(f"types: K={k}, grown on {start_info['types']['features']} features up to "
                     f"{cfg.em.max_types} while one more type predicted held-out rankings "
@@ -202,7 +206,7 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
                 return e_step(type_scores(res.scores, k, fold_rec), ui, u_count, g.mean(0)).loglik
 
             gamma = initial_gamma(cfg, k, records, ui, u_count, restart, features, start_info,
-                                  held)
+                                  held, candidates)
             baseline = start_info.get("heldout_loglik_chosen") if held is not None else None
             with np.errstate(divide="ignore"):
                 log_gamma = np.log(gamma)

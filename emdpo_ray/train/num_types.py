@@ -135,20 +135,19 @@ def types_across_features(candidates: dict[str, Callable[[], np.ndarray]], mask:
             "candidates": report}
 
 
-def choose_num_types(cfg, records, user_index: np.ndarray, num_users: int,
-                     reference_features=None, held: np.ndarray | None = None) -> dict:
+def choose_num_types(cfg, candidates: dict[str, Callable[[], np.ndarray]], mask: np.ndarray,
+                     user_index: np.ndarray, num_users: int,
+                     held: np.ndarray | None = None) -> dict:
     """`train --types auto`: types_across_features on the start's candidates
-    (`em.init_features`; the reference's states from `reference_features()`), up to
-    `em.max_types`, scored on `held` (by default a fifth of each user's rankings)."""
-    from emdpo_ray.train.start import feature_candidates, heldout_records
+    (train/start.py's feature_candidates for `em.init_features`), up to `em.max_types`,
+    scored on `held` (by default a fifth of each user's rankings)."""
+    from emdpo_ray.train.start import heldout_records
 
     if held is None or not held.any():
         held = heldout_records(user_index, 0.2, cfg.seed)
     if not held.any():
         raise ConfigError("--types auto: no user has two rankings, so no K can be tested on "
                           "held-out rankings; give --types")
-    candidates, mask = feature_candidates(cfg.em.init_features, records, user_index,
-                                          num_users, reference_features)
     return types_across_features(candidates, mask, user_index, num_users, cfg.em.max_types,
                                  held, cfg.seed, cfg.em.init_restarts, tuple(cfg.em.init_l2),
                                  max(cfg.em.init_refine_iterations, 1))

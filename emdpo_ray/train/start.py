@@ -264,7 +264,7 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
                 features: str = "tokens", reference_features: Callable[[], np.ndarray] | None = None,
                 info: dict | None = None, held: np.ndarray | None = None,
                 restarts: int = 1, l2s: tuple[float, ...] = (1e-2,),
-                split_merge_tries: int = 0) -> np.ndarray:
+                split_merge_tries: int = 0, candidates: tuple | None = None) -> np.ndarray:
     """The `kmeans` start on `features` (tokens, reference, both or auto) with `restarts`
     starts of the linear mixture and its L2 strength chosen down `l2s` (l2_path); the
     reference model's features come from
@@ -274,9 +274,10 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
     is measured (`info`); by default 20% of each user's. On every record the chosen
     candidate's start, fitted without them, is continued, fresh restarts are run, and the
     likelier of the two kept, then improved by up to `split_merge_tries` split-and-merge
-    moves a round (split_merge)."""
-    candidates, mask = feature_candidates(features, records, user_index, num_users,
-                                          reference_features)
+    moves a round (split_merge). `candidates`: feature_candidates' result when the caller
+    has built it already (`train --types auto`), so nothing is computed twice."""
+    candidates, mask = candidates or feature_candidates(features, records, user_index,
+                                                        num_users, reference_features)
     names = list(candidates)
     l2s = tuple(sorted(l2s, reverse=True))
     chosen, l2, gamma = names[0], l2s[0], None
@@ -335,16 +336,18 @@ def labels_from_records(records: list[Record], user_index: np.ndarray, num_users
 
 def initial_gamma(cfg: Config, k: int, records: list[Record], user_index: np.ndarray,
                   num_users: int, restart_fn=None, reference_features=None,
-                  info: dict | None = None, held: np.ndarray | None = None) -> np.ndarray:
+                  info: dict | None = None, held: np.ndarray | None = None,
+                  candidates: tuple | None = None) -> np.ndarray:
     """[U, K] starting posteriors; `restart_fn(gamma, r)` scores a random start (log-lik);
     `reference_features()` gives the reference model's features; `info` gets what the
-    start chose; `held` are the records its held-out log-likelihood is measured on."""
+    start chose; `held` are the records its held-out log-likelihood is measured on;
+    `candidates`: the kmeans start's feature sets if already built (kmeans_init)."""
     if cfg.em.init == "kmeans":
         return kmeans_init(records, user_index, num_users, k, cfg.seed,
                            cfg.em.init_smoothing, cfg.em.init_refine_iterations,
                            cfg.em.init_features, reference_features, info, held,
                            cfg.em.init_restarts, tuple(cfg.em.init_l2),
-                           cfg.em.init_split_merge)
+                           cfg.em.init_split_merge, candidates)
     if cfg.em.init == "labels":
         labels = labels_from_records(records, user_index, num_users, k)
         return smoothed_onehot(labels, k, cfg.em.init_smoothing)

@@ -126,11 +126,13 @@ def test_choose_num_types_needs_rankings_to_hold_out():
     from emdpo_ray.data.encode import index_records
     from emdpo_ray.train.num_types import choose_num_types
 
+    from emdpo_ray.train.start import feature_candidates
+
     recs = _users(2, n_users=4, per_user=1)
     idx = index_records(recs)
+    cands, mask = feature_candidates("tokens", recs, idx.user_index, len(idx.users))
     with pytest.raises(ValueError, match="--types auto: no user has two rankings"):
-        choose_num_types(load_config(None, ["em.init_features=tokens"]), recs, idx.user_index,
-                         len(idx.users))
+        choose_num_types(load_config(None, []), cands, mask, idx.user_index, len(idx.users))
 
 
 def test_train_types_argument_takes_a_number_or_auto():
