@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat,
+                      ValidationError, model_validator)
 
 
 class ConfigError(ValueError):
@@ -158,6 +158,13 @@ class EMConfig(_Section):
         "rankings) at least as well as the model behind the current types did: the start's "
         "mixture, or the previous iteration's policies; otherwise EM stops with the current "
         "types and the policies trained on them. 0: no check, train on every ranking."))
+    reward_temperature: Literal["fit"] | PositiveFloat = Field("fit", description=(
+        "Scale of the policies' rewards when the E-step and the guard score rankings: 'fit' "
+        "chooses it each iteration as the one that best predicts the guard's held-out "
+        "rankings (DPO policies rank their training data too confidently; core/"
+        "calibration.py), the guard's own figure scoring each half of the users at the "
+        "scale fitted on the other half; without held-out rankings (em.guard_holdout=0) "
+        "it is 1. A number fixes it (1: the rewards as trained)."))
     warm_start: bool = Field(True, description=(
         "Start each M-step from the previous iteration's policies (else from the base)."))
     warm_epochs: float = Field(1.0, gt=0, description=(

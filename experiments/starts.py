@@ -122,6 +122,7 @@ def run_one(family: str, config: str, seed: int, users: int, out: str, extra: li
             "log_likelihood": [h["log_likelihood"] for h in hist],
             "loglik_drops": [h.get("loglik_drop") for h in hist[1:]],
             "guard": [h.get("guard") for h in hist[1:]],
+            "reward_temperature": [h.get("reward_temperature") for h in hist[1:]],
             **heldout_figures(heldout_loglik(run, data, 4, seed))}
 
 
@@ -192,6 +193,8 @@ def table(results: list[dict]) -> str:
         guard = "; ".join(("-" if g["baseline"] is None else f"{g['baseline']:.3f}")
                           + f" vs {g['heldout_loglik_per_ranking']:.3f}"
                           + (" [{:.3f}, {:.3f}]".format(*g["interval"]) if "interval" in g else "")
+                          + (" at rewards x{:.2f}/{:.2f}".format(*g["temperatures"])
+                             if g.get("temperatures") else "")
                           + ("" if g["accepted"] else " stop") for g in checks) or "off"
         moves = r["start"].get("split_merge")
         k = f" (K={r['types']})" if r["config"] in TYPES else ""

@@ -42,7 +42,7 @@ def test_smollm2_lora_dpo_step_and_scoring(ray_local, tmp_path, monkeypatch):
                              weights=np.array([[1.0, 0.0], [0.0, 1.0]]),
                              score_mask=np.ones((2, 2), dtype=bool), run_name="smollm2", seed=0)
     assert res.metrics["train/steps"] == 1
-    assert np.isfinite(res.scores).all() and (res.scores < 0).all()
+    assert np.isfinite(res.scores()).all() and (res.scores() < 0).all()
     assert np.isfinite(res.metrics["train/loss"])
     with res.checkpoint.as_directory() as d:
         ac = json.load(open(os.path.join(d, "policies", "type_0", "adapter_config.json")))

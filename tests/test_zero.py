@@ -54,7 +54,7 @@ def _mstep(records, run: str, stage: int, kill: bool = False):
     with res.checkpoint.as_directory() as d:
         adapters = {name: load_file(os.path.join(d, "policies", name, "adapter_model.safetensors"))
                     for name in ("type_0", "type_1")}
-    return res.scores, adapters, res.metrics, killed, restarts
+    return res.scores(), adapters, res.metrics, killed, restarts
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,18 @@ def e_step(record_scores: np.ndarray, user_index: np.ndarray, num_users: int,
     return EStep(log_gamma, np.exp(log_gamma).mean(0), float(ll_u.sum()))
 
 
+def predictive_user_logliks(scores: np.ndarray, held: np.ndarray, user_index: np.ndarray,
+                            num_users: int, eta: np.ndarray) -> np.ndarray:
+    """[U] log p(held rankings of u | u's other rankings) under a mixture with per-record
+    log-likelihoods [N, K]: the type posterior from a user's other rankings predicts the
+    held-out ones, as the E-step would predict a user's next ranking."""
+    with np.errstate(divide="ignore"):
+        log_eta = np.log(np.asarray(eta, float))
+    seen = log_eta + user_loglik(np.where(held[:, None], 0.0, scores), user_index, num_users)
+    both = log_eta + user_loglik(scores, user_index, num_users)
+    return logsumexp(both, 1) - logsumexp(seen, 1)
+
+
 def reference_loglik(resp_mask: np.ndarray) -> np.ndarray:
     """[N] log-likelihood of each record's ranking when every reward is equal (all policies
     at the reference): a uniformly random order of its m responses, -log m!."""

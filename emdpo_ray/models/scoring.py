@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from emdpo_ray.core.losses import plackett_luce_logp
 from emdpo_ray.models.bank import REFERENCE
 from emdpo_ray.models.packing import packed_rows
 
@@ -97,13 +96,16 @@ def pair_logps(model, batch, pairs, device) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def score_pairs(model, arrays, ref_logps, beta, pairs, device, rows_per_batch=512,
-                pairs_per_batch: int | None = None, min_batches: int = 0):
-    """Plackett-Luce log-likelihood of each (record, policy) pair's ranking; no gradients.
-    `min_batches`: run the first batch again until that many forwards ran (ZeRO-3 ranks
-    must run the same number of forwards; the repeats are discarded)."""
+                pairs_per_batch: int | None = None, min_batches: int = 0) -> np.ndarray:
+    """Implicit rewards [P, m] of each (record, policy) pair's responses in ranked order,
+    beta * (log pi - log pi_ref), NaN where a record has fewer responses; no gradients. The
+    driver turns them into Plackett-Luce log-likelihoods (core/calibration.ranking_loglik),
+    at the reward temperature it fits. `min_batches`: run the first batch again until that
+    many forwards ran (ZeRO-3 ranks must run the same number of forwards; the repeats are
+    discarded)."""
     m = arrays["input_ids"].shape[1]
     per = pairs_per_batch or max(1, rows_per_batch // m)
-    out = np.empty(len(pairs))
+    out = np.full((len(pairs), m), np.nan)
     starts = list(range(0, len(pairs), per))
     with torch.no_grad():
         for b in range(max(len(starts), min_batches)):
@@ -112,7 +114,8 @@ def score_pairs(model, arrays, ref_logps, beta, pairs, device, rows_per_batch=51
             lp, _, mask = pair_logps(model, arrays, chunk, device)
             if b < len(starts):
                 ref = torch.as_tensor(ref_logps[chunk[:, 0]], device=lp.device)
-                out[s:s + per] = plackett_luce_logp(beta * (lp - ref), mask).double().cpu().numpy()
+                r = (beta * (lp.double() - ref.double())).cpu().numpy()
+                out[s:s + per] = np.where(mask.cpu().numpy(), r, np.nan)
     return out
 
 

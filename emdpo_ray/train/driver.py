@@ -17,8 +17,9 @@ import time
 import numpy as np
 
 from emdpo_ray.config import Config
+from emdpo_ray.core.calibration import crossfit_temperature, fit_temperature, ranking_loglik
 from emdpo_ray.core.estep import (EStep, converged, e_step, loglik_drop, per_ranking_interval,
-                                   reference_loglik)
+                                   predictive_user_logliks, reference_loglik)
 from emdpo_ray.data.records import Record
 from emdpo_ray.data.sources import load_records
 from emdpo_ray.run.rundir import RunDir, RunDirError, type_name
@@ -26,8 +27,7 @@ from emdpo_ray.run.storage import checkpoint_from
 from emdpo_ray.train.num_types import choose_num_types
 from emdpo_ray.train.prepare import prepare_data
 from emdpo_ray.train.sft import sft_plans
-from emdpo_ray.train.start import (feature_candidates, heldout_records, initial_gamma,
-                                   predictive_user_logliks)
+from emdpo_ray.train.start import feature_candidates, heldout_records, initial_gamma
 from emdpo_ray.utils import fault_point
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,11 @@ def record_weights(gamma_rec: np.ndarray, fold_rec: np.ndarray | None):
 
 
 def type_scores(scores: np.ndarray, k: int, fold_rec: np.ndarray | None) -> np.ndarray:
-    """[N, K] per-record log-likelihoods for the E-step (out of fold when cross-fitting)."""
+    """[N, K, ...] per-record scores (log-likelihoods, or rewards [N, K, m]) for the E-step
+    from those of every policy [N, A, ...] (out of fold when cross-fitting)."""
     if fold_rec is None:
         return scores[:, :k]
-    f = fold_rec[:, None]
+    f = fold_rec.reshape(-1, *[1] * (scores.ndim - 1))
     return np.where(f == 0, scores[:, k:2 * k], scores[:, 2 * k:3 * k])
 
 
@@ -94,17 +95,34 @@ def warn_if_loglik_fell(prev: EStep | None, cur: EStep, it: int, say) -> float |
     return drop
 
 
-def guard_check(scores: np.ndarray, held: np.ndarray, user_index: np.ndarray, num_users: int,
-                eta: np.ndarray, baseline: float | None) -> dict:
-    """Do this iteration's policies predict the held-out rankings (from each user's other
-    rankings) at least as well as the model behind the current types (`baseline`, per
-    ranking)? {"heldout_loglik_per_ranking", "interval" (95%, resampling users), "baseline",
-    "accepted"}."""
-    per_user = predictive_user_logliks(scores, held, user_index, num_users, eta)
+def reward_temperature(cfg: Config, rewards: np.ndarray, held: np.ndarray | None,
+                       user_index: np.ndarray, num_users: int, eta: np.ndarray) -> float:
+    """The scale of the policies' rewards [N, K, m] for this iteration's E-step
+    (`em.reward_temperature`): fixed, or fitted on the held-out rankings (1 without them)."""
+    t = cfg.em.reward_temperature
+    if t != "fit":
+        return float(t)
+    return 1.0 if held is None else fit_temperature(rewards, held, user_index, num_users, eta)
+
+
+def guard_check(rewards: np.ndarray, held: np.ndarray, user_index: np.ndarray, num_users: int,
+                eta: np.ndarray, baseline: float | None, tau: float | str) -> dict:
+    """Do this iteration's policies (rewards [N, K, m]) predict the held-out rankings (from
+    each user's other rankings) at least as well as the model behind the current types
+    (`baseline`, per ranking)? With a fitted temperature (`tau="fit"`) each half of the users
+    is scored at the one fitted on the other half. {"heldout_loglik_per_ranking",
+    "interval" (95%, resampling users), "baseline", "accepted", "temperatures"}."""
+    if tau == "fit":
+        per_user, taus = crossfit_temperature(rewards, held, user_index, num_users, eta)
+    else:
+        taus = None
+        per_user = predictive_user_logliks(ranking_loglik(rewards, float(tau)), held,
+                                           user_index, num_users, eta)
     n = np.bincount(user_index[held], minlength=num_users)
     pred = float(per_user.sum() / held.sum())
     return {"heldout_loglik_per_ranking": pred, "interval": per_ranking_interval(per_user, n),
-            "baseline": baseline, "accepted": bool(baseline is None or pred >= baseline)}
+            "baseline": baseline, "accepted": bool(baseline is None or pred >= baseline),
+            "temperatures": taus}
 
 
 def run_identity(cfg: Config, data_path: str, k: int | str) -> dict:
@@ -203,7 +221,8 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
         else:
             def restart(g, r):
                 res = mstep(g, 0, None, f"restart{r}")
-                return e_step(type_scores(res.scores, k, fold_rec), ui, u_count, g.mean(0)).loglik
+                return e_step(type_scores(res.scores(), k, fold_rec), ui, u_count,
+                              g.mean(0)).loglik
 
             gamma = initial_gamma(cfg, k, records, ui, u_count, restart, features, start_info,
                                   held, candidates)
@@ -233,15 +252,17 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
             res = mstep(gamma, it, ckpt if cfg.em.warm_start else None, "mstep")
             fault_point("estep", it)
             t = time.perf_counter()
-            cur = e_step(type_scores(res.scores, k, fold_rec), ui, u_count, eta)
+            rewards = type_scores(res.rewards, k, fold_rec)
+            tau = reward_temperature(cfg, rewards, held, ui, u_count, eta)
+            cur = e_step(ranking_loglik(rewards, tau), ui, u_count, eta)
             t_e = time.perf_counter() - t
             d_gamma = float(np.abs(cur.gamma - gamma).max())
             drop = warn_if_loglik_fell(prev, cur, it, say)
             done = converged(prev, cur, cfg.em.tol_loglik, cfg.em.tol_posterior)
             guard = None
             if held is not None:
-                guard = guard_check(type_scores(res.scores, k, fold_rec), held, ui, u_count,
-                                    eta, baseline)
+                guard = guard_check(rewards, held, ui, u_count, eta, baseline,
+                                    cfg.em.reward_temperature)
             if guard is None or guard["accepted"]:
                 gamma, log_gamma, eta, prev = cur.gamma, cur.log_gamma, cur.eta, cur
                 baseline = guard["heldout_loglik_per_ranking"] if guard else None
@@ -257,7 +278,8 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
             a = ari(true_types, gamma)
             m = res.metrics
             history.append({
-                "iteration": it, "log_likelihood": cur.loglik, "mixing_weights": eta.tolist(),
+                "iteration": it, "log_likelihood": cur.loglik, "reward_temperature": tau,
+                "mixing_weights": eta.tolist(),
                 "max_delta_gamma": d_gamma, "ari": a, "loglik_drop": drop, "guard": guard,
                 "worker_failures": res.worker_failures,
                 "timings": {"fit_wall_s": res.wall_s, "startup_s": m.get("time/startup_s"),
@@ -270,7 +292,8 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
                                "heldout_loglik_per_ranking": baseline,
                                "checkpoint": rd.store.checkpoint_uri(ckpt)},
                               before_state=lambda: fault_point("checkpoint", it))
-            say(f"iter {it}: loglik={cur.loglik:.2f} eta={np.round(eta, 3).tolist()} "
+            say(f"iter {it}: loglik={cur.loglik:.2f} (rewards x{tau:.3g}) "
+                f"eta={np.round(eta, 3).tolist()} "
                 f"max|dgamma|={d_gamma:.3g}" + (f" ari={a:.3f}" if a is not None else "")
                 + f" (fit {res.wall_s:.1f}s)")
         if cfg.em.final_epochs > 0 and final_fit is None:

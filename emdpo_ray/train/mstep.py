@@ -180,7 +180,7 @@ def _gathered(engine, stage: int):
 def run_fit(cfg: Config, job: dict, base, shard: dict, ref: np.ndarray, weights: np.ndarray,
             score_mask: np.ndarray, rank: int, world: int, device, progress=None) -> dict | None:
     """Train the policies `job["names"]` on this rank's shard and score it; rank 0 returns
-    {"scores": [N, A] of every rank, "metrics", "checkpoint": URI of final/}."""
+    {"rewards": [N, A, m] of every rank, "metrics", "checkpoint": URI of final/}."""
     import deepspeed
     import torch.distributed as dist
 
@@ -249,11 +249,11 @@ def run_fit(cfg: Config, job: dict, base, shard: dict, ref: np.ndarray, weights:
     dist.all_reduce(batches, op=dist.ReduceOp.MAX)
     scored = score_pairs(engine, shard, ref, cfg.dpo.beta, pairs, device, pairs_per_batch=per,
                          min_batches=int(batches) if stage == 3 else 0)
-    scores = np.full(score_mask.shape, np.nan)
+    rewards = np.full((*score_mask.shape, scored.shape[1]), np.nan)
     keep = score_mask[pairs[:, 0], pairs[:, 1]]
-    scores[pairs[keep, 0], pairs[keep, 1]] = scored[keep]
+    rewards[pairs[keep, 0], pairs[keep, 1]] = scored[keep]
     gathered = [None] * world
-    dist.all_gather_object(gathered, scores)
+    dist.all_gather_object(gathered, rewards)
     t_score = time.perf_counter() - t2
 
     final = f"{fit_uri}/{FINAL}"
@@ -271,4 +271,4 @@ def run_fit(cfg: Config, job: dict, base, shard: dict, ref: np.ndarray, weights:
                     "time/score_s": t_score, "train/steps": steps,
                     "train/resumed_from_step": first,
                     "train/restored_optimizer_tensors": restored})
-    return {"scores": np.concatenate(gathered), "metrics": metrics, "checkpoint": final}
+    return {"rewards": np.concatenate(gathered), "metrics": metrics, "checkpoint": final}

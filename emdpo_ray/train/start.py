@@ -42,10 +42,10 @@ import functools
 from collections.abc import Callable
 
 import numpy as np
-from scipy.special import logsumexp
 
 from emdpo_ray.config import Config
-from emdpo_ray.core.estep import per_ranking_interval, smoothed_onehot, user_loglik
+from emdpo_ray.core.estep import (per_ranking_interval, predictive_user_logliks,
+                                   smoothed_onehot)
 from emdpo_ray.data.records import Record
 from emdpo_ray.train.linear_mixture import (feature_start, l2_path, mixture_loglik,
                                             rank_weighted, record_logliks, split_merge)
@@ -158,18 +158,6 @@ def heldout_records(user_index: np.ndarray, fraction: float, seed: int) -> np.nd
         n = min(int(round(fraction * len(idx))), len(idx) - 1)
         held[rng.choice(idx, size=n, replace=False)] = True
     return held
-
-
-def predictive_user_logliks(scores: np.ndarray, held: np.ndarray, user_index: np.ndarray,
-                            num_users: int, eta: np.ndarray) -> np.ndarray:
-    """[U] log p(held rankings of u | u's other rankings) under a mixture with per-record
-    log-likelihoods [N, K]: the type posterior from a user's other rankings predicts the
-    held-out ones, as the E-step would predict a user's next ranking."""
-    with np.errstate(divide="ignore"):
-        log_eta = np.log(np.asarray(eta, float))
-    seen = log_eta + user_loglik(np.where(held[:, None], 0.0, scores), user_index, num_users)
-    both = log_eta + user_loglik(scores, user_index, num_users)
-    return logsumexp(both, 1) - logsumexp(seen, 1)
 
 
 def predictive_loglik(scores: np.ndarray, held: np.ndarray, user_index: np.ndarray,

@@ -153,11 +153,18 @@ class PolicyWorker:
 
 @dataclass
 class MStepResult:
-    scores: np.ndarray            # [N, A] Plackett-Luce log-lik per record and policy (NaN: unscored)
+    rewards: np.ndarray           # [N, A, m] implicit rewards in ranked order (NaN: unscored)
     checkpoint: object            # ray.train.Checkpoint of final/: policies/<name>/
     metrics: dict
     wall_s: float
     worker_failures: int = 0      # groups replaced during this M-step
+
+    def scores(self, tau: float = 1.0) -> np.ndarray:
+        """[N, A] Plackett-Luce log-likelihood per record and policy, rewards scaled by tau
+        (NaN: unscored)."""
+        from emdpo_ray.core.calibration import ranking_loglik
+
+        return ranking_loglik(self.rewards, tau)
 
 
 class WorkerFailure(RuntimeError):
@@ -353,7 +360,7 @@ class WorkerGroup:
                 job["resume"] = True
         from emdpo_ray.run.storage import checkpoint_from
 
-        return MStepResult(out["scores"], checkpoint_from(out["checkpoint"]), out["metrics"],
+        return MStepResult(out["rewards"], checkpoint_from(out["checkpoint"]), out["metrics"],
                            time.perf_counter() - t0, failures)
 
 

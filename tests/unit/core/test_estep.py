@@ -78,16 +78,21 @@ def test_loglik_drop_and_the_driver_warning(caplog):
 def test_guard_keeps_an_update_only_if_held_out_rankings_are_predicted_as_well():
     from emdpo_ray.train.driver import guard_check
 
-    # the worked case of test_predictive_loglik_by_hand: log(7/12) = -0.539 per held ranking
-    scores = np.log([[0.5, 0.25], [0.5, 0.75]])
+    # the worked case of test_predictive_loglik_by_hand: log(7/12) = -0.539 per held ranking;
+    # pairs whose winner's reward leads by 0, -log 3 and log 3 have probabilities 1/2, 1/4, 3/4
+    rewards = np.array([[[0.0, 0.0], [-np.log(3), 0.0]], [[0.0, 0.0], [np.log(3), 0.0]]])
     held, ui, eta = np.array([False, True]), np.array([0, 0]), np.array([0.5, 0.5])
-    g = guard_check(scores, held, ui, 1, eta, baseline=None)
+    g = guard_check(rewards, held, ui, 1, eta, baseline=None, tau=1.0)
     assert g["heldout_loglik_per_ranking"] == pytest.approx(np.log(7 / 12)) and g["accepted"]
     assert g["interval"] == pytest.approx([np.log(7 / 12)] * 2)  # one user: nothing to resample
+    assert g["temperatures"] is None
     json.dumps(g)  # history.json takes it as is
-    assert guard_check(scores, held, ui, 1, eta, baseline=-0.6)["accepted"]
-    rejected = guard_check(scores, held, ui, 1, eta, baseline=-0.5)
+    assert guard_check(rewards, held, ui, 1, eta, baseline=-0.6, tau=1.0)["accepted"]
+    rejected = guard_check(rewards, held, ui, 1, eta, baseline=-0.5, tau=1.0)
     assert not rejected["accepted"] and rejected["baseline"] == -0.5
+    # at temperature 0 every policy ranks at random: log 1/2 per held ranking
+    flat = guard_check(rewards, held, ui, 1, eta, baseline=None, tau=1e-12)
+    assert flat["heldout_loglik_per_ranking"] == pytest.approx(np.log(0.5))
 
 
 def test_per_ranking_interval_resamples_users_by_hand():

@@ -31,3 +31,7 @@ def test_cross_fitting_trains_out_of_fold_and_scores_in_fold():
     # record 0 (fold 0) takes f0's scores, record 1 (fold 1) takes f1's
     np.testing.assert_array_equal(type_scores(scores, 2, fold), [[2.0, 3.0], [10.0, 11.0]])
     np.testing.assert_array_equal(type_scores(scores, 2, None), scores[:, :2])
+    # rewards [N, A, m] are picked the same way, whole rows of responses at a time
+    rewards = np.arange(36.0).reshape(2, 6, 3)
+    np.testing.assert_array_equal(type_scores(rewards, 2, fold),
+                                  [rewards[0, 2:4], rewards[1, 4:6]])
