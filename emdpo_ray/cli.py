@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "  em.max_iterations=3  em.init=kmeans|random|labels  "
                            "em.warm_start=true  em.warm_epochs=1  em.cross_fit=false\n"
                            "  em.final_epochs=4  em.init_split_merge=6  em.guard_holdout=0.2  "
-                           "em.max_types=6\n"
+                           "em.max_types=6  em.reward_temperature=1.0|fit\n"
                            "  dpo.beta=1.0  dpo.learning_rate=1e-3  dpo.epochs=2  "
                            "dpo.min_steps=60  dpo.batch_size=32\n"
                            "  model.name_or_path=DIR|HF_ID|smollm2-135m-instruct  "

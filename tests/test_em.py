@@ -28,6 +28,9 @@ def test_recovers_three_types(finished_run):
     # the check refused an update, and then it ended there with the types it had
     guards = [h["guard"] for h in hist[1:]]
     assert all(g["heldout_loglik_per_ranking"] < 0 for g in guards)
+    # by default the E-step scores the rewards as trained (em.reward_temperature=1)
+    assert all(h["reward_temperature"] == 1.0 for h in hist[1:])
+    assert all(g["temperatures"] is None for g in guards)
     start = hist[0]["start"]
     assert guards[0]["baseline"] == start["heldout_loglik_chosen"] == start[
         "heldout_loglik_by_l2"][start["features"]][str(start["l2"])]
@@ -330,7 +333,7 @@ def test_types_auto_chooses_k_from_the_start_and_resumes_with_it(ray_local, synt
     run = str(tmp_path / "auto")
     cfg = load_config(None, FAST + ["em.init_features=tokens", "em.max_iterations=1",
                                     "em.final_epochs=0", "mmra.enabled=false",
-                                    "dpo.min_steps=5"])
+                                    "dpo.min_steps=5", "em.reward_temperature=fit"])
     msgs = []
     summary = train(cfg, synth_data, "auto", run, progress=msgs.append)
     rd = RunDir(run)
@@ -345,6 +348,14 @@ def test_types_auto_chooses_k_from_the_start_and_resumes_with_it(ray_local, synt
     assert summary["types"] == rd.types == 3 and rd.identity()["types"] == "auto"
     assert {len(p) for p in rd.posteriors().values()} == {3}
     assert any("types: K=3, grown on tokens features" in m for m in msgs)
+    # em.reward_temperature=fit: the E-step scaled the policies' rewards by a factor fitted
+    # on the held-out rankings, and the guard scored each half of the users at the other's
+    from emdpo_ray.core.calibration import TAU_BOUNDS
+
+    it1 = rd.history()[1]
+    assert TAU_BOUNDS[0] <= it1["reward_temperature"] <= TAU_BOUNDS[1]
+    assert it1["reward_temperature"] != 1.0 and len(it1["guard"]["temperatures"]) == 2
+    assert any("(rewards x" in m for m in msgs)
     again = []
     assert train(cfg, synth_data, "auto", run, progress=again.append)["types"] == 3
     assert any("resuming after iteration 1" in m for m in again)

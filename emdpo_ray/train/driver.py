@@ -292,8 +292,9 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
                                "heldout_loglik_per_ranking": baseline,
                                "checkpoint": rd.store.checkpoint_uri(ckpt)},
                               before_state=lambda: fault_point("checkpoint", it))
-            say(f"iter {it}: loglik={cur.loglik:.2f} (rewards x{tau:.3g}) "
-                f"eta={np.round(eta, 3).tolist()} "
+            say(f"iter {it}: loglik={cur.loglik:.2f} "
+                + (f"(rewards x{tau:.3g}) " if tau != 1.0 else "")
+                + f"eta={np.round(eta, 3).tolist()} "
                 f"max|dgamma|={d_gamma:.3g}" + (f" ari={a:.3f}" if a is not None else "")
                 + f" (fit {res.wall_s:.1f}s)")
         if cfg.em.final_epochs > 0 and final_fit is None:
