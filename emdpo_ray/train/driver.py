@@ -83,13 +83,18 @@ def user_true_types(records: list[Record], user_index: np.ndarray, num_users: in
     return out
 
 
-def warn_if_loglik_fell(prev: EStep | None, cur: EStep, it: int, say) -> float | None:
-    """Log (and say) a fall of the log-likelihood between iterations; returns it."""
+def warn_if_loglik_fell(prev: EStep | None, cur: EStep, it: int, say,
+                        scales: tuple[float, float] = (1.0, 1.0)) -> float | None:
+    """Log (and say) a fall of the log-likelihood between iterations; returns it. `scales`:
+    the reward temperatures the two were scored at (em.reward_temperature=fit)."""
     drop = loglik_drop(prev, cur)
     if drop is not None:
+        why = ("exact EM never does: the M-step fit the policies only approximately"
+               if scales[0] == scales[1] else
+               f"the rewards' scale changed too (x{scales[0]:.3g} -> x{scales[1]:.3g}), so "
+               "the two figures are of different models")
         msg = (f"iter {it}: log-likelihood fell by {drop:.3g} nats ({prev.loglik:.2f} -> "
-               f"{cur.loglik:.2f}); exact EM never does: the M-step fit the policies only "
-               "approximately")
+               f"{cur.loglik:.2f}); {why}")
         log.warning(msg)
         say("warning: " + msg)
     return drop
@@ -214,6 +219,7 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
             # history.json is written before state.json: after a crash between the two it holds
             # the iteration in flight, which is redone, so drop it rather than count it twice.
             history = [h for h in rd.history() if h["iteration"] <= state["iteration"]]
+            prev_tau = history[-1].get("reward_temperature", 1.0) if history else 1.0
             done = state.get("converged", False)
             final_fit = state.get("final_fit")
             say(f"resuming after iteration {state['iteration']}"
@@ -230,6 +236,7 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
             with np.errstate(divide="ignore"):
                 log_gamma = np.log(gamma)
             eta, it0, prev, ckpt, done, final_fit = gamma.mean(0), 1, None, None, False, None
+            prev_tau = 1.0
             a = ari(true_types, gamma)
             # Iteration 0: the start. Every policy is still the reference (rewards 0), so the
             # mixture's log-likelihood is that of uniformly random rankings.
@@ -257,14 +264,14 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
             cur = e_step(ranking_loglik(rewards, tau), ui, u_count, eta)
             t_e = time.perf_counter() - t
             d_gamma = float(np.abs(cur.gamma - gamma).max())
-            drop = warn_if_loglik_fell(prev, cur, it, say)
+            drop = warn_if_loglik_fell(prev, cur, it, say, (prev_tau, tau))
             done = converged(prev, cur, cfg.em.tol_loglik, cfg.em.tol_posterior)
             guard = None
             if held is not None:
                 guard = guard_check(rewards, held, ui, u_count, eta, baseline,
                                     cfg.em.reward_temperature)
             if guard is None or guard["accepted"]:
-                gamma, log_gamma, eta, prev = cur.gamma, cur.log_gamma, cur.eta, cur
+                gamma, log_gamma, eta, prev, prev_tau = cur.gamma, cur.log_gamma, cur.eta, cur, tau
                 baseline = guard["heldout_loglik_per_ranking"] if guard else None
             else:  # keep the current types; this M-step's policies were trained on them
                 done, d_gamma = True, 0.0

@@ -73,6 +73,9 @@ def test_loglik_drop_and_the_driver_warning(caplog):
     assert "iter 2: log-likelihood fell by 3 nats" in caplog.text
     assert said and said[0].startswith("warning: iter 2")
     assert warn_if_loglik_fell(es(-100.0), es(-99.0), 3, said.append) is None and len(said) == 1
+    # scored at different reward temperatures, the two are different models' figures
+    warn_if_loglik_fell(es(-100.0), es(-103.0), 4, said.append, (0.7, 0.6))
+    assert "scale changed too (x0.7 -> x0.6)" in said[-1] and "exact EM" not in said[-1]
 
 
 def test_guard_keeps_an_update_only_if_held_out_rankings_are_predicted_as_well():
