@@ -187,9 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--responses", type=int, default=3, help="responses per ranking")
     s.add_argument("--shares", default=None, help="type shares, e.g. 0.5,0.3,0.2")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--family", choices=("linear", "contextual", "order"), default="linear",
+    s.add_argument("--family", choices=("linear", "contextual", "order", "lead_topic"),
+                   default="linear",
                    help="linear: preferences over word counts; contextual: they flip with "
-                        "the prompt's topic; order: same words, the first sentence decides")
+                        "the prompt's topic; order: same words, the first sentence decides; "
+                        "lead_topic: they flip with which of the prompt's two topics comes "
+                        "first")
     s.add_argument("--conversational", action="store_true",
                    help="write prompts and responses as chat messages (TRL's conversational format)")
     s.set_defaults(fn=_synth)

@@ -1,12 +1,12 @@
 """Synthetic typed users: the project's own benchmark generator.
 
     emdpo-ray synth --out data.jsonl --users 120 --types 3 --rankings-per-user 8 \
-        [--responses 3] [--family linear|contextual|order]
+        [--responses 3] [--family linear|contextual|order|lead_topic]
 
 A user's rankings are Plackett-Luce samples (Gumbel-max) from their type's reward. Every
 record carries `true_type`; the reward functions go to a sidecar `<out>.meta.json`
 (`true_rewards(meta, prompts, texts)` scores any text, generated or not), with prompts on
-held-out topics that no record uses. Three families of types:
+held-out topics that no record uses. Four families of types:
 
 - `linear`: reward = theta_k . f(y), f = counts of style words, length, list lines. Exactly
   linear in token counts: a bag-of-tokens model is the correct model of these types.
@@ -17,6 +17,11 @@ held-out topics that no record uses. Three families of types:
   response names its topic once, so no token count follows the context.
 - `order`: the responses of a record are the same sentences in different orders (the same
   token counts); reward = theta_k . f(first sentence): what a type wants to read first.
+- `lead_topic`: `contextual`'s types, where every prompt names one nature topic and one
+  made thing ("Explain rivers and batteries.") and the context is which of the two comes
+  first. The prompt's words, as a bag, are the same either way, so the counts crossed with
+  the prompt (the exact model of `contextual`) see nothing of it; each response names both
+  topics once, in either order.
 """
 
 from __future__ import annotations
@@ -40,7 +45,11 @@ HELDOUT_TOPICS = ["lamps", "honey", "sand", "snow", "kites", "clocks", "boats", 
 # The context of the contextual family: nature (1) or made by people (0).
 NATURE = {"rivers", "volcanoes", "tides", "bees", "clouds", "forests", "stars", "rain",
           "gardens", "ice", "wind", "salt", "honey", "sand", "snow", "moss", "lakes", "owls"}
-FAMILIES = ("linear", "contextual", "order")
+NATURE_TOPICS = [t for t in TOPICS if t in NATURE]
+MADE_TOPICS = [t for t in TOPICS if t not in NATURE]
+ALL_TOPICS = set(TOPICS) | set(HELDOUT_TOPICS)
+FAMILIES = ("linear", "contextual", "order", "lead_topic")
+CONTEXTUAL = ("contextual", "lead_topic")   # theta [K, 2, F]: one row per context
 WORDS = {
     "formal": ["therefore", "furthermore", "consequently", "regarding", "accordingly"],
     "casual": ["yeah", "cool", "gonna", "stuff", "awesome"],
@@ -83,6 +92,12 @@ def context(prompt: str) -> int:
     return int(any(w in NATURE for w in _WORD_RE.findall(prompt.lower())))
 
 
+def lead_context(prompt: str) -> int:
+    """1 when the first topic the prompt names is nature, else 0 (lead_topic family)."""
+    topics = [w for w in _WORD_RE.findall(prompt.lower()) if w in ALL_TOPICS]
+    return int(bool(topics) and topics[0] in NATURE)
+
+
 def first_sentence(text: str) -> str:
     return re.split(r"[.!?\n]", text.strip(), maxsplit=1)[0]
 
@@ -96,7 +111,8 @@ def true_rewards(meta: dict, prompts: list[str], texts: list[str]) -> np.ndarray
     if family == "order":
         return type_rewards(theta, scale, [first_sentence(t) for t in texts])
     feats = np.stack([text_features(t) for t in texts])                  # [n, F]
-    ctx = np.array([context(p) for p in prompts])                        # [n]
+    of = lead_context if family == "lead_topic" else context
+    ctx = np.array([of(p) for p in prompts])                             # [n]
     return scale * np.einsum("knf,nf->kn", theta[:, ctx], feats)
 
 
@@ -113,6 +129,8 @@ def describe_type(meta: dict, k: int) -> str:
     family = meta.get("family", "linear")
     if family == "contextual":
         return f"nature topics: {words(theta[1])}; made things: {words(theta[0])}"
+    if family == "lead_topic":
+        return f"nature named first: {words(theta[1])}; made thing first: {words(theta[0])}"
     return words(theta) + (" (first sentence)" if family == "order" else "")
 
 
@@ -173,11 +191,17 @@ def user_records(rng: np.random.Generator, theta: np.ndarray, reward_scale: floa
     for _ in range(n):
         topic = str(rng.choice(TOPICS))
         prompt = f"{rng.choice(OPENERS)} {topic}."
+        if family == "lead_topic":
+            pair = [str(rng.choice(NATURE_TOPICS)), str(rng.choice(MADE_TOPICS))]
+            pair = pair[::-1] if rng.random() < 0.5 else pair
+            prompt = f"{rng.choice(OPENERS)} {pair[0]} and {pair[1]}."
         resp: list[str] = []
         if family == "order":
             resp = _reordered(rng, topic, responses)
         while len(resp) < responses:
-            r = _response(rng, topic, topic_once=family == "contextual")
+            if family == "lead_topic":  # both topics once, in either order
+                topic = " and ".join(pair[::-1] if rng.random() < 0.5 else pair)
+            r = _response(rng, topic, topic_once=family in CONTEXTUAL)
             if r not in resp:
                 resp.append(r)
         r_true = true_rewards(meta, [prompt] * responses, resp)[0]
@@ -188,8 +212,9 @@ def user_records(rng: np.random.Generator, theta: np.ndarray, reward_scale: floa
 
 
 def make_theta(types: int, seed: int, family: str = "linear") -> np.ndarray:
-    """[K, F] type preferences ([K, 2, F] for contextual: one row per context)."""
-    if family == "contextual":
+    """[K, F] type preferences ([K, 2, F] for contextual and lead_topic: one row per
+    context)."""
+    if family in CONTEXTUAL:
         v, w = CANONICAL[0], CANONICAL[2]
         base = np.stack([np.stack([v, -v]), np.stack([-v, v]), np.stack([w, w]),
                          np.stack([CANONICAL[3], -CANONICAL[3]])])

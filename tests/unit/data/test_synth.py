@@ -55,6 +55,36 @@ def test_order_records_share_their_words_and_differ_in_what_comes_first():
     assert r[0, 0] > r[0, 1] and r[1, 0] < r[1, 1]  # type 0 wants formal first, type 1 casual
 
 
+def test_lead_topic_types_flip_with_which_topic_the_prompt_names_first():
+    meta = {"theta": synth.make_theta(3, 0, "lead_topic").tolist(), "reward_scale": 1.0,
+            "family": "lead_topic"}
+    text = "Therefore furthermore it is."
+    nature_first, made_first = "Explain rivers and batteries.", "Explain batteries and rivers."
+    # the same words as a bag, opposite contexts
+    assert sorted(synth._WORD_RE.findall(nature_first)) == sorted(synth._WORD_RE.findall(made_first))
+    assert synth.lead_context(nature_first) == 1 and synth.lead_context(made_first) == 0
+    r = synth.true_rewards(meta, [nature_first, made_first], [text, text])
+    assert r[0, 0] == pytest.approx(-r[0, 1]) and r[0, 0] != 0      # type 0 flips
+    assert r[1, 0] == pytest.approx(-r[0, 0])                         # type 1 is its mirror
+    assert r[2, 0] == pytest.approx(r[2, 1])                          # type 2 never flips
+    assert synth.describe_type(meta, 0).startswith("nature named first: ")
+
+
+def test_lead_topic_records_pair_a_nature_topic_with_a_made_one_in_either_order():
+    recs, _ = synth.generate(users=20, types=2, rankings_per_user=5, seed=2,
+                             family="lead_topic")
+    firsts = []
+    for rec in recs:
+        named = [w for w in synth._WORD_RE.findall(rec["prompt"].lower())
+                 if w in synth.ALL_TOPICS]
+        assert len(named) == 2 and sum(t in synth.NATURE for t in named) == 1
+        firsts.append(synth.lead_context(rec["prompt"]))
+        for r in rec["responses"]:  # each response names both topics once
+            words = synth._WORD_RE.findall(r.lower())
+            assert all(words.count(t) == 1 for t in named)
+    assert 0.3 < np.mean(firsts) < 0.7  # both contexts, about equally often
+
+
 def test_meta_names_the_family_and_held_out_prompts_are_never_trained_on():
     recs, meta = synth.generate(users=20, types=2, rankings_per_user=4, seed=0,
                                 family="contextual")
@@ -85,6 +115,8 @@ def test_token_counts_separate_linear_types_but_not_contextual_or_order_ones():
     assert _start_ari("linear") > 0.8
     assert _start_ari("contextual") < 0.3
     assert _start_ari("order") < 0.3
+    assert _start_ari("lead_topic") < 0.3
+
 
 
 def test_describe_type_names_the_strongest_weights():

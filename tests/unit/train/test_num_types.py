@@ -146,7 +146,7 @@ def test_train_types_argument_takes_a_number_or_auto():
             _num_types(bad)
 
 
-def test_types_by_prompt_splits_types_that_flip_with_the_prompt():
+def test_types_by_prompt_splits_types_that_flip_with_the_prompts_words_not_their_order():
     from emdpo_ray.data import synth
     from emdpo_ray.data.records import parse_record
 
@@ -160,6 +160,11 @@ def test_types_by_prompt_splits_types_that_flip_with_the_prompt():
     rep = types_report(parsed, cfg, 2, features="tokens_by_prompt")
     assert rep["features"] == "tokens_by_prompt"
     assert tok["rows"][1]["ari"] < 0.2 and rep["rows"][1]["ari"] > 0.6
+    # the same types where the context is which of the prompt's two topics comes first: the
+    # prompt's words as a bag are the same either way, and the crossed counts are blind too
+    recs, _ = synth.generate(users=120, types=2, rankings_per_user=8, seed=4, family="lead_topic")
+    parsed = [parse_record(r, f"s:{i}") for i, r in enumerate(recs)]
+    assert types_report(parsed, cfg, 2, features="tokens_by_prompt")["rows"][1]["ari"] < 0.2
 
 
 def test_types_cli_errors_name_the_problem(tmp_path):
