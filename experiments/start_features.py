@@ -196,17 +196,18 @@ def policy_states(run: str, arrays: dict) -> np.ndarray:
 
 def generator_features(records, meta: dict) -> np.ndarray:
     """[N, m, F] the synthetic generator's own features of each ranked response (for
-    `contextual` one block per context, zero in the other)."""
+    `contextual` and `lead_topic` one block per context, zero in the other)."""
     from emdpo_ray.data import synth
 
     fam = meta["family"]
     f = len(meta["features"])
     m = max(len(r.responses) for r in records)
-    x = np.zeros((len(records), m, 2 * f if fam == "contextual" else f), np.float32)
+    ctx = {"contextual": synth.context, "lead_topic": synth.lead_context}.get(fam)
+    x = np.zeros((len(records), m, 2 * f if ctx else f), np.float32)
     for i, r in enumerate(records):
         for j, y in enumerate(r.ranked):
             v = synth.text_features(synth.first_sentence(y) if fam == "order" else y)
-            c = synth.context(r.prompt) if fam == "contextual" else 0
+            c = ctx(r.prompt) if ctx else 0
             x[i, j, c * f:(c + 1) * f] = v
     return x
 
