@@ -3,9 +3,9 @@ trained on (pure functions).
 
     log P_tau(sigma | x) = PL(tau * r),   r = beta * (log pi(y|x) - log pi_ref(y|x))
 
-DPO policies fit their training rankings with more confidence than they predict new ones
-with: on every synthetic family, halving their rewards predicted new rankings better
-(docs/starts.md). The E-step's posteriors inherit that confidence, so a user is locked into
+DPO policies can be more confident than their accuracy on new rankings warrants: on the
+`contextual` and `order` families, halving their rewards predicted new rankings better
+(docs/starts.md; not on `linear`). The E-step's posteriors inherit that confidence, so a user is locked into
 the type whose policy was just fitted on them. Like temperature scaling of a classifier
 (Guo et al. 2017), one scalar tau, fitted by the held-out predictive log-likelihood, keeps
 the policies' ranking order and corrects only how sure they are.

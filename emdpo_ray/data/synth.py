@@ -267,7 +267,7 @@ def generate(users: int = 120, types: int = 3, rankings_per_user: int = 8, respo
     meta = {"generator": "emdpo_ray.data.synth/v2", "family": family, "features": FEATURES,
             "theta": theta.tolist(),
             "reward_scale": reward_scale, "shares": p.tolist(), "seed": seed,
-            "heldout_prompts": heldout_prompts()}
+            "heldout_prompts": heldout_prompts(family)}
     return records, meta
 
 
@@ -277,9 +277,16 @@ def as_conversation(record: dict) -> dict:
             "responses": [[{"role": "assistant", "content": r}] for r in record["responses"]]}
 
 
-def heldout_prompts() -> list[str]:
-    """Every opener x held-out topic: prompts no synthetic record uses."""
-    return [f"{o} {t}." for t in HELDOUT_TOPICS for o in OPENERS]
+def heldout_prompts(family: str = "linear") -> list[str]:
+    """Every opener x held-out topic: prompts no synthetic record uses. For `lead_topic`,
+    prompts in its own form: each held-out nature topic with a held-out made thing, in both
+    orders (both contexts)."""
+    if family != "lead_topic":
+        return [f"{o} {t}." for t in HELDOUT_TOPICS for o in OPENERS]
+    nature = [t for t in HELDOUT_TOPICS if t in NATURE]
+    made = [t for t in HELDOUT_TOPICS if t not in NATURE]
+    pairs = [(a, b) for a, b in zip(nature, made)] + [(b, a) for a, b in zip(nature, made)]
+    return [f"{o} {a} and {b}." for a, b in pairs for o in OPENERS]
 
 
 def meta_path(data_path: str) -> str:

@@ -83,6 +83,12 @@ def test_lead_topic_records_pair_a_nature_topic_with_a_made_one_in_either_order(
             words = synth._WORD_RE.findall(r.lower())
             assert all(words.count(t) == 1 for t in named)
     assert 0.3 < np.mean(firsts) < 0.7  # both contexts, about equally often
+    # its held-out prompts take its form: two held-out topics, each context as often
+    held = synth.heldout_prompts("lead_topic")
+    assert not {r["prompt"] for r in recs} & set(held)
+    assert all(len([w for w in synth._WORD_RE.findall(p.lower()) if w in synth.ALL_TOPICS])
+               == 2 for p in held)
+    assert np.mean([synth.lead_context(p) for p in held]) == 0.5
 
 
 def test_meta_names_the_family_and_held_out_prompts_are_never_trained_on():
