@@ -206,12 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
             "nats per ranking). "
             "It sees what its features see: token counts miss preferences that depend on "
             "the order of words or on the prompt; --features tokens_by_prompt crosses them "
-            "with the prompt, --model gives a model's states instead."))
+            "with the prompt's words, --model gives a model's states instead, and with "
+            "--model, --features tokens_by_prompt_state crosses the counts with the model's "
+            "reading of the prompt."))
     k.add_argument("--data", required=True, help="records: .jsonl or .parquet, local or s3://")
     k.add_argument("--max-types", type=int, default=6, help="largest K tried")
-    k.add_argument("--features", choices=["tokens", "tokens_by_prompt"], default="tokens",
+    k.add_argument("--features", choices=["tokens", "tokens_by_prompt", "tokens_by_prompt_state"],
+                   default="tokens",
                    help="token counts, or the counts crossed with the prompt's directions "
-                        "along which users' preferences co-vary (default: %(default)s)")
+                        "along which users' preferences co-vary, of its words or (with "
+                        "--model) of the model's last state of it (default: %(default)s)")
     k.add_argument("--model", help="features from this model's states (a directory or a "
                                    "named model) instead of token counts")
     k.add_argument("--holdout", type=float, default=0.2,

@@ -113,15 +113,18 @@ class EMConfig(_Section):
     init_refine_iterations: int = Field(20, ge=0, description=(
         "After k-means, EM iterations of a linear Plackett-Luce mixture on the same "
         "features (cheap, no language model); 0 keeps plain k-means."))
-    init_features: Literal["auto", "tokens", "tokens_by_prompt", "reference", "both"] = Field(
+    init_features: Literal["auto", "tokens", "tokens_by_prompt", "tokens_by_prompt_state",
+                           "reference", "both"] = Field(
         "auto", description=(
             "What the kmeans start clusters on: 'tokens' (bag-of-tokens counts), "
             "'tokens_by_prompt' (the counts, and the same counts times the prompt's "
             "coordinates on the directions of its words along which users' preferences "
-            "co-vary: preferences that change with the prompt), 'reference' (the reference "
+            "co-vary: preferences that change with the prompt), 'tokens_by_prompt_state' "
+            "(the same with the reference's last-layer state of the prompt in place of its "
+            "words, which sees their order), 'reference' (the reference "
             "model's middle-layer states over the beginning, middle and end of each "
             "response), 'both' "
-            "(tokens and reference), or 'auto': the one of the four whose start best predicts "
+            "(tokens and reference), or 'auto': the one of the five whose start best predicts "
             "held-out rankings (train/start.py)."))
     init_sft_epochs: float | None = Field(None, ge=0, description=(
         "Passes of further SFT, on the records' responses, of a copy of the reference whose "

@@ -229,8 +229,11 @@ def test_start_features_come_from_a_copy_of_the_reference_trained_further(finish
         plain = prep.group.response_features()()
         plans, steps, lr = sft_plans(cfg, prep.index.resp_mask, prep.sizes, 1.0)
         further = prep.group.response_features(plans, steps, lr, seed=0)()
-        assert further.shape == plain.shape and not np.allclose(further, plain, atol=1e-3)
-        np.testing.assert_array_equal(prep.group.response_features()(), plain)
+        for a, b in zip(further, plain):   # the responses' states and the prompts'
+            assert a.shape == b.shape and not np.allclose(a, b, atol=1e-3)
+        assert plain.prompts.shape == (len(prep.index.resp_mask), 48)  # the tiny model's width
+        for a, b in zip(prep.group.response_features()(), plain):
+            np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(prep.group.reference_logps(), ref)
 
 

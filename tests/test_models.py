@@ -184,3 +184,23 @@ def test_reference_features_come_from_the_middle_layer(tiny):
                   output_hidden_states=True).hidden_states[1]
     want = segment_pool(h, torch.as_tensor(arrays["loss_mask"][0, :1]).float(), 3)[0].numpy()
     np.testing.assert_allclose(default[0, 0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_state_is_the_last_layers_state_before_the_response(tiny):
+    from emdpo_ray.models.features import reference_representations
+
+    path, recs, cfg, _ = tiny
+    model, tok = load_base(path, cfg.model).eval(), load_tokenizer(path)
+    arrays = encode(recs[:4], tok, cfg.data).arrays()
+    reps = reference_representations(model, arrays, torch.device("cpu"))
+    assert reps.prompts.shape == (4, cfg.model.tiny.hidden_size)
+    # by hand for record 1: the last layer's state at the token before the first response
+    # token, the same in every response's row (a causal model reads only the prompt there)
+    first = int(np.argmax(arrays["loss_mask"][1, 0]))
+    for j in range(int(arrays["resp_mask"][1].sum())):
+        ids = torch.as_tensor(arrays["input_ids"][1, j:j + 1]).long()
+        with torch.no_grad():
+            h = model(input_ids=ids, attention_mask=torch.as_tensor(
+                arrays["attention_mask"][1, j:j + 1]).long(), output_hidden_states=True).hidden_states[-1]
+        np.testing.assert_allclose(reps.prompts[1], h[0, first - 1].numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(reps.prompts[0], reps.prompts[1])   # other prompts, other states

@@ -6,13 +6,17 @@ The middle layer, not the last: the last specialises in predicting the next toke
 every synthetic family the middle one's start recovered the types better
 (docs/start_features.md). Pooling by part keeps *where* things are said (token counts
 cannot: reordered sentences have the same counts), and hidden states are conditioned on the
-prompt. Wide models are projected down
+prompt. The prompt's own representation is the last layer's state at its last token, the
+one that predicts the response's first token: what the model reads in the prompt as a whole
+(train/start.py crosses the responses' counts with it). Wide models are projected down
 to `dims` with a fixed Gaussian projection, so the start's cost does not grow with them;
 narrower ones are kept whole (a projection of the tiny model's 144 to 64 dimensions cost the
 `order` start ARI: `make starts`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,14 +50,27 @@ def projection(width: int, dims: int, seed: int = 0) -> np.ndarray | None:
     return (np.random.default_rng(seed).normal(size=(width, dims)) / np.sqrt(dims)).astype(np.float32)
 
 
-def response_representations(model, arrays: dict, device, segments: int = SEGMENTS, dims: int = DIMS,
-                             rows_per_batch: int = 256, layer: int | None = None) -> np.ndarray:
-    """[n, m, D] segment-pooled reference states of every response (0 for padding), from
-    hidden layer `layer` (0 the token embeddings, -1 the last; None the middle layer)."""
+class Representations(NamedTuple):
+    responses: np.ndarray   # [n, m, D] segment-pooled middle-layer states, 0 for padding
+    prompts: np.ndarray     # [n, P] last-layer state at each record's last prompt token
+
+
+def prompt_state(hidden: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] states, [B, T] response mask -> [B, H]: the state at the last token before
+    the response, which has read the whole prompt (and in a causal model nothing else)."""
+    first = loss_mask.to(torch.int64).argmax(1)          # the response's first token
+    return hidden[torch.arange(len(hidden)), (first - 1).clamp_min(0)]
+
+
+def reference_representations(model, arrays: dict, device, segments: int = SEGMENTS,
+                              dims: int = DIMS, rows_per_batch: int = 256,
+                              layer: int | None = None) -> Representations:
+    """Every response's segment-pooled states from hidden layer `layer` (0 the token
+    embeddings, -1 the last; None the middle layer) and every prompt's prompt_state from the
+    last layer, in one forward per batch; each projected to `dims` when wider."""
     n, m = arrays["resp_mask"].shape
     per = max(1, rows_per_batch // m)
-    out = None
-    proj = None
+    resp = prompts = None
     with torch.no_grad():
         for s in range(0, n, per):
             idx = np.arange(s, min(n, s + per))
@@ -62,9 +79,23 @@ def response_representations(model, arrays: dict, device, segments: int = SEGMEN
                            output_hidden_states=True).hidden_states
             h = states[len(states) // 2 if layer is None else layer].float()
             f = segment_pool(h, rows["loss_mask"], segments).cpu().numpy()
-            if out is None:
-                proj = projection(f.shape[1], dims)
-                out = np.zeros((n, m, f.shape[1] if proj is None else dims), np.float32)
+            g = prompt_state(states[-1].float(), rows["loss_mask"]).cpu().numpy()
+            if resp is None:
+                proj, proj_p = projection(f.shape[1], dims), projection(g.shape[1], dims, seed=1)
+                resp = np.zeros((n, m, f.shape[1] if proj is None else dims), np.float32)
+                prompts = np.zeros((n, g.shape[1] if proj_p is None else dims), np.float32)
             p_idx, j_idx = (t.numpy() for t in rows["scatter"])
-            out[idx[p_idx], j_idx] = f if proj is None else f @ proj
-    return out if out is not None else np.zeros((n, m, 0), np.float32)
+            resp[idx[p_idx], j_idx] = f if proj is None else f @ proj
+            # every response's row holds the same prompt: any of them gives its state
+            prompts[idx[p_idx]] = g if proj_p is None else g @ proj_p
+    if resp is None:
+        return Representations(np.zeros((n, m, 0), np.float32), np.zeros((n, 0), np.float32))
+    return Representations(resp, prompts)
+
+
+def response_representations(model, arrays: dict, device, segments: int = SEGMENTS,
+                             dims: int = DIMS, rows_per_batch: int = 256,
+                             layer: int | None = None) -> np.ndarray:
+    """[n, m, D]: reference_representations' responses alone."""
+    return reference_representations(model, arrays, device, segments, dims, rows_per_batch,
+                                     layer).responses

@@ -169,7 +169,7 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
         else:
             # the workers compute the reference's features while the driver fits the tokens'
             # (auto compares candidates only for k > 1: with one type nothing asks for them)
-            wanted = cfg.em.init_features in ("reference", "both") or (
+            wanted = cfg.em.init_features in ("reference", "both", "tokens_by_prompt_state") or (
                 cfg.em.init_features == "auto" and (auto or k > 1))
             if (cfg.em.init == "kmeans" or auto) and wanted:
                 # a copy of the reference trained further gives the states (em.init_sft_epochs)

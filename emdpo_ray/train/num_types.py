@@ -153,49 +153,56 @@ def choose_num_types(cfg, candidates: dict[str, Callable[[], np.ndarray]], mask:
                                  max(cfg.em.init_refine_iterations, 1))
 
 
-def model_states(records, model_path: str, cfg) -> np.ndarray:
-    """[N, m, D] a model's middle-layer states pooled by part (models/features.py), in the
-    records' ranked order: the reference's own states, not the further-trained copy's."""
+def model_states(records, model_path: str, cfg):
+    """A model's Representations (models/features.py: middle-layer states pooled by part
+    [N, m, D], in the records' ranked order, and the prompts' last states [N, P]): the
+    reference's own, not the further-trained copy's."""
     import torch
 
     from emdpo_ray.data.encode import encode
-    from emdpo_ray.models.features import response_representations
+    from emdpo_ray.models.features import reference_representations
     from emdpo_ray.models.loading import load_base, load_tokenizer
     from emdpo_ray.models.sources import resolve_named_model
 
     path = resolve_named_model(cfg.model.model_copy(update={"name_or_path": model_path}))
     tok, model = load_tokenizer(path, cfg.model), load_base(path, cfg.model).eval()
-    return response_representations(model, encode(records, tok, cfg.data).arrays(),
-                                    torch.device("cpu"))
+    return reference_representations(model, encode(records, tok, cfg.data).arrays(),
+                                     torch.device("cpu"))
 
 
 def types_report(records, cfg, max_types: int, model_path: str | None = None,
                  holdout: float = 0.2, features: str = "tokens") -> dict:
     """`emdpo-ray types`: grow_types on the records' token counts (`features="tokens"`), the
-    counts crossed with the prompt (`"tokens_by_prompt"`, train/start.py), or `model_path`'s
-    states; ARI against `true_type` per K where every record has one."""
+    counts crossed with the prompt (`"tokens_by_prompt"`, train/start.py), `model_path`'s
+    states, or the counts crossed with `model_path`'s reading of the prompt
+    (`"tokens_by_prompt_state"`); ARI against `true_type` per K where every record has one."""
     from sklearn.metrics import adjusted_rand_score
 
     from emdpo_ray.data.encode import index_records
-    from emdpo_ray.train.start import feature_candidates, heldout_records, standardized
+    from emdpo_ray.train.start import feature_candidates, heldout_records
 
     if max_types < 1:
         raise ConfigError(f"--max-types must be >= 1, got {max_types}")
     if not 0 < holdout < 1:
         raise ConfigError(f"--holdout must be between 0 and 1, got {holdout}")
-    if features not in ("tokens", "tokens_by_prompt"):
-        raise ConfigError(f"--features must be tokens or tokens_by_prompt, got {features!r}")
-    if model_path is not None and features != "tokens":
+    if features not in ("tokens", "tokens_by_prompt", "tokens_by_prompt_state"):
+        raise ConfigError("--features must be tokens, tokens_by_prompt or "
+                          f"tokens_by_prompt_state, got {features!r}")
+    if model_path is not None and features == "tokens_by_prompt":
         raise ConfigError("--model gives the features itself: drop --features")
+    if model_path is None and features == "tokens_by_prompt_state":
+        raise ConfigError("--features tokens_by_prompt_state reads the prompts with a model: "
+                          "give --model")
     idx = index_records(records)
     ui, num_users = idx.user_index, len(idx.users)
     held = heldout_records(ui, holdout, cfg.seed)
     if not held.any():
         raise ConfigError("no user has two rankings: nothing to hold out, so no K can be tested")
-    candidates, mask = feature_candidates(features, records, ui, num_users)
-    x = candidates[features]()
-    if model_path is not None:
-        x = standardized(model_states(records, model_path, cfg), mask)
+    name = "reference" if model_path is not None and features == "tokens" else features
+    candidates, mask = feature_candidates(
+        name, records, ui, num_users,
+        None if model_path is None else lambda: model_states(records, model_path, cfg))
+    x = candidates[name]()
     chosen, rows, labels, _ = grow_types(x, mask, ui, num_users, max_types, held, cfg.seed,
                                       cfg.em.init_restarts, tuple(cfg.em.init_l2),
                                       max(cfg.em.init_refine_iterations, 1))
@@ -205,5 +212,6 @@ def types_report(records, cfg, max_types: int, model_path: str | None = None,
         for row in rows:
             row["ari"] = float(adjusted_rand_score(truth, labels[row["types"]]))
     return {"chosen_types": chosen, "features": features if model_path is None else
-            f"states of {model_path}", "users": num_users, "rankings": len(records),
+            f"states of {model_path}" if features == "tokens" else f"{features} of {model_path}",
+            "users": num_users, "rankings": len(records),
             "heldout_rankings": int(held.sum()), "rows": rows}

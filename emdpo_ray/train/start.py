@@ -13,12 +13,14 @@ The features (`em.init_features`): `tokens`, bag-of-tokens counts (blind to orde
 how a preference depends on the prompt); `tokens_by_prompt`, the counts and beside them the
 same counts times the prompt's coordinates on the directions of its words along which
 users' preferences co-vary (types whose preference flips with what the prompt is about,
-docs/start_features-contextual.md); `reference`, middle-layer states pooled over the
+docs/start_features-contextual.md); `tokens_by_prompt_state`, the same with the
+reference's last-layer state of the prompt in place of its words (it sees what the words as
+a bag cannot, such as their order); `reference`, middle-layer states pooled over the
 beginning, middle and end of each response (models/features.py) of a copy of the reference
 given `em.init_sft_epochs` more passes of SFT on the responses (the workers drop it after):
 two more passes carry the order of a response's sentences far better than the reference's
 own states (docs/start_features-order-levers.md); `both` (tokens and reference); or `auto`
-(default), each of the four tried on 80% of every user's rankings and the one whose mixture
+(default), each of the five tried on 80% of every user's rankings and the one whose mixture
 best predicts the other 20% kept (held-out predictive log-likelihood), or the simplest
 within noise of it (one-standard-error rule).
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -49,6 +52,9 @@ from emdpo_ray.core.estep import (per_ranking_interval, predictive_user_logliks,
 from emdpo_ray.data.records import Record
 from emdpo_ray.train.linear_mixture import (feature_start, l2_path, mixture_loglik,
                                             rank_weighted, record_logliks, split_merge)
+
+if TYPE_CHECKING:
+    from emdpo_ray.models.features import Representations
 
 
 TOKEN_PATTERN = r"(?u)\b\w+\b|[^\w\s]"   # words and single punctuation marks
@@ -135,16 +141,67 @@ def by_prompt(x: np.ndarray, z: np.ndarray) -> np.ndarray:
     return np.concatenate([x, inter], -1).astype(np.float32)
 
 
+def frequent_words(x_tok: np.ndarray) -> np.ndarray:
+    """The counts of the PROMPT_RESPONSE_WORDS response words most responses hold."""
+    return x_tok[..., np.sort(np.argsort(-(x_tok > 0).sum((0, 1)), kind="stable")
+                              [:PROMPT_RESPONSE_WORDS])]
+
+
 def tokens_by_prompt(records: list[Record], x_tok: np.ndarray, mask: np.ndarray,
                      user_index: np.ndarray, num_users: int) -> np.ndarray:
-    """by_prompt of the PROMPT_RESPONSE_WORDS response words most responses hold, crossed
-    with each prompt's coordinates on the PROMPT_DIRECTIONS prompt_directions of the users'
-    preference_covariation (scaled to unit variance)."""
-    x = x_tok[..., np.sort(np.argsort(-(x_tok > 0).sum((0, 1)), kind="stable")
-                           [:PROMPT_RESPONSE_WORDS])]
+    """by_prompt of the frequent_words, crossed with each prompt's coordinates on the
+    PROMPT_DIRECTIONS prompt_directions of the users' preference_covariation (scaled to unit
+    variance)."""
+    x = frequent_words(x_tok)
     g = prompt_words([r.prompt for r in records])
     cov = preference_covariation(rank_weighted(x, mask), g, user_index, num_users)
     # no informative prompt word (all prompts alike): z has no columns, the counts stay
+    z = g @ prompt_directions(cov, min(PROMPT_DIRECTIONS, g.shape[1]))
+    return by_prompt(x, z / (z.std(0) + 1e-6))
+
+
+def whitened(g: np.ndarray, rel: float = 1e-4) -> np.ndarray:
+    """[N, P'] centred g [N, P] rotated onto its principal axes and scaled to unit variance,
+    axes with variance below `rel` of the largest dropped. A direction of the prompt
+    that users' preferences follow may carry little of the states' variance (the tiny
+    reference's states vary most with which topics a prompt names, not in what order);
+    whitened, every direction enters the covariation at the same scale."""
+    c = g - g.mean(0)
+    values, vectors = np.linalg.eigh(np.atleast_2d(np.cov(c.T)))
+    keep = values > rel * max(values.max(initial=0.0), 1e-12)
+    return (c @ (vectors[:, keep] / np.sqrt(values[keep]))).astype(np.float32)
+
+
+def state_covariation(d: np.ndarray, g: np.ndarray, user_index: np.ndarray,
+                      num_users: int) -> np.ndarray:
+    """[P, P]: preference_covariation for continuous prompt coordinates g [N, P] (centred).
+
+    D[u, p] = (1 / n_u) sum of g[n, p] d[n] over user u's records: the user's preference
+    moment along prompt direction p, which for a user whose preference flips with a property
+    that p follows is that preference, signed by the user's type. M = sum_u <D[u, p] -
+    mean_p, D[u, q] - mean_q>, each record's product with itself left out."""
+    n_u = np.maximum(np.bincount(user_index, minlength=num_users), 1)
+    w = g / n_u[user_index, None]                                       # [N, P]
+    mean = (w.T @ d) / num_users                                        # [P, F]
+    m = -num_users * (mean @ mean.T)
+    for lo in range(0, num_users, USER_BLOCK):   # D[u] per block of users: memory O(block P F)
+        rows = np.flatnonzero((user_index >= lo) & (user_index < lo + USER_BLOCK))
+        per_user = np.zeros((min(USER_BLOCK, num_users - lo), g.shape[1], d.shape[1]))
+        np.add.at(per_user, user_index[rows] - lo, w[rows, :, None] * d[rows, None, :])
+        m += np.einsum("upf,uqf->pq", per_user, per_user)
+    return m - (w * (d * d).sum(1, keepdims=True)).T @ w
+
+
+def tokens_by_prompt_state(x_tok: np.ndarray, mask: np.ndarray, prompt_states: np.ndarray,
+                           user_index: np.ndarray, num_users: int) -> np.ndarray:
+    """tokens_by_prompt with the reference's reading of the prompt in place of its words:
+    the frequent_words crossed with each prompt's coordinates on the PROMPT_DIRECTIONS
+    directions of its whitened last-layer state (models/features.py) along which users'
+    preferences co-vary (state_covariation). It sees what the words as a bag cannot, such
+    as which of two topics a prompt names first (the `lead_topic` family)."""
+    x = frequent_words(x_tok)
+    g = whitened(prompt_states)
+    cov = state_covariation(rank_weighted(x, mask), g, user_index, num_users)
     z = g @ prompt_directions(cov, min(PROMPT_DIRECTIONS, g.shape[1]))
     return by_prompt(x, z / (z.std(0) + 1e-6))
 
@@ -223,40 +280,50 @@ def choose_features(candidates: dict[str, Callable[[], np.ndarray]], mask: np.nd
 
 
 def feature_candidates(features: str, records: list[Record], user_index: np.ndarray,
-                       num_users: int, reference_features: Callable[[], np.ndarray] | None = None,
+                       num_users: int, reference_features: Callable[[], "Representations"] | None = None,
                        ) -> tuple[dict[str, Callable[[], np.ndarray]], np.ndarray]:
-    """The start's candidate feature sets for `em.init_features` (`auto`: all four, simplest
+    """The start's candidate feature sets for `em.init_features` (`auto`: all five, simplest
     first), each a cached function giving [N, m, V], and the response mask [N, m]. The
-    reference model's features come from `reference_features()`, asked for only when a
-    candidate needs them (the workers may still be computing them)."""
+    reference model's representations (models/features.py's Representations) come from
+    `reference_features()`, asked for only when a candidate needs them (the workers may
+    still be computing them)."""
     names = {"tokens": ["tokens"], "tokens_by_prompt": ["tokens_by_prompt"],
+             "tokens_by_prompt_state": ["tokens_by_prompt_state"],
              "reference": ["reference"], "both": ["both"],
-             "auto": ["tokens", "tokens_by_prompt", "reference", "both"]}[features]
+             "auto": ["tokens", "tokens_by_prompt", "tokens_by_prompt_state", "reference",
+                      "both"]}[features]
     x_tok, mask = response_features(records)
 
     @functools.cache
-    def x_ref() -> np.ndarray:
+    def reference():
         if reference_features is None:
             raise ValueError(f"em.init_features={features} needs the reference model's features")
-        return standardized(reference_features(), mask)
+        return reference_features()
+
+    @functools.cache
+    def x_ref() -> np.ndarray:
+        return standardized(reference().responses, mask)
 
     makers = {"tokens": lambda: x_tok, "reference": x_ref,
               "tokens_by_prompt": functools.cache(
                   lambda: tokens_by_prompt(records, x_tok, mask, user_index, num_users)),
+              "tokens_by_prompt_state": functools.cache(
+                  lambda: tokens_by_prompt_state(x_tok, mask, reference().prompts, user_index,
+                                                 num_users)),
               "both": lambda: np.concatenate([x_tok, x_ref()], -1)}
     return {n: makers[n] for n in names}, mask
 
 
 def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k: int,
                 seed: int, smoothing: float, refine_iterations: int,
-                features: str = "tokens", reference_features: Callable[[], np.ndarray] | None = None,
+                features: str = "tokens", reference_features: Callable[[], "Representations"] | None = None,
                 info: dict | None = None, held: np.ndarray | None = None,
                 restarts: int = 1, l2s: tuple[float, ...] = (1e-2,),
                 split_merge_tries: int = 0, candidates: tuple | None = None) -> np.ndarray:
     """The `kmeans` start on `features` (tokens, reference, both or auto) with `restarts`
     starts of the linear mixture and its L2 strength chosen down `l2s` (l2_path); the
     reference model's features come from
-    `reference_features()` [N, m, D], called only if needed and only after the token
+    `reference_features()` (Representations), called only if needed and only after the token
     candidate is fitted (the workers may still be computing them). `held` [N] bool: the
     records on which candidates are compared and the chosen one's held-out log-likelihood
     is measured (`info`); by default 20% of each user's. On every record the chosen

@@ -124,13 +124,14 @@ class PolicyWorker:
         self.ref = ref
 
     def response_features(self, segments: int, dims: int, plan: np.ndarray | None = None,
-                          steps: int = 0, lr: float = 0.0, seed: int = 0) -> np.ndarray:
-        """This shard's segment-pooled reference states (models/features.py), for the start;
+                          steps: int = 0, lr: float = 0.0, seed: int = 0):
+        """This shard's reference representations (models/features.py: the responses'
+        segment-pooled states and the prompts' last states), for the start;
         with a `plan`, those of a float32 copy of the base trained further by it (data
         parallel, as `sft`) and then dropped: the base is unchanged."""
         import copy
 
-        from emdpo_ray.models.features import response_representations
+        from emdpo_ray.models.features import reference_representations
         from emdpo_ray.train.sft import train_sft
 
         model = self.base
@@ -139,7 +140,7 @@ class PolicyWorker:
             train_sft(model, self.shard, plan, steps, lr, self.cfg.dpo.max_grad_norm,
                       self.device, seed)
         model.eval()
-        return response_representations(model, self.shard, self.device, segments, dims)
+        return reference_representations(model, self.shard, self.device, segments, dims)
 
     def fit(self, job: dict, weights: np.ndarray, score_mask: np.ndarray, progress=None):
         import copy
@@ -319,16 +320,21 @@ class WorkerGroup:
                           lr: float = 0.0, seed: int = 0):
         """Starts computing the reference representations of every response on every rank
         (models/features.py), of a copy trained further by `plans` (train/sft.py) when given;
-        the function returned gathers them, [N, m, D] in record order."""
+        the function returned gathers them in record order (Representations: responses
+        [N, m, D], prompts [N, P])."""
         import ray
 
-        from emdpo_ray.models.features import DIMS, SEGMENTS
+        from emdpo_ray.models.features import DIMS, SEGMENTS, Representations
 
         plan_refs = ([ray.put(p) for p in plans] if plans is not None
                      else [None] * len(self.actors))
         refs = [a.response_features.remote(SEGMENTS, DIMS, p, steps, lr, seed)
                 for a, p in zip(self.actors, plan_refs)]
-        return lambda: np.concatenate(ray.get(refs))
+        def gather() -> Representations:
+            parts = ray.get(refs)
+            return Representations(*(np.concatenate([p[i] for p in parts]) for i in range(2)))
+
+        return gather
 
     def fit(self, job: dict, weights: np.ndarray, score_mask: np.ndarray,
             on_steps=None) -> MStepResult:

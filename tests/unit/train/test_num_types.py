@@ -83,10 +83,12 @@ def test_types_needs_rankings_to_hold_out():
         types_report(_users(2), load_config(None, []), 0)
     with pytest.raises(ValueError, match="--holdout must be between 0 and 1"):
         types_report(_users(2), load_config(None, []), 2, holdout=1.0)
-    with pytest.raises(ValueError, match="--features must be tokens or tokens_by_prompt"):
+    with pytest.raises(ValueError, match="--features must be tokens, tokens_by_prompt or"):
         types_report(_users(2), load_config(None, []), 2, features="words")
     with pytest.raises(ValueError, match="--model gives the features itself"):
         types_report(_users(2), load_config(None, []), 2, "some/model", features="tokens_by_prompt")
+    with pytest.raises(ValueError, match="reads the prompts with a model: give --model"):
+        types_report(_users(2), load_config(None, []), 2, features="tokens_by_prompt_state")
 
 
 def _candidates(recs):

@@ -202,8 +202,11 @@ def test_reference_features_are_asked_for_only_when_used():
     calls = []
 
     def ref():
+        from emdpo_ray.models.features import Representations
+
         calls.append(1)
-        return np.zeros((len(recs), 3, 4), np.float32)
+        return Representations(np.zeros((len(recs), 3, 4), np.float32),
+                               np.zeros((len(recs), 5), np.float32))
 
     tok_info: dict = {}
     kmeans_init(recs, ui, 8, 2, 0, 0.1, 2, features="tokens", reference_features=ref,
@@ -215,7 +218,7 @@ def test_reference_features_are_asked_for_only_when_used():
     info: dict = {}
     g = kmeans_init(recs, ui, 8, 2, 0, 0.1, 2, features="auto", reference_features=ref, info=info)
     assert calls == [1] and set(info["heldout_loglik_per_ranking"]) == {
-        "tokens", "tokens_by_prompt", "reference", "both"}
+        "tokens", "tokens_by_prompt", "tokens_by_prompt_state", "reference", "both"}
     # fresh restarts on every record vs the chosen start continued: the likelier is kept
     lls = info["final_logliks"]
     assert set(lls) == {"fresh", "continued"} and info["final"] == max(lls, key=lls.get)
@@ -404,3 +407,96 @@ def test_prompt_interacted_counts_see_types_that_flip_with_the_prompt():
                         restarts=4)
         ari[features] = adjusted_rand_score([truth[u] for u in users], g.argmax(1))
     assert ari["tokens"] < 0.3 and ari["tokens_by_prompt"] > 0.6, ari
+
+
+def test_state_covariation_by_hand():
+    from emdpo_ray.train.start import prompt_directions, state_covariation
+
+    # one prompt coordinate, one feature; each user one record at g = +1 and one at -1.
+    # Users 0 and 1 prefer the feature where g = +1 and not where g = -1, users 2 and 3 the
+    # reverse: D[u] = (1/2)(1 * d_1 + (-1) * d_2) = +1, +1, -1, -1, mean 0, so
+    # sum_u D[u]^2 = 4, less each record's own product, (1/2)^2 * d^2 over 8 records = 2
+    g = np.array([[1.0], [-1.0]] * 4)
+    d = np.array([[1], [-1], [1], [-1], [-1], [1], [-1], [1]], float)
+    ui = np.repeat(np.arange(4), 2)
+    assert np.allclose(state_covariation(d, g, ui, 4), [[2.0]])
+    # a second coordinate the preferences do not follow (the same at both records of a
+    # user): D[u, 1] = (1/2)(d_1 + d_2) = 0, so its covariation is minus its records' own
+    # products, -(1/2)^2 * 8 = -2; with the first, sum_u D[u, 0] D[u, 1] = 0 and the own
+    # products (+-1/2)(1/2) d^2 cancel; the top direction is the first coordinate
+    g2 = np.c_[g, np.ones(8)]
+    m = state_covariation(d, g2, ui, 4)
+    assert np.allclose(m, [[2.0, 0.0], [0.0, -2.0]])
+    assert np.allclose(np.abs(prompt_directions(m, 1)[:, 0]), [1, 0])
+
+
+def test_state_covariation_in_blocks_of_users_matches_its_definition(monkeypatch):
+    from emdpo_ray.train import start
+
+    rng = np.random.default_rng(1)
+    n, users, p, f = 40, 7, 4, 3
+    g, d, ui = rng.normal(size=(n, p)), rng.normal(size=(n, f)), rng.integers(0, users, n)
+    # the definition: D[u, p] = mean over u's records of g[n, p] d[n], centred over users,
+    # less each record's own product
+    n_u = np.maximum(np.bincount(ui, minlength=users), 1)
+    big = np.zeros((users, p, f))
+    np.add.at(big, ui, (g / n_u[ui, None])[:, :, None] * d[:, None, :])
+    c = big - big.mean(0)
+    own = (g / n_u[ui, None])[:, :, None] * d[:, None, :]
+    want = np.einsum("upf,uqf->pq", c, c) - np.einsum("npf,nqf->pq", own, own)
+    monkeypatch.setattr(start, "USER_BLOCK", 3)
+    assert np.allclose(start.state_covariation(d, g, ui, users), want)
+
+
+def test_whitened_has_unit_variance_and_drops_empty_directions():
+    from emdpo_ray.train.start import whitened
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 3)) * [10.0, 1.0, 0.3]   # variances 100, 1, 0.09: all kept
+    # a fourth column that repeats the first: the same direction, no new variance
+    w = whitened(np.c_[a, a[:, 0]])
+    assert w.shape == (200, 3)
+    assert np.allclose(np.cov(w.T), np.eye(3), atol=1e-4) and np.allclose(w.mean(0), 0, atol=1e-5)
+    assert whitened(np.ones((5, 4))).shape == (5, 0)   # prompts all alike: no direction
+
+
+def _lead_topic_states(recs, dims=16, seed=0):
+    """A stand-in for a language model's last state of each prompt: a vector per word, the
+    last topic word weighted most and the first least (a causal model's last state reads
+    the recent tokens most), plus noise. Which topic comes first is one direction among
+    many, and not the one of most variance."""
+    import re
+
+    from emdpo_ray.data.synth import ALL_TOPICS
+
+    rng = np.random.default_rng(seed)
+    vec = {w: rng.normal(size=dims) for w in sorted(ALL_TOPICS)}
+    out = []
+    for r in recs:
+        topics = [w for w in re.findall(r"\w+", r.prompt.lower()) if w in vec]
+        out.append(vec[topics[0]] * 0.3 + vec[topics[1]] + 0.1 * rng.normal(size=dims))
+    return np.asarray(out, np.float32)
+
+
+def test_counts_crossed_with_the_prompts_state_see_what_its_words_as_a_bag_cannot():
+    from sklearn.metrics import adjusted_rand_score
+
+    from emdpo_ray.data import synth
+    from emdpo_ray.data.records import group_by_user
+    from emdpo_ray.models.features import Representations
+
+    # lead_topic: the preference flips with which of the prompt's two topics comes first,
+    # so its words as a bag are the same in both contexts (tokens_by_prompt is blind), but
+    # a state that reads them in order is not
+    recs, _ = synth.generate(users=120, types=2, rankings_per_user=8, seed=4, family="lead_topic")
+    parsed = [parse_record(r, f"s:{i}") for i, r in enumerate(recs)]
+    users, ui = group_by_user(parsed)
+    truth = [{r.user_id: r.true_type for r in parsed}[u] for u in users]
+    states = _lead_topic_states(parsed)
+    ari = {}
+    for features in ("tokens_by_prompt", "tokens_by_prompt_state"):
+        g = kmeans_init(parsed, np.asarray(ui), len(users), 2, 0, 0.05, 10, features=features,
+                        restarts=4, reference_features=lambda: Representations(
+                            np.zeros((len(parsed), 3, 1), np.float32), states))
+        ari[features] = adjusted_rand_score(truth, g.argmax(1))
+    assert ari["tokens_by_prompt"] < 0.3 and ari["tokens_by_prompt_state"] > 0.5, ari
