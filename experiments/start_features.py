@@ -61,12 +61,22 @@ SmolLM2-135M-Instruct as published, docs/start_features-order-smollm2.{json,md}
 docs/start_features-order-smollm2.json`, about 50 minutes). `contextual` on generator v2
 data, the start's candidates beside the bound: docs/start_features-contextual.{json,md}
 (`--families contextual --features "reference,reference trained further,tokens,tokens by
-prompt,generator" --out docs/start_features-contextual.json`).
+prompt,generator" --out docs/start_features-contextual.json`). `tokens by prompt state`: the
+start's `tokens_by_prompt_state` (the counts crossed with the directions of the
+further-trained copy's whitened last-layer state of the prompt along which users'
+preferences co-vary), beside it the same from the reference's own states and from the
+copy's states standardised per coordinate but not whitened: what the language model's
+reading of the prompt and the whitening each add, on `lead_topic`, whose context (which
+topic comes first) the prompt's words as a bag cannot see;
+docs/start_features-lead-topic.{json,md} (`--families lead_topic --features "tokens by
+prompt,tokens by prompt state,tokens by prompt state, reference's own,tokens by prompt
+state, not whitened,generator" --out docs/start_features-lead-topic.json`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -84,7 +94,9 @@ FEATURES = ["reference", "reference last layer", "reference embeddings", "refere
 # trained policies' states and the reference's output-layer gradients.
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
             "reference + tokens by position", "policies' states", "reference output gradients",
-            "reference trained further"]
+            "reference trained further", "tokens by prompt state",
+            "tokens by prompt state, reference's own", "tokens by prompt state, not whitened",
+            "reference trained further, whitened"]
 
 
 def preference_subspace(x, mask, user_index, num_users, dims: int = 8):
@@ -147,6 +159,18 @@ def output_gradients(model, arrays: dict, dims: int = 192, seed: int = 0) -> np.
             proj = projection(g.shape[1], dims, seed) if proj is None else proj
             p_idx, j_idx = (t.numpy() for t in rows["scatter"])
             out[idx[p_idx], j_idx] = g @ proj
+    return out
+
+
+def whitened_states(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[N, m, D'] the real responses' features whitened together (train/start.py's
+    whitened), padding 0: every direction of the states at the same scale before the
+    mixture's L2 penalty."""
+    from emdpo_ray.train.start import whitened
+
+    w = whitened(x[mask])
+    out = np.zeros((*x.shape[:2], w.shape[1]), np.float32)
+    out[mask] = w
     return out
 
 
@@ -258,7 +282,7 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     from emdpo_ray.core.estep import e_step, smoothed_onehot
     from emdpo_ray.data.encode import encode
     from emdpo_ray.data.sources import load_records
-    from emdpo_ray.models.features import response_representations
+    from emdpo_ray.models.features import reference_representations, response_representations
     from emdpo_ray.models.loading import load_base, load_tokenizer
     from emdpo_ray.train import linear_mixture as lm, start as st
 
@@ -302,7 +326,26 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     def positional() -> np.ndarray:
         return st.standardized(positional_counts(records), mask)
 
+    @functools.cache
+    def further_model():
+        return trained_further(model, enc.arrays(), cfg.start_sft_passes, seed)
+
+    def by_prompt_state(of, whiten: bool = True) -> np.ndarray:
+        # the start's tokens_by_prompt_state; unwhitened: each coordinate only standardised
+        g = reference_representations(of, enc.arrays(), torch.device("cpu")).prompts
+        if whiten:
+            return st.tokens_by_prompt_state(st.response_features(records)[0], mask, g, ui,
+                                             num_users)
+        x = st.frequent_words(st.response_features(records)[0])
+        g = (g - g.mean(0)) / (g.std(0) + 1e-6)
+        cov = st.state_covariation(lm.rank_weighted(x, mask), g, ui, num_users)
+        z = g @ st.prompt_directions(cov, st.PROMPT_DIRECTIONS)
+        return st.by_prompt(x, z / (z.std(0) + 1e-6))
+
     makers.update({
+        "tokens by prompt state": lambda: by_prompt_state(further_model()),
+        "tokens by prompt state, reference's own": lambda: by_prompt_state(model),
+        "tokens by prompt state, not whitened": lambda: by_prompt_state(further_model(), False),
         "reference in users' subspace": lambda: preference_subspace(
             states(None), mask, ui, num_users),
         "tokens by position in users' subspace": lambda: preference_subspace(
@@ -312,8 +355,9 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
             os.path.join(runs, f"{family}-auto-{seed}"), enc.arrays()), mask),
         "reference output gradients": lambda: st.standardized(
             output_gradients(model, enc.arrays()), mask),
-        "reference trained further": lambda: states(None, of=trained_further(
-            model, enc.arrays(), cfg.start_sft_passes, seed))})
+        "reference trained further": lambda: states(None, of=further_model()),
+        "reference trained further, whitened": lambda: whitened_states(
+            states(None, of=further_model()), mask)})
     # --further: one set per number of further passes, in place of the default's one
     for e in further or ():
         makers[f"reference + {e:g} SFT passes"] = (
@@ -386,6 +430,13 @@ trained on this data (on the types that run ended with), side by side; `referenc
 gradient of each response's log-likelihood with respect to the reference's output layer,
 projected to 192 dimensions; `reference + N SFT passes`, the states of a copy of the
 reference given N more passes of SFT on the responses (`em.init_sft_epochs`, 2 by default).
+`tokens by prompt state`, the start's `tokens_by_prompt_state` (token counts crossed with
+the directions of the further-trained copy's whitened last-layer state of the prompt along
+which users' preferences co-vary); `, reference's own`, the same from the reference's own
+states; `, not whitened`, the copy's states standardised per coordinate, not whitened.
+`reference trained further, whitened`: the copy's response states whitened over all
+responses (every direction at one scale under the L2 penalty) in place of standardised per
+coordinate.
 
 """
 

@@ -204,3 +204,17 @@ def test_prompt_state_is_the_last_layers_state_before_the_response(tiny):
                 arrays["attention_mask"][1, j:j + 1]).long(), output_hidden_states=True).hidden_states[-1]
         np.testing.assert_allclose(reps.prompts[1], h[0, first - 1].numpy(), rtol=1e-4, atol=1e-5)
     assert not np.allclose(reps.prompts[0], reps.prompts[1])   # other prompts, other states
+
+
+def test_types_reads_a_models_states_or_its_reading_of_the_prompts(tiny):
+    from emdpo_ray.config import load_config
+    from emdpo_ray.train.num_types import types_report
+
+    path, recs, _, _ = tiny
+    cfg = load_config(None, ["em.init_restarts=2", "em.init_refine_iterations=3",
+                             "em.init_l2=[0.01]"])
+    for features, name in (("tokens", f"states of {path}"),
+                           ("tokens_by_prompt_state", f"tokens_by_prompt_state of {path}")):
+        rep = types_report(recs, cfg, 2, path, features=features)
+        assert rep["features"] == name and rep["rows"][0]["types"] == 1
+        assert rep["rows"][0]["heldout_loglik_per_ranking"] < 0
