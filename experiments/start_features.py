@@ -69,8 +69,11 @@ copy's states standardised per coordinate but not whitened: what the language mo
 reading of the prompt and the whitening each add, on `lead_topic`, whose context (which
 topic comes first) the prompt's words as a bag cannot see;
 docs/start_features-lead-topic.{json,md} (`--families lead_topic --features "tokens by
-prompt,tokens by prompt state,tokens by prompt state, reference's own,tokens by prompt
-state, not whitened,generator" --out docs/start_features-lead-topic.json`).
+prompt,tokens by prompt state,tokens by prompt state (reference's own),tokens by prompt
+state (not whitened),generator" --out docs/start_features-lead-topic.json`); on `order`, the
+copy's response states whitened, docs/start_features-order-whitened.{json,md} (`--families
+order --features "reference trained further,reference trained further whitened" --out
+docs/start_features-order-whitened.json`).
 """
 
 from __future__ import annotations
@@ -95,8 +98,8 @@ FEATURES = ["reference", "reference last layer", "reference embeddings", "refere
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
             "reference + tokens by position", "policies' states", "reference output gradients",
             "reference trained further", "tokens by prompt state",
-            "tokens by prompt state, reference's own", "tokens by prompt state, not whitened",
-            "reference trained further, whitened"]
+            "tokens by prompt state (reference's own)", "tokens by prompt state (not whitened)",
+            "reference trained further whitened"]
 
 
 def preference_subspace(x, mask, user_index, num_users, dims: int = 8):
@@ -344,8 +347,8 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
 
     makers.update({
         "tokens by prompt state": lambda: by_prompt_state(further_model()),
-        "tokens by prompt state, reference's own": lambda: by_prompt_state(model),
-        "tokens by prompt state, not whitened": lambda: by_prompt_state(further_model(), False),
+        "tokens by prompt state (reference's own)": lambda: by_prompt_state(model),
+        "tokens by prompt state (not whitened)": lambda: by_prompt_state(further_model(), False),
         "reference in users' subspace": lambda: preference_subspace(
             states(None), mask, ui, num_users),
         "tokens by position in users' subspace": lambda: preference_subspace(
@@ -356,7 +359,7 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         "reference output gradients": lambda: st.standardized(
             output_gradients(model, enc.arrays()), mask),
         "reference trained further": lambda: states(None, of=further_model()),
-        "reference trained further, whitened": lambda: whitened_states(
+        "reference trained further whitened": lambda: whitened_states(
             states(None, of=further_model()), mask)})
     # --further: one set per number of further passes, in place of the default's one
     for e in further or ():
@@ -432,9 +435,9 @@ projected to 192 dimensions; `reference + N SFT passes`, the states of a copy of
 reference given N more passes of SFT on the responses (`em.init_sft_epochs`, 2 by default).
 `tokens by prompt state`, the start's `tokens_by_prompt_state` (token counts crossed with
 the directions of the further-trained copy's whitened last-layer state of the prompt along
-which users' preferences co-vary); `, reference's own`, the same from the reference's own
-states; `, not whitened`, the copy's states standardised per coordinate, not whitened.
-`reference trained further, whitened`: the copy's response states whitened over all
+which users' preferences co-vary); `(reference's own)`, the same from the reference's own
+states; `(not whitened)`, the copy's states standardised per coordinate, not whitened.
+`reference trained further whitened`: the copy's response states whitened over all
 responses (every direction at one scale under the L2 penalty) in place of standardised per
 coordinate.
 

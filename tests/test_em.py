@@ -56,8 +56,8 @@ def test_run_directory_contract(finished_run):
     # the auto start tried token counts (plain and crossed with the prompt) and the workers'
     # reference features, and kept one
     start = hist[0]["start"]
-    assert set(start["heldout_loglik_per_ranking"]) == {"tokens", "tokens_by_prompt",
-                                                        "reference", "both"}
+    assert set(start["heldout_loglik_per_ranking"]) == {
+        "tokens", "tokens_by_prompt", "tokens_by_prompt_state", "reference", "both"}
     assert start["features"] in start["heldout_loglik_per_ranking"]
     # split-and-merge ran on the kept start: each kept move raised the log-likelihood
     assert all(m["loglik"][1] > m["loglik"][0] + 1.0 for m in start["split_merge"])

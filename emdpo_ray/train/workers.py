@@ -125,10 +125,9 @@ class PolicyWorker:
 
     def response_features(self, segments: int, dims: int, plan: np.ndarray | None = None,
                           steps: int = 0, lr: float = 0.0, seed: int = 0):
-        """This shard's reference representations (models/features.py: the responses'
-        segment-pooled states and the prompts' last states), for the start;
-        with a `plan`, those of a float32 copy of the base trained further by it (data
-        parallel, as `sft`) and then dropped: the base is unchanged."""
+        """This shard's reference Representations (models/features.py), for the start; with
+        a `plan`, those of a float32 copy of the base trained further by it (data parallel,
+        as `sft`) and then dropped: the base is unchanged."""
         import copy
 
         from emdpo_ray.models.features import reference_representations
@@ -320,8 +319,7 @@ class WorkerGroup:
                           lr: float = 0.0, seed: int = 0):
         """Starts computing the reference representations of every response on every rank
         (models/features.py), of a copy trained further by `plans` (train/sft.py) when given;
-        the function returned gathers them in record order (Representations: responses
-        [N, m, D], prompts [N, P])."""
+        the function returned gathers them in record order (Representations)."""
         import ray
 
         from emdpo_ray.models.features import DIMS, SEGMENTS, Representations
@@ -330,9 +328,9 @@ class WorkerGroup:
                      else [None] * len(self.actors))
         refs = [a.response_features.remote(SEGMENTS, DIMS, p, steps, lr, seed)
                 for a, p in zip(self.actors, plan_refs)]
-        def gather() -> Representations:
-            parts = ray.get(refs)
-            return Representations(*(np.concatenate([p[i] for p in parts]) for i in range(2)))
+
+        def gather() -> Representations:   # each field: the ranks' shards, in record order
+            return Representations(*map(np.concatenate, zip(*ray.get(refs))))
 
         return gather
 
