@@ -8,10 +8,10 @@ every synthetic family the middle one's start recovered the types better
 cannot: reordered sentences have the same counts), and hidden states are conditioned on the
 prompt. The prompt's own representation is the last layer's state at its last token, the
 one that predicts the response's first token: what the model reads in the prompt as a whole
-(train/start.py crosses the responses' counts with it). Wide models are projected down
-to `dims` with a fixed Gaussian projection, so the start's cost does not grow with them;
-narrower ones are kept whole (a projection of the tiny model's 144 to 64 dimensions cost the
-`order` start ARI: `make starts`).
+(train/context_features.py crosses the responses' counts with it). Wide models are
+projected down to `dims` with a fixed Gaussian projection, so the start's cost does not
+grow with them; narrower ones are kept whole (a projection of the tiny model's 144 to 64
+dimensions cost the `order` start ARI: `make starts`).
 """
 
 from __future__ import annotations

@@ -173,8 +173,8 @@ def model_states(records, model_path: str, cfg):
 def types_report(records, cfg, max_types: int, model_path: str | None = None,
                  holdout: float = 0.2, features: str = "tokens") -> dict:
     """`emdpo-ray types`: grow_types on the records' token counts (`features="tokens"`), the
-    counts crossed with the prompt (`"tokens_by_prompt"`, train/start.py), `model_path`'s
-    states, or the counts crossed with `model_path`'s reading of the prompt
+    counts crossed with the prompt (`"tokens_by_prompt"`, train/context_features.py),
+    `model_path`'s states, or the counts crossed with `model_path`'s reading of the prompt
     (`"tokens_by_prompt_state"`); ARI against `true_type` per K where every record has one."""
     from sklearn.metrics import adjusted_rand_score
 
