@@ -117,7 +117,7 @@ def positional_counts(records, parts: int = 3) -> np.ndarray:
     tokens (beginning, middle, end): the cheap analogue of the reference's pooled states."""
     from sklearn.feature_extraction.text import CountVectorizer
 
-    from emdpo_ray.train.start import TOKEN_PATTERN
+    from emdpo_ray.train.context_features import TOKEN_PATTERN
 
     tokens = CountVectorizer(token_pattern=TOKEN_PATTERN, lowercase=True).build_analyzer()
     vocab = {t: i for i, t in enumerate(sorted({t for r in records for y in r.responses
@@ -169,7 +169,7 @@ def whitened_states(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """[N, m, D'] the real responses' features whitened together (train/start.py's
     whitened), padding 0: every direction of the states at the same scale before the
     mixture's L2 penalty."""
-    from emdpo_ray.train.start import whitened
+    from emdpo_ray.train.context_features import whitened
 
     w = whitened(x[mask])
     out = np.zeros((*x.shape[:2], w.shape[1]), np.float32)
@@ -287,7 +287,7 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     from emdpo_ray.data.sources import load_records
     from emdpo_ray.models.features import reference_representations, response_representations
     from emdpo_ray.models.loading import load_base, load_tokenizer
-    from emdpo_ray.train import linear_mixture as lm, start as st
+    from emdpo_ray.train import context_features as cf, linear_mixture as lm, start as st
 
     import torch
 
@@ -321,7 +321,7 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
               "reference embeddings": lambda: states(0),
               "reference 8 parts": lambda: states(None, 8),
               "tokens": lambda: st.response_features(records)[0],
-              "tokens by prompt": lambda: st.tokens_by_prompt(
+              "tokens by prompt": lambda: cf.tokens_by_prompt(
                   records, st.response_features(records)[0], mask, ui, num_users),
               "tokens by position": lambda: positional_counts(records),
               "generator": lambda: generator_features(records, meta)}
@@ -337,13 +337,11 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         # the start's tokens_by_prompt_state; unwhitened: each coordinate only standardised
         g = reference_representations(of, enc.arrays(), torch.device("cpu")).prompts
         if whiten:
-            return st.tokens_by_prompt_state(st.response_features(records)[0], mask, g, ui,
+            return cf.tokens_by_prompt_state(st.response_features(records)[0], mask, g, ui,
                                              num_users)
-        x = st.frequent_words(st.response_features(records)[0])
-        g = (g - g.mean(0)) / (g.std(0) + 1e-6)
-        cov = st.state_covariation(lm.rank_weighted(x, mask), g, ui, num_users)
-        z = g @ st.prompt_directions(cov, st.PROMPT_DIRECTIONS)
-        return st.by_prompt(x, z / (z.std(0) + 1e-6))
+        return cf.crossed_with_prompt(cf.frequent_words(st.response_features(records)[0]), mask,
+                                      (g - g.mean(0)) / (g.std(0) + 1e-6), cf.state_covariation,
+                                      ui, num_users)
 
     makers.update({
         "tokens by prompt state": lambda: by_prompt_state(further_model()),

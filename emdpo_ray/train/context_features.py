@@ -27,6 +27,17 @@ PROMPT_WORDS, PROMPT_RESPONSE_WORDS, PROMPT_MAX_DF, PROMPT_DIRECTIONS = 64, 256,
 USER_BLOCK = 1024
 
 
+def user_blocks(w: np.ndarray, d: np.ndarray, user_index: np.ndarray, num_users: int,
+                block: int):
+    """Yields (first user, D [b, P, F]) per block of b users: D[u, p] = sum of w[n, p] d[n]
+    over user u's records; memory O(block P F), not O(users P F)."""
+    for lo in range(0, num_users, block):
+        rows = np.flatnonzero((user_index >= lo) & (user_index < lo + block))
+        per_user = np.zeros((min(block, num_users - lo), w.shape[1], d.shape[1]))
+        np.add.at(per_user, user_index[rows] - lo, w[rows, :, None] * d[rows, None, :])
+        yield lo, per_user
+
+
 def prompt_words(prompts: list[str]) -> np.ndarray:
     """[N, P] 0/1: which of the P (<= PROMPT_WORDS) most frequent informative words each
     prompt holds (in at least 2 prompts and at most PROMPT_MAX_DF of them)."""
@@ -56,10 +67,7 @@ def preference_covariation(d: np.ndarray, g: np.ndarray, user_index: np.ndarray,
     # mean over users of D[u, p], from records: sum_u D[u, p] = sum_n w[n, p] d[n]
     mean = (w.T @ d) / np.maximum((cnt > 0).sum(0), 1)[:, None]         # [P, F]
     m = np.zeros((g.shape[1], g.shape[1]))
-    for lo in range(0, num_users, USER_BLOCK):   # D[u] per block of users: memory O(block P F)
-        rows = np.flatnonzero((user_index >= lo) & (user_index < lo + USER_BLOCK))
-        per_user = np.zeros((min(USER_BLOCK, num_users - lo), g.shape[1], d.shape[1]))
-        np.add.at(per_user, user_index[rows] - lo, w[rows, :, None] * d[rows, None, :])
+    for lo, per_user in user_blocks(w, d, user_index, num_users, USER_BLOCK):
         centred = np.where(cnt[lo:lo + len(per_user), :, None] > 0, per_user - mean, 0)
         m += np.einsum("upf,uqf->pq", centred, centred)
     # each record's own product, sum_n w_np w_nq <d_n - mean_p, d_n - mean_q>, expanded
@@ -91,25 +99,31 @@ def frequent_words(x_tok: np.ndarray) -> np.ndarray:
                               [:PROMPT_RESPONSE_WORDS])]
 
 
-def tokens_by_prompt(records: list[Record], x_tok: np.ndarray, mask: np.ndarray,
-                     user_index: np.ndarray, num_users: int) -> np.ndarray:
-    """by_prompt of the frequent_words, crossed with each prompt's coordinates on the
-    PROMPT_DIRECTIONS prompt_directions of the users' preference_covariation (scaled to unit
-    variance)."""
-    x = frequent_words(x_tok)
-    g = prompt_words([r.prompt for r in records])
-    cov = preference_covariation(rank_weighted(x, mask), g, user_index, num_users)
-    # no informative prompt word (all prompts alike): z has no columns, the counts stay
+def crossed_with_prompt(x: np.ndarray, mask: np.ndarray, g: np.ndarray, covariation,
+                        user_index: np.ndarray, num_users: int) -> np.ndarray:
+    """by_prompt of the counts x, crossed with each prompt's coordinates g [N, P] on the
+    PROMPT_DIRECTIONS prompt_directions of the users' `covariation` (preference_covariation
+    or state_covariation), scaled to unit variance."""
+    cov = covariation(rank_weighted(x, mask), g, user_index, num_users)
+    # no prompt coordinate (all prompts alike): z has no columns, the counts stay
     z = g @ prompt_directions(cov, min(PROMPT_DIRECTIONS, g.shape[1]))
     return by_prompt(x, z / (z.std(0) + 1e-6))
 
 
+def tokens_by_prompt(records: list[Record], x_tok: np.ndarray, mask: np.ndarray,
+                     user_index: np.ndarray, num_users: int) -> np.ndarray:
+    """The frequent_words crossed_with_prompt's words (preference_covariation)."""
+    return crossed_with_prompt(frequent_words(x_tok), mask,
+                               prompt_words([r.prompt for r in records]),
+                               preference_covariation, user_index, num_users)
+
+
 def whitened(g: np.ndarray, rel: float = 1e-4) -> np.ndarray:
     """[N, P'] centred g [N, P] rotated onto its principal axes and scaled to unit variance,
-    axes with variance below `rel` of the largest dropped. A direction of the prompt
-    that users' preferences follow may carry little of the states' variance (the tiny
-    reference's states vary most with which topics a prompt names, not in what order);
-    whitened, every direction enters the covariation at the same scale."""
+    axes with variance below `rel` of the largest dropped. A direction of the prompt that
+    users' preferences follow may carry little of the states' variance; whitened, every
+    direction enters the covariation at the same scale (unwhitened, the `lead_topic` start
+    falls from 0.99 to 0.52: docs/start_features-lead-topic.md)."""
     c = g - g.mean(0)
     values, vectors = np.linalg.eigh(np.atleast_2d(np.cov(c.T)))
     keep = values > rel * max(values.max(initial=0.0), 1e-12)
@@ -128,12 +142,9 @@ def state_covariation(d: np.ndarray, g: np.ndarray, user_index: np.ndarray,
     w = g / n_u[user_index, None]                                       # [N, P]
     mean = (w.T @ d) / num_users                                        # [P, F]
     m = -num_users * (mean @ mean.T)
-    # D[u] per block of users, at most 2^25 numbers at once (a wide model's P is 192)
+    # at most 2^25 numbers a block (a wide model's P is 192)
     block = max(1, min(USER_BLOCK, (1 << 25) // max(g.shape[1] * d.shape[1], 1)))
-    for lo in range(0, num_users, block):
-        rows = np.flatnonzero((user_index >= lo) & (user_index < lo + block))
-        per_user = np.zeros((min(block, num_users - lo), g.shape[1], d.shape[1]))
-        np.add.at(per_user, user_index[rows] - lo, w[rows, :, None] * d[rows, None, :])
+    for _, per_user in user_blocks(w, d, user_index, num_users, block):
         m += np.einsum("upf,uqf->pq", per_user, per_user)
     return m - (w * (d * d).sum(1, keepdims=True)).T @ w
 
@@ -145,8 +156,5 @@ def tokens_by_prompt_state(x_tok: np.ndarray, mask: np.ndarray, prompt_states: n
     directions of its whitened last-layer state (models/features.py) along which users'
     preferences co-vary (state_covariation). It sees what the words as a bag cannot, such
     as which of two topics a prompt names first (the `lead_topic` family)."""
-    x = frequent_words(x_tok)
-    g = whitened(prompt_states)
-    cov = state_covariation(rank_weighted(x, mask), g, user_index, num_users)
-    z = g @ prompt_directions(cov, min(PROMPT_DIRECTIONS, g.shape[1]))
-    return by_prompt(x, z / (z.std(0) + 1e-6))
+    return crossed_with_prompt(frequent_words(x_tok), mask, whitened(prompt_states),
+                               state_covariation, user_index, num_users)
