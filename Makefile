@@ -67,7 +67,8 @@ starts: setup
 	$(BIN)/python experiments/starts.py
 
 # What the start's features carry (true labels fitted once vs EM from them), per family:
-# docs/start_features.{json,md}; needs `make starts` first (about 18 minutes)
+# docs/start_features.{json,md}, on `make starts` data and references (built when missing;
+# about 18 minutes)
 start-features: setup
 	$(BIN)/python experiments/start_features.py
 

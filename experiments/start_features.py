@@ -1,5 +1,6 @@
 """`make start-features`: what the start's features can carry, per family, and where the
-unsupervised start loses it. Needs the data and SFT references of `make starts`.
+unsupervised start loses it. On the data and SFT references of `make starts` (built here
+when missing).
 
     .venv/bin/python experiments/start_features.py [--families linear,contextual,order]
         [--seeds 0,1] [--features NAME,...] [--out docs/start_features.json]
@@ -73,7 +74,12 @@ prompt,tokens by prompt state,tokens by prompt state (reference's own),tokens by
 state (not whitened),generator" --out docs/start_features-lead-topic.json`); on `order`, the
 copy's response states whitened, docs/start_features-order-whitened.{json,md} (`--families
 order --features "reference trained further,reference trained further whitened" --out
-docs/start_features-order-whitened.json`).
+docs/start_features-order-whitened.json`). Two reductions of the copy's states to a few
+dimensions, `reference trained further signal R` (the R directions in which users' mean
+preferences differ most against their own rankings' noise) and `reference trained further
+within R` (the top R directions in which a record's responses differ),
+docs/start_features-order-reductions.{json,md}. Data and references that `make starts` has
+not made are built here first (the same data; the reference's SFT in this process).
 """
 
 from __future__ import annotations
@@ -95,11 +101,15 @@ FEATURES = ["reference", "reference last layer", "reference embeddings", "refere
 # the top 8 principal directions of the per-user preference embeddings, where users differ),
 # the reference's states beside the positional counts, and the language model's own: the
 # trained policies' states and the reference's output-layer gradients.
+# the dimensions of the two reductions of the copy's states (signal_projected, within_projected)
+SIGNAL_DIMS, WITHIN_DIMS = (3, 6, 16), (8, 16, 32, 64)
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
             "reference + tokens by position", "policies' states", "reference output gradients",
             "reference trained further", "tokens by prompt state",
             "tokens by prompt state (reference's own)", "tokens by prompt state (not whitened)",
-            "reference trained further whitened"]
+            "reference trained further whitened"] + [
+            f"reference trained further signal {r}" for r in SIGNAL_DIMS] + [
+            f"reference trained further within {r}" for r in WITHIN_DIMS]
 
 
 def preference_subspace(x, mask, user_index, num_users, dims: int = 8):
@@ -110,6 +120,46 @@ def preference_subspace(x, mask, user_index, num_users, dims: int = 8):
     emb = lm.preference_embeddings(x, mask, user_index, num_users)
     _, _, vt = np.linalg.svd(emb - emb.mean(0), full_matrices=False)
     return st.standardized((x @ vt[:dims].T).astype(np.float32), mask)
+
+
+def between_within(d: np.ndarray, user_index: np.ndarray, num_users: int):
+    """(B, W) of the records' preference vectors d [N, F]: B = sum over users of mu_u mu_u^T,
+    each user's mean preference estimated from pairs of distinct records (each record's
+    product with itself left out, so B holds no ranking noise in expectation); W the
+    within-user covariance of d (the ranking noise)."""
+    n_u = np.bincount(user_index, minlength=num_users).astype(float)
+    s = np.zeros((num_users, d.shape[1]))
+    np.add.at(s, user_index, d)
+    pairs = n_u * (n_u - 1)
+    ok = pairs > 0
+    per_record = np.where(ok, 1 / np.where(ok, pairs, 1), 0)[user_index]
+    b = (s[ok] / pairs[ok, None]).T @ s[ok] - (d * per_record[:, None]).T @ d
+    r = d - (s / np.maximum(n_u, 1)[:, None])[user_index]
+    return b, r.T @ r / max(len(d) - num_users, 1)
+
+
+def signal_projected(x, mask, user_index, num_users, r: int, ridge: float = 1e-3):
+    """x projected on the top r generalised eigenvectors of (B, W) (between_within of the
+    rank-weighted features), standardised: the directions in which users differ most
+    against their own rankings' noise."""
+    from scipy.linalg import eigh
+
+    from emdpo_ray.train import linear_mixture as lm, start as st
+
+    b, w = between_within(lm.rank_weighted(x, mask), user_index, num_users)
+    values, vectors = eigh(b, w + ridge * np.trace(w) / len(w) * np.eye(len(w)))
+    print("signal eigenvalues", np.round(np.sort(values)[::-1][:12], 1), flush=True)
+    return st.standardized((x @ vectors[:, np.argsort(-values)[:r]]).astype(np.float32), mask)
+
+
+def within_projected(x, mask, r: int) -> np.ndarray:
+    """x projected on the top r principal directions of the responses' deviations from
+    their record's mean (the directions in which a record's responses differ), standardised."""
+    from emdpo_ray.train import start as st
+
+    mean = (x * mask[..., None]).sum(1, keepdims=True) / np.maximum(mask.sum(1), 1)[:, None, None]
+    _, _, vt = np.linalg.svd((x - mean)[mask], full_matrices=False)
+    return st.standardized((x @ vt[:r].T).astype(np.float32), mask)
 
 
 def positional_counts(records, parts: int = 3) -> np.ndarray:
@@ -199,6 +249,37 @@ def trained_further(model, arrays: dict, epochs: float, seed: int):
     train_sft(out, arrays, plans[0], steps, TINY_LR, cfg.dpo.max_grad_norm,
               torch.device("cpu"), seed)
     return out.eval()
+
+
+def prepare(data: str, ref: str, family: str, seed: int) -> None:
+    """`make starts`' data and tiny SFT reference for one family and seed, built here in one
+    process when that run has not made them (the same data; SFT on one rank, not the run's
+    workers)."""
+    import shutil
+
+    from emdpo_ray.config import load_config
+    from emdpo_ray.data import synth
+    from emdpo_ray.data.encode import encode
+    from emdpo_ray.data.sources import load_records
+    from emdpo_ray.models.loading import load_base, load_tokenizer
+    from emdpo_ray.models.tiny import build_tiny_model
+    from starts import SHARES
+
+    if not os.path.exists(data):
+        synth.write(data, *synth.generate(users=300, types=3, rankings_per_user=10,
+                                          responses=3, shares=SHARES, seed=seed, family=family))
+    cfg = load_config(None, [f"seed={seed}"])
+    records = load_records(data)
+    init = build_tiny_model([t for r in records for t in (r.prompt, *r.responses)],
+                            ref + ".init", cfg.model, seed)
+    tok = load_tokenizer(init, cfg.model)
+    model = trained_further(load_base(init, cfg.model), encode(records, tok, cfg.data).arrays(),
+                            cfg.model.sft_passes, seed)
+    model.save_pretrained(ref + ".partial", safe_serialization=True)
+    tok.save_pretrained(ref + ".partial")
+    os.replace(ref + ".partial", ref)
+    shutil.rmtree(init)
+    print(f"prepared {data} and its SFT reference", flush=True)
 
 
 def policy_states(run: str, arrays: dict) -> np.ndarray:
@@ -292,13 +373,13 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     import torch
 
     data, ref = os.path.join(runs, f"{family}-{seed}.jsonl"), os.path.join(runs, f"{family}-{seed}-reference")
+    if not (os.path.exists(data) and os.path.isdir(ref)):
+        prepare(data, ref, family, seed)
     cfg = load_config(None, [])
     if reference is not None:  # another model's states, e.g. a pretrained one, not the SFT reference
         from emdpo_ray.models.sources import resolve_named_model
 
         ref = resolve_named_model(cfg.model.model_copy(update={"name_or_path": reference}))
-    if not (os.path.exists(data) and os.path.isdir(ref)):
-        raise SystemExit(f"{data} or {ref} missing: run `make starts` first")
     records = load_records(data)
     meta = json.load(open(data + ".meta.json"))
     tok, model = load_tokenizer(ref, cfg.model), load_base(ref, cfg.model).eval()
@@ -359,6 +440,12 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         "reference trained further": lambda: states(None, of=further_model()),
         "reference trained further whitened": lambda: whitened_states(
             states(None, of=further_model()), mask)})
+    for r in SIGNAL_DIMS:
+        makers[f"reference trained further signal {r}"] = lambda r=r: signal_projected(
+            states(None, of=further_model()), mask, ui, num_users, r)
+    for r in WITHIN_DIMS:
+        makers[f"reference trained further within {r}"] = lambda r=r: within_projected(
+            states(None, of=further_model()), mask, r)
     # --further: one set per number of further passes, in place of the default's one
     for e in further or ():
         makers[f"reference + {e:g} SFT passes"] = (
@@ -437,7 +524,12 @@ which users' preferences co-vary); `(reference's own)`, the same from the refere
 states; `(not whitened)`, the copy's states standardised per coordinate, not whitened.
 `reference trained further whitened`: the copy's response states whitened over all
 responses (every direction at one scale under the L2 penalty) in place of standardised per
-coordinate.
+coordinate. `reference trained further signal R`: the copy's states projected on the R
+directions in which users' mean preferences differ most against the noise of their own
+rankings (generalised eigenvectors of the between-user second moment, each record's product
+with itself left out, and the within-user covariance); `reference trained further within R`:
+projected on the top R principal directions in which a record's responses differ from each
+other.
 
 """
 
