@@ -130,7 +130,8 @@ class EMConfig(_Section):
         "Passes of further SFT, on the records' responses, of a copy of the reference whose "
         "states are the start's 'reference' features (the reference itself is unchanged): "
         "a reference trained longer carries the order of a response's sentences "
-        "(docs/start_features-order-levers.md). None: 2 for the default tiny model, 0 for a "
+        "(docs/start_features-order-levers.md; one pass better than two, four or eight: "
+        "docs/start_features-order-passes.md). None: 1 for the default tiny model, 0 for a "
         "named one; 0: the reference's own states."))
     init_restarts: int = Field(8, ge=1, description=(
         "Starts of the kmeans start's linear mixture: k-means, then random partitions, each "
@@ -307,7 +308,7 @@ class Config(_Section):
         """em.init_sft_epochs as it applies to this model (tiny or named)."""
         if self.em.init_sft_epochs is not None:
             return self.em.init_sft_epochs
-        return 0.0 if self.model.name_or_path else 2.0
+        return 0.0 if self.model.name_or_path else 1.0
 
     @property
     def generation_tokens(self) -> int:

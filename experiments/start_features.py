@@ -517,7 +517,8 @@ the same pooled states from each of the K policies that the default run of `make
 trained on this data (on the types that run ended with), side by side; `reference output gradients`, the
 gradient of each response's log-likelihood with respect to the reference's output layer,
 projected to 192 dimensions; `reference + N SFT passes`, the states of a copy of the
-reference given N more passes of SFT on the responses (`em.init_sft_epochs`, 2 by default).
+reference given N more passes of SFT on the responses (`em.init_sft_epochs`, 1 by default;
+2 before).
 `tokens by prompt state`, the start's `tokens_by_prompt_state` (token counts crossed with
 the directions of the further-trained copy's whitened last-layer state of the prompt along
 which users' preferences co-vary); `(reference's own)`, the same from the reference's own

@@ -222,7 +222,7 @@ def test_start_features_come_from_a_copy_of_the_reference_trained_further(finish
 
     run, _, _ = finished_run
     sft = RunDir(run).history()[0]["start"]["features_sft"]
-    assert sft["epochs"] == 2.0 and sft["steps"] > 0  # the tiny model's default
+    assert sft["epochs"] == 1.0 and sft["steps"] > 0  # the tiny model's default
     cfg = load_config(None, FAST)
     with prepare_data(cfg, load_records(synth_data), RunDir(run)) as prep:
         ref = prep.reference

@@ -80,7 +80,7 @@ def test_generations_are_as_long_as_the_training_responses_unless_capped():
 
 
 def test_start_features_train_a_copy_further_only_for_the_tiny_model_by_default():
-    assert load_config(None, []).start_sft_passes == 2.0
+    assert load_config(None, []).start_sft_passes == 1.0
     assert load_config(None, ["model.name_or_path=some/model"]).start_sft_passes == 0.0
     assert load_config(None, ["em.init_sft_epochs=0"]).start_sft_passes == 0.0
     assert load_config(None, ["model.name_or_path=m", "em.init_sft_epochs=1.5"]).start_sft_passes == 1.5
