@@ -19,7 +19,8 @@ a bag cannot, such as their order); `reference`, middle-layer states pooled over
 beginning, middle and end of each response (models/features.py) of a copy of the reference
 given `em.init_sft_epochs` more passes of SFT on the responses (the workers drop it after):
 one more pass carries the order of a response's sentences far better than the reference's
-own states (docs/start_features-order-levers.md, docs/start_features-order-passes.md); `both` (tokens and reference); or `auto`
+own states (docs/start_features-order-levers.md, docs/start_features-order-passes.md);
+`both` (tokens and reference); or `auto`
 (default), each of the five tried on 80% of every user's rankings and the one whose mixture
 best predicts the other 20% kept (held-out predictive log-likelihood), or the simplest
 within noise of it (one-standard-error rule).
