@@ -78,7 +78,12 @@ docs/start_features-order-whitened.json`). Two reductions of the copy's states t
 dimensions, `reference trained further signal R` (the R directions in which users' mean
 preferences differ most against their own rankings' noise) and `reference trained further
 within R` (the top R directions in which a record's responses differ),
-docs/start_features-order-reductions.{json,md}. Data and references that `make starts` has
+docs/start_features-order-reductions.{json,md}. Ensembles of the copy, `reference trained
+further 3 copies averaged` and `... side by side` (two more copies, their passes on other
+seeds), docs/start_features-order-copies.{json,md} (`--families order --seeds 0,1,2,3,4
+--features "reference trained further,reference trained further 3 copies
+averaged,reference trained further 3 copies side by side" --out
+docs/start_features-order-copies.json`). Data and references that `make starts` has
 not made are built here first (the same data; the reference's SFT in this process).
 """
 
@@ -103,13 +108,16 @@ FEATURES = ["reference", "reference last layer", "reference embeddings", "refere
 # trained policies' states and the reference's output-layer gradients.
 # the dimensions of the two reductions of the copy's states (signal_projected, within_projected)
 SIGNAL_DIMS, WITHIN_DIMS = (3, 6, 16), (8, 16, 32, 64)
+COPIES = 3  # copies of the further-trained reference in the ensembles, each on its own seed
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
             "reference + tokens by position", "policies' states", "reference output gradients",
             "reference trained further", "tokens by prompt state",
             "tokens by prompt state (reference's own)", "tokens by prompt state (not whitened)",
             "reference trained further whitened"] + [
             f"reference trained further signal {r}" for r in SIGNAL_DIMS] + [
-            f"reference trained further within {r}" for r in WITHIN_DIMS]
+            f"reference trained further within {r}" for r in WITHIN_DIMS] + [
+            f"reference trained further {COPIES} copies averaged",
+            f"reference trained further {COPIES} copies side by side"]
 
 
 def preference_subspace(x, mask, user_index, num_users, dims: int = 8):
@@ -440,6 +448,17 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         "reference trained further": lambda: states(None, of=further_model()),
         "reference trained further whitened": lambda: whitened_states(
             states(None, of=further_model()), mask)})
+    @functools.cache
+    def copies_states() -> list[np.ndarray]:
+        # the default copy first, then copies whose SFT passes run on other seeds (data order)
+        return [states(None, of=further_model())] + [
+            states(None, of=trained_further(model, enc.arrays(), cfg.start_sft_passes,
+                                            seed + 1000 * i)) for i in range(1, COPIES)]
+
+    makers[f"reference trained further {COPIES} copies averaged"] = lambda: st.standardized(
+        np.mean(copies_states(), 0), mask)
+    makers[f"reference trained further {COPIES} copies side by side"] = lambda: np.concatenate(
+        copies_states(), -1)
     for r in SIGNAL_DIMS:
         makers[f"reference trained further signal {r}"] = lambda r=r: signal_projected(
             states(None, of=further_model()), mask, ui, num_users, r)
@@ -530,7 +549,10 @@ directions in which users' mean preferences differ most against the noise of the
 rankings (generalised eigenvectors of the between-user second moment, each record's product
 with itself left out, and the within-user covariance); `reference trained further within R`:
 projected on the top R principal directions in which a record's responses differ from each
-other.
+other. `reference trained further 3 copies averaged` and `side by side`: three copies, each
+given the further passes on its own seed (the order of the responses), their standardised
+states averaged per coordinate (the copies share the reference's coordinates) or put side by
+side: does the seed's noise in one copy limit what the states carry?
 
 """
 
