@@ -448,9 +448,10 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         "reference trained further": lambda: states(None, of=further_model()),
         "reference trained further whitened": lambda: whitened_states(
             states(None, of=further_model()), mask)})
+
     @functools.cache
     def copies_states() -> list[np.ndarray]:
-        # the default copy first, then copies whose SFT passes run on other seeds (data order)
+        # the default copy first, then copies whose SFT runs on other seeds (batch order)
         return [states(None, of=further_model())] + [
             states(None, of=trained_further(model, enc.arrays(), cfg.start_sft_passes,
                                             seed + 1000 * i)) for i in range(1, COPIES)]
@@ -550,7 +551,7 @@ rankings (generalised eigenvectors of the between-user second moment, each recor
 with itself left out, and the within-user covariance); `reference trained further within R`:
 projected on the top R principal directions in which a record's responses differ from each
 other. `reference trained further 3 copies averaged` and `side by side`: three copies, each
-given the further passes on its own seed (the order of the responses), their standardised
+given the further passes on its own seed (the order of its batches), their standardised
 states averaged per coordinate (the copies share the reference's coordinates) or put side by
 side: does the seed's noise in one copy limit what the states carry?
 
@@ -570,6 +571,37 @@ def table(results: list[dict]) -> str:
                         f"| {f['labels_once']:.2f} | {f['labels_crossfit']:.2f} | {f['labels_em']:.2f} | "
                         f"{f['start_loglik']:.0f} vs {f['labels_em_loglik']:.0f} |")
     return "\n".join(rows)
+
+
+def paired_over_seeds(results: list[dict]) -> str:
+    """Per family and feature set with more than one seed: the mean start (chosen L2) and
+    labels cross-fitted, and each minus the first feature set's on the same seeds (95%
+    t-intervals over seeds)."""
+    from emdpo_ray.report.seeds import t_interval
+
+    def fmt(v: list[float]) -> str:
+        return f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]"
+
+    rows = []
+    for family in dict.fromkeys(r["family"] for r in results):
+        runs = [r for r in results if r["family"] == family]
+        names = list(runs[0]["features"])
+        if len(runs) < 2 or len(names) < 2:
+            continue
+        for name in names:
+            cols = []
+            for key in ("start_chosen_l2", "labels_crossfit"):
+                v = [r["features"][name][key] for r in runs]
+                d = [a - r["features"][names[0]][key] for a, r in zip(v, runs)]
+                cols += [f"{t_interval(v)[0]:.3f}", fmt(t_interval(d))]
+            rows.append(f"| {family} | {name} | {len(runs)} | " + " | ".join(cols) + " |")
+    if not rows:
+        return ""
+    return ("\n\nOver seeds, each feature set against the first on the same seeds (mean, "
+            "paired difference [95% t-interval]):\n\n"
+            "| family | features | seeds | start, chosen L2 | minus the first | labels, "
+            "cross-fitted | minus the first |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+            + "\n".join(rows))
 
 
 def main() -> int:
@@ -617,7 +649,7 @@ def main() -> int:
             if sys.argv[1:] and command not in note:
                 note += f"Command: `{command}`.\n\n"
             atomic_write_text(a.out[:-5] + ".md", HEADER.format(json=os.path.basename(a.out))
-                              + note + table(results) + "\n")
+                              + note + table(results) + paired_over_seeds(results) + "\n")
     return 0
 
 
