@@ -11,6 +11,10 @@ import os
 
 import numpy as np
 
+# Nucleus sampling for the served examples: the tiny model's long tail holds stray byte tokens
+# (half a character, a control byte) that full sampling draws now and then.
+TOP_P = 0.9
+
 
 def typical(rewards: np.ndarray, policy: np.ndarray, names: list[str]) -> dict[str, int]:
     """Per policy: the index of its sample whose true rewards (a row of `rewards` [S, T])
@@ -23,6 +27,13 @@ def typical(rewards: np.ndarray, policy: np.ndarray, names: list[str]) -> dict[s
             d = np.linalg.norm(rewards[idx] - rewards[idx].mean(0), axis=1)
             out[name] = int(idx[np.argmin(d)])
     return out
+
+
+def printable(text: str) -> str:
+    """A generation on one line as a person reads it: line breaks as ' / ', any other control
+    character or undecodable byte (U+FFFD) as '?'."""
+    text = text.strip().replace("\n", " / ")
+    return "".join("?" if ch == "\ufffd" or not ch.isprintable() else ch for ch in text)
 
 
 def show_generations(rd, console) -> None:
@@ -95,16 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         def ask(user: str | None, prompt: str, seed: int) -> None:
             # one seed per request: the same seed would draw every policy's text from the
             # same random stream, and policies that differ little would look alike
-            body = {"prompt": prompt, "max_tokens": 40, "seed": seed}
+            body = {"prompt": prompt, "max_tokens": 40, "seed": seed, "top_p": TOP_P}
             if user:
                 body["user"] = user
             r = client.post("/v1/completions", json=body)
             r.raise_for_status()
-            text = r.json()["choices"][0]["text"].replace("\n", " / ")
+            text = printable(r.json()["choices"][0]["text"])
             print(f"  user={user or '(anonymous)':<12} x-emdpo-type={r.headers['x-emdpo-type']} "
-                  f"route={r.headers['x-emdpo-route']:<10} {text[:100]!r}")
+                  f"route={r.headers['x-emdpo-route']:<10} {prompt} -> {text[:100]}")
 
-        print("known users (routed to their MAP type):")
+        print(f"known users (routed to their MAP type; sampled at top_p {TOP_P}):")
         for k in sorted(known):
             ask(known[k], "Explain owls.", k)
         print("anonymous users (type drawn from the MMRA weights):")

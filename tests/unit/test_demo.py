@@ -1,8 +1,8 @@
-"""The demo's choice of which generation to show (demo.py)."""
+"""What the demo shows: which generation, and how it is printed (demo.py)."""
 
 import numpy as np
 
-from emdpo_ray.demo import typical
+from emdpo_ray.demo import printable, typical
 
 
 def test_typical_sample_is_the_one_nearest_the_policy_mean():
@@ -11,3 +11,8 @@ def test_typical_sample_is_the_one_nearest_the_policy_mean():
     rewards = np.array([[0.0, 0.0], [2.0, 2.0], [5.0, -5.0], [1.0, 1.2]])
     policy = np.array([0, 0, 1, 0])
     assert typical(rewards, policy, ["a", "b", "c"]) == {"a": 3, "b": 2}
+
+
+def test_printable_puts_a_generation_on_one_readable_line():
+    # a line break becomes ' / '; a control byte and an undecodable byte (U+FFFD) become '?'
+    assert printable(" Clearly so.\n- Yes\x1d it\ufffd \n") == "Clearly so. / - Yes? it?"
