@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  user={user or '(anonymous)':<12} x-emdpo-type={r.headers['x-emdpo-type']} "
                   f"route={r.headers['x-emdpo-route']:<10} {prompt} -> {text[:100]}")
 
-        print(f"known users (routed to their MAP type; sampled at top_p {TOP_P}):")
+        print(f"answers sampled at top_p {TOP_P}; known users (routed to their MAP type):")
         for k in sorted(known):
             ask(known[k], "Explain owls.", k)
         print("anonymous users (type drawn from the MMRA weights):")

@@ -14,9 +14,10 @@ with the copy's weights (one shared backbone, K linear heads: a mixture of rewar
 so the states can learn what the types disagree on. Both are measured the same way, on
 `make starts`' data and references (built here when missing): five folds of users (the
 folds of start_features.py's `labels, cross-fitted`), each assigned by the models fitted to
-the true labels of the other four (ARI over all users), and the held-out log-likelihood per
-ranking of each user's rankings under their own type's model (the true rewards' figure and
-a random order's beside them). A ceiling for a start on each kind of feature, not a start.
+the true labels of the other four (the linear mixture at L2 1e-2; ARI over all users), and
+the held-out log-likelihood per ranking of each user's rankings under their own type's model
+(the true rewards' figure and a random order's beside them). A ceiling for a start on each
+kind of feature, not a start.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-FOLDS = 5
+FOLDS = 5           # start_features.py's cross-fitted folds
 BATCH = 32          # records per step
 HEAD_LR, BACKBONE_LR = 3e-3, 1e-3
 
@@ -106,14 +107,16 @@ def one(family: str, seed: int, runs: str, epochs: list[float]) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     from emdpo_ray.config import load_config
+    from emdpo_ray.core.calibration import ranking_loglik
     from emdpo_ray.core.estep import e_step, smoothed_onehot
     from emdpo_ray.data import synth
     from emdpo_ray.data.encode import encode
     from emdpo_ray.data.sources import load_records
     from emdpo_ray.models.features import response_representations
     from emdpo_ray.models.loading import load_base, load_tokenizer
-    from emdpo_ray.train import linear_mixture as lm, start as st
-    from start_features import oracle_labels, prepare, trained_further
+    from emdpo_ray.train import start as st
+    from start_features import (crossfit_scores, oracle_labels, prepare, record_folds,
+                                trained_further)
 
     data = os.path.join(runs, f"{family}-{seed}.jsonl")
     ref = os.path.join(runs, f"{family}-{seed}-reference")
@@ -128,7 +131,7 @@ def one(family: str, seed: int, runs: str, epochs: list[float]) -> dict:
     truth[ui] = [r.true_type for r in records]
     k = len(meta["shares"])
     gamma = smoothed_onehot(truth, k, 0.05)
-    fold = np.random.default_rng(0).integers(0, FOLDS, num_users)[ui]
+    fold = record_folds(ui, num_users, FOLDS)
     further = trained_further(model, arrays, cfg.start_sft_passes, seed)   # the start's copy
     x = st.standardized(response_representations(further, arrays, torch.device("cpu"),
                                                  dims=1 << 16), mask)
@@ -140,13 +143,9 @@ def one(family: str, seed: int, runs: str, epochs: list[float]) -> dict:
                 "heldout_loglik_per_ranking": round(float(own.mean()), 4),
                 "seconds": round(seconds, 1)}
 
-    rows = []
-    t, scores = time.perf_counter(), np.zeros((len(records), k))
-    for f in range(FOLDS):
-        fit = fold != f
-        mix = lm.fit_linear_mixture(x[fit], mask[fit], ui[fit], num_users, gamma, 0, 1e-2)
-        scores[~fit] = lm.record_logliks(x[~fit], mask[~fit], mix.theta)
-    rows.append({"model": "linear on frozen states", **measured(scores, time.perf_counter() - t)})
+    t = time.perf_counter()
+    scores = crossfit_scores(x, mask, ui, num_users, gamma, FOLDS, 1e-2)
+    rows = [{"model": "linear on frozen states", **measured(scores, time.perf_counter() - t)}]
     for ep in epochs:
         t, scores = time.perf_counter(), np.zeros((len(records), k))
         for f in range(FOLDS):
@@ -161,8 +160,6 @@ def one(family: str, seed: int, runs: str, epochs: list[float]) -> dict:
                      **measured(scores, time.perf_counter() - t)})
     true_r = np.array([synth.true_rewards(meta, [r.prompt] * len(r.ranked), r.ranked)[truth[u]]
                        for r, u in zip(records, ui)])
-    from emdpo_ray.core.calibration import ranking_loglik
-
     out = {"family": family, "seed": seed, "rows": rows,
            "oracle_ari": round(float(adjusted_rand_score(
                truth, oracle_labels(records, ui, num_users, meta))), 3),

@@ -348,20 +348,35 @@ def oracle_labels(records, user_index, num_users, meta: dict) -> np.ndarray:
     return e_step(scores, user_index, num_users, np.asarray(meta["shares"])).gamma.argmax(1)
 
 
+def record_folds(user_index, num_users, folds: int = 5) -> np.ndarray:
+    """[N] the fold of each record's user (users drawn into folds at random, seed 0)."""
+    return np.random.default_rng(0).integers(0, folds, num_users)[user_index]
+
+
+def crossfit_scores(x, mask, user_index, num_users, gamma, folds: int = 5,
+                    l2: float = 1e-2) -> np.ndarray:
+    """[N, K] each record's log-likelihood under a linear mixture fitted to the posteriors
+    `gamma` of the users in the other folds (no user's rankings fit the weights that score
+    it)."""
+    from emdpo_ray.train import linear_mixture as lm
+
+    fold = record_folds(user_index, num_users, folds)
+    scores = np.zeros((len(x), gamma.shape[1]))
+    for f in range(folds):
+        fit = fold != f
+        mix = lm.fit_linear_mixture(x[fit], mask[fit], user_index[fit], num_users, gamma, 0, l2)
+        scores[~fit] = lm.record_logliks(x[~fit], mask[~fit], mix.theta)
+    return scores
+
+
 def crossfit_labels(x, mask, user_index, num_users, truth, k: int, folds: int = 5,
                     l2: float = 1e-2) -> np.ndarray:
     """Each user's MAP type under a linear mixture fitted to the true labels of the users in
     the other folds (out of sample: no user's rankings fit the weights that assign it)."""
     from emdpo_ray.core.estep import e_step, smoothed_onehot
-    from emdpo_ray.train import linear_mixture as lm
 
-    fold = np.random.default_rng(0).integers(0, folds, num_users)[user_index]
     gamma = smoothed_onehot(truth, k, 0.05)
-    scores = np.zeros((len(x), k))
-    for f in range(folds):
-        fit = fold != f
-        mix = lm.fit_linear_mixture(x[fit], mask[fit], user_index[fit], num_users, gamma, 0, l2)
-        scores[~fit] = lm.record_logliks(x[~fit], mask[~fit], mix.theta)
+    scores = crossfit_scores(x, mask, user_index, num_users, gamma, folds, l2)
     return e_step(scores, user_index, num_users, gamma.mean(0)).gamma.argmax(1)
 
 
