@@ -159,9 +159,14 @@ class EMConfig(_Section):
     guard_holdout: float = Field(0.2, ge=0, lt=1, description=(
         "Share of each user's rankings kept out of every M-step's training. An E-step's new "
         "types are kept only if its policies predict these rankings (from the user's other "
-        "rankings) at least as well as the model behind the current types did: the start's "
-        "mixture, or the previous iteration's policies; otherwise EM stops with the current "
-        "types and the policies trained on them. 0: no check, train on every ranking."))
+        "rankings) better than the model behind the current types did, beyond noise "
+        "(em.guard_level): the start's mixture, or the previous iteration's policies; "
+        "otherwise EM stops with the current types and the policies trained on them. 0: no "
+        "check, train on every ranking."))
+    guard_level: float = Field(0.9, ge=0, lt=1, description=(
+        "The guard keeps new types when the lower end of this interval (resampling users) of "
+        "their gain in held-out log-likelihood per ranking, paired per user, is above 0: at "
+        "0.9, a one-sided test at 5%. 0: any gain in the mean, as before this test existed."))
     reward_temperature: Literal["fit"] | PositiveFloat = Field(1.0, description=(
         "Scale of the policies' rewards when the E-step and the guard score rankings. 1: "
         "the rewards as trained. 'fit': each iteration, the scale that best predicts the "

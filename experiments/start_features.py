@@ -496,8 +496,8 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         x = makers[name]()
         start = lm.feature_start(x, mask, ui, num_users, k, seed, 20, restarts=8, l2=l2s[0])
         path = lm.l2_path(x, mask, ui, num_users, start, list(l2s), 20)
-        _, l2, _, g = st.choose_features({name: lambda: x}, mask, ui, num_users, k, seed, 20,
-                                         held, 8, l2s=l2s)
+        _, l2, _, g, _ = st.choose_features({name: lambda: x}, mask, ui, num_users, k, seed, 20,
+                                            held, 8, l2s=l2s)
         # as the default start: the chosen start continued on every record, or the fresh
         # restarts walked down to the chosen L2, whichever is likelier
         final = max((lm.fit_linear_mixture(x, mask, ui, num_users, g, 20, l2),

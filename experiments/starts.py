@@ -159,9 +159,11 @@ of 20 iterations with the reference's states projected to 64 dimensions in
 [`starts-dims64.json`](starts-dims64.json); short-run restarts, the last layer's states and
 a fixed L2 of 1e-2 in [`starts-l2fixed.json`](starts-l2fixed.json). Guard
 (`em.guard_holdout`, default 0.2): a fifth of each user's rankings is never trained on; an
-iteration's new types are kept only if its policies predict those rankings at least as well
-as the model behind the current types (per held-out ranking: that model vs the new policies;
-`stop` = update refused, EM ends with the current types). Held-out log-likelihood (last
+iteration's new types are kept only if its policies predict those rankings better than
+the model behind the current types, beyond noise (per held-out ranking: that model vs the new
+policies; since `em.guard_level`, the gain paired per user with its 90% interval, kept when
+that lies above 0; earlier figures: kept when the new policies' mean was no lower; `stop` =
+update refused, EM ends with the current types). Held-out log-likelihood (last
 column): 4 new rankings per user from the user's true type, scored by the learned mixture of
 policies; a random order scores -1.792. Runs without the guard (`--set em.guard_holdout=0
 --configs auto,tokens`, k-means split start) are in [`starts-noguard.json`](starts-noguard.json),
@@ -195,6 +197,8 @@ def table(results: list[dict]) -> str:
                           + (" [{:.3f}, {:.3f}]".format(*g["interval"]) if "interval" in g else "")
                           + (" at rewards x{:.2f}/{:.2f}".format(*g["temperatures"])
                              if g.get("temperatures") else "")
+                          + (", gain {:+.3f} [{:+.3f}, {:+.3f}]".format(g["gain"], *g["gain_interval"])
+                             if (g.get("gain_interval") or [None])[0] is not None else "")
                           + ("" if g["accepted"] else " stop") for g in checks) or "off"
         moves = r["start"].get("split_merge")
         k = f" (K={r['types']})" if r["config"] in TYPES else ""

@@ -16,11 +16,17 @@ import pytest
 from conftest import kill_a_worker_after_a_checkpoint
 
 
-def _cli_train(data, out, env_extra=None):
+# both iterations run whatever the guard says: without it, or from the labels (iteration 1
+# has nothing to be compared with, and iteration 2 is the last either way)
+NO_GUARD = ("em.guard_holdout=0",)
+FROM_LABELS = ("em.init=labels",)
+
+
+def _cli_train(data, out, env_extra=None, settings=NO_GUARD):
     cmd = [sys.executable, "-m", "emdpo_ray", "train", "--data", data, "--types", "2",
            "--out", out, "--set", "em.max_iterations=2", "--set", "mmra.enabled=false",
-           "--set", "em.tol_posterior=0", "--set", "dpo.min_steps=10",
-           "--set", "em.guard_holdout=0"]  # both iterations run, whatever the guard would say
+           "--set", "em.tol_posterior=0", "--set", "dpo.min_steps=10"]
+    cmd += [a for s in settings for a in ("--set", s)]
     env = {**os.environ, **(env_extra or {})}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -63,15 +69,16 @@ def _posteriors(run):
 @pytest.mark.slow
 def test_driver_sigkill_after_iteration_1_resumes_to_same_posteriors(tmp_path,
                                                                      reliability_report):
-    """The small version: one SIGKILL once iteration 1 is stored (iteration 2's M-step)."""
+    """The small version: one SIGKILL once iteration 1 is stored (iteration 2's M-step), the
+    guard on: the resumed iteration 2 is tested against iteration 1's figures per user."""
     from emdpo_ray.data import synth
 
     data = str(tmp_path / "d.jsonl")
     synth.write(data, *synth.generate(users=24, types=2, rankings_per_user=6, seed=5))
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    rc, err = _finish(_cli_train(data, full))
+    rc, err = _finish(_cli_train(data, full, settings=FROM_LABELS))
     assert rc == 0, err[-3000:]
-    p = _cli_train(data, cut)
+    p = _cli_train(data, cut, settings=FROM_LABELS)
     state = os.path.join(cut, "state.json")
     deadline = time.time() + 900
     while not os.path.exists(state) and time.time() < deadline and p.poll() is None:
@@ -81,9 +88,14 @@ def test_driver_sigkill_after_iteration_1_resumes_to_same_posteriors(tmp_path,
     p.wait()
     assert json.load(open(state))["iteration"] == 1
     assert not os.path.exists(os.path.join(cut, "posteriors.jsonl"))
-    rc, err = _finish(_cli_train(data, cut))
+    rc, err = _finish(_cli_train(data, cut, settings=FROM_LABELS))
     assert rc == 0, err[-3000:]
     assert "resuming after iteration 1" in err
+    # iteration 2's guard paired its figures with iteration 1's, restored from the run dir
+    guards = [[h["guard"] for h in json.load(open(f"{r}/history.json"))[1:]] for r in (full, cut)]
+    assert guards[0][0]["baseline"] is None and guards[0][1]["gain"] is not None
+    assert guards[1][1]["gain"] == pytest.approx(guards[0][1]["gain"], abs=1e-6)
+    assert guards[1][1]["baseline"] == pytest.approx(guards[0][1]["baseline"], abs=1e-6)
     a, b = _posteriors(full), _posteriors(cut)
     assert a.keys() == b.keys()
     diff = max(abs(x - y) for u in a for x, y in zip(a[u], b[u]))

@@ -179,20 +179,34 @@ class RunDir:
                               "start over") from None
 
     def save_iteration(self, iteration: int, log_gamma: np.ndarray, history: list[dict],
-                       state: dict, before_state=lambda: None) -> None:
-        """log-posteriors, history, then state.json (the resume point), each atomic and pushed in that
-        order; `before_state` runs between the two (crash tests)."""
+                       state: dict, before_state=lambda: None,
+                       heldout_per_user: np.ndarray | None = None) -> None:
+        """log-posteriors (and the guard's per-user baseline, when given), history, then
+        state.json (the resume point), each atomic and pushed in that order; `before_state`
+        runs between the two (crash tests)."""
         name = gamma_file(iteration)
         atomic_save_npy(self.file(name), log_gamma)
+        names, extra = [name], {}
+        if heldout_per_user is not None:
+            extra["heldout_per_user"] = f"heldout-per-user-{iteration:03d}.npy"
+            atomic_save_npy(self.file(extra["heldout_per_user"]), heldout_per_user)
+            names.append(extra["heldout_per_user"])
         atomic_write_json(self.file(HISTORY), history)
         before_state()
-        self.push(name, HISTORY, CACHE)
-        atomic_write_json(self.file(STATE), {**state, "iteration": iteration, "log_gamma": name})
+        self.push(*names, HISTORY, CACHE)
+        atomic_write_json(self.file(STATE), {**state, **extra, "iteration": iteration,
+                                             "log_gamma": name})
         self.push(STATE)
 
     def load_log_gamma(self, state: dict) -> np.ndarray:
         """[U, K] log-posteriors of the iteration `state` points at."""
         return np.load(self.file(state["log_gamma"]))
+
+    def load_heldout_per_user(self, state: dict) -> np.ndarray | None:
+        """[U] held-out log-likelihoods of the model behind the types `state` holds (the
+        guard's baseline), None when the run kept none."""
+        name = state.get("heldout_per_user")
+        return np.load(self.file(name)) if name else None
 
     def history(self) -> list[dict]:
         return read_json(self.file(HISTORY)) if os.path.exists(self.file(HISTORY)) else []

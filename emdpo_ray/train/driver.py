@@ -27,7 +27,8 @@ from emdpo_ray.run.storage import checkpoint_from
 from emdpo_ray.train.num_types import choose_num_types
 from emdpo_ray.train.prepare import prepare_data
 from emdpo_ray.train.sft import sft_plans
-from emdpo_ray.train.start import feature_candidates, heldout_records, initial_gamma
+from emdpo_ray.train.start import (HELDOUT_PER_USER, feature_candidates, heldout_records,
+                                   initial_gamma)
 from emdpo_ray.utils import fault_point
 
 log = logging.getLogger(__name__)
@@ -111,12 +112,17 @@ def reward_temperature(cfg: Config, rewards: np.ndarray, held: np.ndarray | None
 
 
 def guard_check(rewards: np.ndarray, held: np.ndarray, user_index: np.ndarray, num_users: int,
-                eta: np.ndarray, baseline: float | None, tau: float | str) -> dict:
+                eta: np.ndarray, baseline: np.ndarray | float | None, tau: float | str,
+                level: float = 0.9) -> tuple[dict, np.ndarray]:
     """Do this iteration's policies (rewards [N, K, m]) predict the held-out rankings (from
-    each user's other rankings) at least as well as the model behind the current types
-    (`baseline`, per ranking)? With a fitted temperature (`tau="fit"`) each half of the users
-    is scored at the one fitted on the other half. {"heldout_loglik_per_ranking",
-    "interval" (95%, resampling users), "baseline", "accepted", "temperatures"}."""
+    each user's other rankings) better than the model behind the current types, beyond
+    noise? `baseline`: that model's held-out log-likelihood per user [U], or only per
+    ranking (a run resumed from before the per-user figures were kept). Kept when the
+    `level` interval of the gain per ranking, paired per user and resampling users, lies
+    above 0 (level 0: any gain in the mean). With a fitted temperature (`tau="fit"`) each
+    half of the users is scored at the one fitted on the other half. ({"heldout_loglik_per_
+    ranking", "interval" (95%), "baseline", "gain", "gain_interval", "accepted",
+    "temperatures"}, the figures per user [U])."""
     if tau == "fit":
         per_user, taus = crossfit_temperature(rewards, held, user_index, num_users, eta)
     else:
@@ -125,9 +131,30 @@ def guard_check(rewards: np.ndarray, held: np.ndarray, user_index: np.ndarray, n
                                            user_index, num_users, eta)
     n = np.bincount(user_index[held], minlength=num_users)
     pred = float(per_user.sum() / held.sum())
-    return {"heldout_loglik_per_ranking": pred, "interval": per_ranking_interval(per_user, n),
-            "baseline": baseline, "accepted": bool(baseline is None or pred >= baseline),
-            "temperatures": taus}
+    report = {"heldout_loglik_per_ranking": pred, "interval": per_ranking_interval(per_user, n),
+              "baseline": None, "gain": None, "gain_interval": None, "accepted": True,
+              "temperatures": taus}
+    if baseline is not None and np.ndim(baseline) == 0:  # nothing to pair with
+        report.update(baseline=float(baseline), gain=pred - float(baseline),
+                      accepted=pred >= float(baseline))
+    elif baseline is not None:
+        gain = per_user - np.asarray(baseline, float)
+        lo, hi = per_ranking_interval(gain, n, level=level) if level > 0 else [None, None]
+        report.update(baseline=float(np.sum(baseline) / held.sum()),
+                      gain=float(gain.sum() / held.sum()), gain_interval=[lo, hi],
+                      accepted=bool(lo > 0 if level > 0 else gain.sum() >= 0))
+    return report, per_user
+
+
+def refusal(guard: dict, it: int) -> str:
+    """Why the guard kept the current types, in words."""
+    lo_hi = guard["gain_interval"] or [None, None]
+    gain = (f", gain {guard['gain']:+.3f} [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]"
+            if lo_hi[0] is not None else "")
+    return (f"these policies do not predict held-out rankings better than "
+            f"{'the start' if it == 1 else f'iteration {it - 1}'} did, beyond noise "
+            f"({guard['heldout_loglik_per_ranking']:.3f} vs {guard['baseline']:.3f} per "
+            f"ranking{gain})")
 
 
 def run_identity(cfg: Config, data_path: str, k: int | str) -> dict:
@@ -215,7 +242,9 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
             eta, it0 = np.asarray(state["eta"]), state["iteration"] + 1
             prev = EStep(log_gamma, eta, state["loglik"])
             ckpt = checkpoint_from(state["checkpoint"])
-            baseline = state.get("heldout_loglik_per_ranking")
+            baseline = rd.load_heldout_per_user(state)
+            if baseline is None:  # a run from before the per-user figures were kept
+                baseline = state.get("heldout_loglik_per_ranking")
             # history.json is written before state.json: after a crash between the two it holds
             # the iteration in flight, which is redone, so drop it rather than count it twice.
             history = [h for h in rd.history() if h["iteration"] <= state["iteration"]]
@@ -232,7 +261,7 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
 
             gamma = initial_gamma(cfg, k, records, ui, u_count, restart, features, start_info,
                                   held, candidates)
-            baseline = start_info.get("heldout_loglik_chosen") if held is not None else None
+            baseline = start_info.pop(HELDOUT_PER_USER, None) if held is not None else None
             with np.errstate(divide="ignore"):
                 log_gamma = np.log(gamma)
             eta, it0, prev, ckpt, done, final_fit = gamma.mean(0), 1, None, None, False, None
@@ -268,19 +297,14 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
             done = converged(prev, cur, cfg.em.tol_loglik, cfg.em.tol_posterior)
             guard = None
             if held is not None:
-                guard = guard_check(rewards, held, ui, u_count, eta, baseline,
-                                    cfg.em.reward_temperature)
+                guard, per_user = guard_check(rewards, held, ui, u_count, eta, baseline,
+                                              cfg.em.reward_temperature, cfg.em.guard_level)
             if guard is None or guard["accepted"]:
                 gamma, log_gamma, eta, prev, prev_tau = cur.gamma, cur.log_gamma, cur.eta, cur, tau
-                baseline = guard["heldout_loglik_per_ranking"] if guard else None
+                baseline = per_user if guard else None
             else:  # keep the current types; this M-step's policies were trained on them
                 done, d_gamma = True, 0.0
-                say(f"iter {it}: these policies predict held-out rankings worse than "
-                    f"{'the start' if it == 1 else f'iteration {it - 1}'} did "
-                    f"({guard['heldout_loglik_per_ranking']:.3f}, 95% interval "
-                    f"[{guard['interval'][0]:.3f}, {guard['interval'][1]:.3f}], vs "
-                    f"{guard['baseline']:.3f} per ranking): keeping the current types and "
-                    "stopping")
+                say(f"iter {it}: {refusal(guard, it)}: keeping the current types and stopping")
             ckpt = res.checkpoint
             a = ari(true_types, gamma)
             m = res.metrics
@@ -296,8 +320,10 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
             })
             rd.save_iteration(it, log_gamma, history,
                               {"eta": eta.tolist(), "loglik": cur.loglik, "converged": done,
-                               "heldout_loglik_per_ranking": baseline,
+                               "heldout_loglik_per_ranking": None if guard is None else guard[
+                                   "heldout_loglik_per_ranking" if guard["accepted"] else "baseline"],
                                "checkpoint": rd.store.checkpoint_uri(ckpt)},
+                              heldout_per_user=baseline if np.ndim(baseline) else None,
                               before_state=lambda: fault_point("checkpoint", it))
             say(f"iter {it}: loglik={cur.loglik:.2f} "
                 + (f"(rewards x{tau:.3g}) " if tau != 1.0 else "")

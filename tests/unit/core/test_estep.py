@@ -78,24 +78,51 @@ def test_loglik_drop_and_the_driver_warning(caplog):
     assert "scale changed too (x0.7 -> x0.6)" in said[-1] and "exact EM" not in said[-1]
 
 
-def test_guard_keeps_an_update_only_if_held_out_rankings_are_predicted_as_well():
+def test_guard_keeps_an_update_only_if_held_out_rankings_are_predicted_better():
     from emdpo_ray.train.driver import guard_check
 
     # the worked case of test_predictive_loglik_by_hand: log(7/12) = -0.539 per held ranking;
     # pairs whose winner's reward leads by 0, -log 3 and log 3 have probabilities 1/2, 1/4, 3/4
     rewards = np.array([[[0.0, 0.0], [-np.log(3), 0.0]], [[0.0, 0.0], [np.log(3), 0.0]]])
     held, ui, eta = np.array([False, True]), np.array([0, 0]), np.array([0.5, 0.5])
-    g = guard_check(rewards, held, ui, 1, eta, baseline=None, tau=1.0)
+    g, per_user = guard_check(rewards, held, ui, 1, eta, baseline=None, tau=1.0)
     assert g["heldout_loglik_per_ranking"] == pytest.approx(np.log(7 / 12)) and g["accepted"]
+    assert per_user == pytest.approx([np.log(7 / 12)])
     assert g["interval"] == pytest.approx([np.log(7 / 12)] * 2)  # one user: nothing to resample
-    assert g["temperatures"] is None
+    assert g["temperatures"] is None and g["gain"] is None
     json.dumps(g)  # history.json takes it as is
-    assert guard_check(rewards, held, ui, 1, eta, baseline=-0.6, tau=1.0)["accepted"]
-    rejected = guard_check(rewards, held, ui, 1, eta, baseline=-0.5, tau=1.0)
+    # a baseline per ranking only (a run resumed from before per-user figures): the means
+    assert guard_check(rewards, held, ui, 1, eta, baseline=-0.6, tau=1.0)[0]["accepted"]
+    rejected = guard_check(rewards, held, ui, 1, eta, baseline=-0.5, tau=1.0)[0]
     assert not rejected["accepted"] and rejected["baseline"] == -0.5
     # at temperature 0 every policy ranks at random: log 1/2 per held ranking
-    flat = guard_check(rewards, held, ui, 1, eta, baseline=None, tau=1e-12)
+    flat = guard_check(rewards, held, ui, 1, eta, baseline=None, tau=1e-12)[0]
     assert flat["heldout_loglik_per_ranking"] == pytest.approx(np.log(0.5))
+
+
+def test_guard_pairs_the_gain_per_user_and_asks_for_it_beyond_noise():
+    from emdpo_ray.train.driver import guard_check
+
+    # two users, each the worked case above: log(7/12) per user, one held ranking each
+    rewards = np.array([[[0.0, 0.0], [-np.log(3), 0.0]], [[0.0, 0.0], [np.log(3), 0.0]]] * 2)
+    held, ui, eta = np.array([False, True] * 2), np.array([0, 0, 1, 1]), np.array([0.5, 0.5])
+    new = np.log(7 / 12)
+    # both users gain 0.1: every resample gains 0.1, so the interval is [0.1, 0.1]
+    g, _ = guard_check(rewards, held, ui, 2, eta, np.array([new - 0.1, new - 0.1]), 1.0, 0.9)
+    assert g["accepted"] and g["gain"] == pytest.approx(0.1)
+    assert g["gain_interval"] == pytest.approx([0.1, 0.1])
+    assert g["baseline"] == pytest.approx(new - 0.1)
+    # gains -0.3 and +0.5: +0.1 on average, but a resample holds the losing user twice with
+    # probability 1/4 (-0.3), both users with 1/2 (+0.1), the winner twice with 1/4 (+0.5):
+    # the 5th percentile is -0.3, so the gain is within noise and the update is refused
+    base = np.array([new + 0.3, new - 0.5])
+    g, _ = guard_check(rewards, held, ui, 2, eta, base, 1.0, 0.9)
+    assert g["gain"] == pytest.approx(0.1) and g["gain_interval"][0] == pytest.approx(-0.3)
+    assert not g["accepted"]
+    # level 0 keeps any gain in the mean, as the unpaired rule did
+    g, _ = guard_check(rewards, held, ui, 2, eta, base, 1.0, 0.0)
+    assert g["accepted"] and g["gain_interval"] == [None, None]
+    json.dumps(g)
 
 
 def test_per_ranking_interval_resamples_users_by_hand():

@@ -42,6 +42,21 @@ def test_save_iteration_writes_state_last(tmp_path):
                       before_state=lambda: seen.append(sorted(os.listdir(tmp_path))))
     assert seen == [["history.json", "log-gamma-002.npy", "run.json"]]
     assert rd.history() == [{"iteration": 2}]
+    assert rd.load_heldout_per_user(rd.state()) is None  # none given, none kept
+
+
+def test_the_guards_per_user_baseline_is_saved_before_state_and_reloaded(tmp_path):
+    rd = RunDir(str(tmp_path))
+    rd.create_or_resume(IDENT, overwrite=False)
+    seen = []
+    rd.save_iteration(1, np.zeros((2, 2)), [], {"eta": [0.5, 0.5]},
+                      before_state=lambda: seen.append(sorted(os.listdir(tmp_path))),
+                      heldout_per_user=np.array([-0.5, -1.25]))
+    assert "heldout-per-user-001.npy" in seen[0] and "state.json" not in seen[0]
+    np.testing.assert_array_equal(rd.load_heldout_per_user(rd.state()), [-0.5, -1.25])
+    # the final fit rewrites the state from the last one: the baseline still loads
+    rd.save_iteration(1, np.zeros((2, 2)), [], {**rd.state(), "final_fit": {}})
+    np.testing.assert_array_equal(rd.load_heldout_per_user(rd.state()), [-0.5, -1.25])
 
 
 def test_unfinished_and_missing_runs_say_so(tmp_path):

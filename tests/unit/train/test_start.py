@@ -52,6 +52,23 @@ def test_features_follow_the_ranking():
     np.testing.assert_array_equal(x[0, 0], x[1, 2])  # "yes yes": first for type 0, last for 1
 
 
+def test_counts_by_hand_with_uneven_rankings_and_a_capped_vocabulary():
+    recs = [parse_record({"user_id": "a", "prompt": "p", "responses": ["b a", "a a c"],
+                          "ranking": [1, 0]}, "t:0"),
+            parse_record({"user_id": "b", "prompt": "p", "responses": ["c", "a", "a b"],
+                          "ranking": [2, 0, 1]}, "t:1")]
+    x, mask = response_features(recs)   # vocabulary a, b, c (sorted); ranked order
+    np.testing.assert_array_equal(mask, [[1, 1, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(x[0], [[2, 0, 1], [1, 1, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(x[1], [[1, 1, 0], [0, 0, 1], [1, 0, 0]])
+    # capped at two words: the most frequent, a (5 times) and b (2), c (2) tied with b;
+    # whichever is kept, the columns are the counts of the same two words in every response
+    x2, _ = response_features(recs, max_words=2)
+    assert x2.shape == (2, 3, 2) and x2[..., 0].sum() == 5
+    kept = 1 if x2[0, 0, 1] == 0 else 2   # b's column or c's
+    np.testing.assert_array_equal(x2[..., 1], x[..., kept])
+
+
 def test_labels_start_and_its_errors():
     recs, ui, truth = _two_opposite_types(4, 1)
     cfg = load_config(None, ["em.init=labels", "em.init_smoothing=0.2"])
@@ -114,10 +131,13 @@ def test_auto_features_keep_the_candidate_that_predicts_held_out_rankings():
     recs, ui, truth = _two_opposite_types(20, 5)
     x, mask = response_features(recs)
     noise = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
-    name, l2, scores, gamma = choose_features({"noise": lambda: noise, "tokens": lambda: x},
-                                              mask, ui, 20, 2, seed=0, refine_iterations=2,
-                                              held=heldout_records(ui, 0.2, 0), restarts=2)
+    held = heldout_records(ui, 0.2, 0)
+    name, l2, scores, gamma, per_user = choose_features(
+        {"noise": lambda: noise, "tokens": lambda: x}, mask, ui, 20, 2, seed=0,
+        refine_iterations=2, held=held, restarts=2)
     assert name == "tokens" and l2 == 1e-2
+    # the chosen candidate's figure per user, which the guard's paired test starts from
+    assert per_user.shape == (20,) and per_user.sum() / held.sum() == pytest.approx(scores[name][l2])
     assert scores["tokens"][1e-2] > scores["noise"][1e-2]
     labels = gamma.argmax(1)  # the chosen start's split, fitted without the held-out rankings
     assert (labels == truth).all() or (labels == 1 - truth).all()
@@ -132,9 +152,9 @@ def test_the_l2_path_keeps_the_penalty_that_predicts_held_out_rankings():
     x, mask = response_features(recs)
     held = heldout_records(ui, 0.2, 0)
     # a penalty of 10 shrinks every preference to ~0 (a random order, -log 6); 1e-3 keeps them
-    name, l2, scores, gamma = choose_features({"tokens": lambda: x}, mask, ui, 20, 2, seed=0,
-                                              refine_iterations=2, held=held, restarts=2,
-                                              l2s=(10.0, 1e-3))
+    name, l2, scores, gamma, _ = choose_features({"tokens": lambda: x}, mask, ui, 20, 2, seed=0,
+                                                 refine_iterations=2, held=held, restarts=2,
+                                                 l2s=(10.0, 1e-3))
     assert l2 == 1e-3 and set(scores["tokens"]) == {10.0, 1e-3}
     assert scores["tokens"][10.0] == pytest.approx(-np.log(6), abs=0.05)
     assert scores["tokens"][1e-3] > scores["tokens"][10.0] + 0.3
