@@ -186,7 +186,7 @@ def header(out: str, argv: list[str]) -> str:
 def table(results: list[dict]) -> str:
     rows = ["| family | start | seed | features, L2 chosen | moves | ARI: start, iter 1, 2, 3 | "
             "guard: held-out log-lik per ranking, model behind the types vs new policies "
-            "[95% interval] | "
+            "[95% interval], gain paired per user [90% interval] | "
             "held-out log-lik per ranking | log-lik falls |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
