@@ -187,11 +187,15 @@ def test_full_finetuning_trains_and_scores(ray_local, tmp_path):
     data = str(tmp_path / "d.jsonl")
     synth.write(data, *synth.generate(users=16, types=2, rankings_per_user=4, seed=3))
     run = str(tmp_path / "full")
+    # without the guard's holdout the start's per-user figures must still stay out of
+    # history.json
     summary = train(load_config(None, ["model.finetune=full", "em.max_iterations=1",
+                                       "em.guard_holdout=0",
                                        "dpo.min_steps=5", "dpo.learning_rate=1e-3",
                                        "mmra.num_prompts=2", "mmra.max_new_tokens=6"]),
                     data, 2, run)
     assert summary["iterations"] == 1
+    assert "heldout_loglik_chosen" in RunDir(run).history()[0]["start"]
     for k in range(2):
         assert os.path.exists(os.path.join(run, "policies", f"type_{k}", "model.safetensors"))
     mm = json.load(open(os.path.join(run, "mmra.json")))

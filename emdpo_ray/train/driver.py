@@ -261,7 +261,8 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
 
             gamma = initial_gamma(cfg, k, records, ui, u_count, restart, features, start_info,
                                   held, candidates)
-            baseline = start_info.pop(HELDOUT_PER_USER, None) if held is not None else None
+            baseline = start_info.pop(HELDOUT_PER_USER, None)  # never into history.json
+            baseline = baseline if held is not None else None
             with np.errstate(divide="ignore"):
                 log_gamma = np.log(gamma)
             eta, it0, prev, ckpt, done, final_fit = gamma.mean(0), 1, None, None, False, None
