@@ -363,6 +363,9 @@ def test_types_auto_chooses_k_from_the_start_and_resumes_with_it(ray_local, synt
     assert TAU_BOUNDS[0] <= it1["reward_temperature"] <= TAU_BOUNDS[1]
     assert it1["reward_temperature"] != 1.0 and len(it1["guard"]["temperatures"]) == 2
     assert any("(rewards x" in m for m in msgs)
+    # the scale behind the final types is the run's, for serving's feedback and eval
+    tau = it1["reward_temperature"] if it1["guard"]["accepted"] else 1.0
+    assert summary["reward_temperature"] == rd.reward_temperature() == tau
     again = []
     assert train(cfg, synth_data, "auto", run, progress=again.append)["types"] == 3
     assert any("resuming after iteration 1" in m for m in again)

@@ -72,3 +72,16 @@ def crossfit_temperature(rewards: np.ndarray, held: np.ndarray, user_index: np.n
                                      num_users, eta)
         per_user[half == h] = ll[half == h]
     return per_user, taus
+
+
+def types_temperature(history: list[dict]) -> float:
+    """The reward scale behind a run's final types: that of the last iteration whose E-step
+    was kept (a refused iteration keeps the previous types), 1 when the types are the start's
+    (no policy scored them). Feedback while serving is scored at it, so that an online update
+    is the same Bayes step as the E-step's."""
+    for h in reversed(history):
+        if h["iteration"] == 0:
+            return 1.0
+        if h.get("guard") is None or h["guard"]["accepted"]:
+            return float(h.get("reward_temperature", 1.0))
+    return 1.0

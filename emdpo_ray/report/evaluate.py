@@ -118,6 +118,7 @@ def online_eval(rd: RunDir, data_path: str, match: np.ndarray, users_per_type: i
                                            max_feedbacks, m, meta.get("family", "linear"))
             parsed = [parse_record(r, f"sim:{i}") for i, r in enumerate(recs)]
             rewards, mask = policy_rewards(rd, cfg, parsed, k)
+            rewards = rewards * rd.reward_temperature()  # as the server scores feedback
             ll = torch.stack([plackett_luce_logp(torch.as_tensor(rewards[:, :, j]),
                                                  torch.as_tensor(mask)) for j in range(k)], 1)
             ll = ll.double().numpy().reshape(users_per_type, max_feedbacks, k)

@@ -248,6 +248,11 @@ class RunDir:
     def mixing_weights(self) -> list[float]:
         return self.summary()["mixing_weights"]
 
+    def reward_temperature(self) -> float:
+        """The scale of the policies' rewards behind the final types (1 for runs from before
+        it was kept, which all scored at 1)."""
+        return float(self.summary().get("reward_temperature", 1.0))
+
     def write_mmra(self, result: dict, samples: list[dict]) -> None:
         atomic_write_text(self.file(MMRA_SAMPLES), "".join(json.dumps(s) + "\n" for s in samples))
         atomic_write_json(self.file(MMRA), result)

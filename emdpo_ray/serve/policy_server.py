@@ -27,6 +27,7 @@ class PolicyServer:
 
         rd = RunDir.open(run_dir)
         self.cfg = cfg = rd.config()
+        self.tau = rd.reward_temperature()  # feedback is scored as the E-step scored rankings
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         dirs = rd.policy_dirs()
         self.tok, self.bank = rd.load_bank(cfg, {n: dirs[n] for n in names})
@@ -80,7 +81,8 @@ class PolicyServer:
         await task
 
     def score(self, record: dict) -> list[float]:
-        """Plackett-Luce log-likelihood of a feedback ranking under each policy here."""
+        """Plackett-Luce log-likelihood of a feedback ranking under each policy here, its
+        rewards at the run's reward temperature."""
         import torch
 
         from emdpo_ray.core.losses import plackett_luce_logp
@@ -93,7 +95,7 @@ class PolicyServer:
         pairs = np.array([(0, j) for j in range(n)] + [(0, -1)])
         with torch.no_grad(), self.lock:
             lp, _, mask = pair_logps(self.bank.logps, enc.arrays(), pairs, torch.device("cpu"))
-        rewards = self.cfg.dpo.beta * (lp[:n] - lp[n:])
+        rewards = self.tau * self.cfg.dpo.beta * (lp[:n] - lp[n:])
         return plackett_luce_logp(rewards, mask[:n]).double().tolist()
 
     def batch_sizes(self) -> list[int]:

@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 from emdpo_ray.config import Config
-from emdpo_ray.core.calibration import crossfit_temperature, fit_temperature, ranking_loglik
+from emdpo_ray.core.calibration import (crossfit_temperature, fit_temperature, ranking_loglik,
+                                        types_temperature)
 from emdpo_ray.core.estep import (EStep, converged, e_step, loglik_drop, per_ranking_interval,
                                    predictive_user_logliks, reference_loglik)
 from emdpo_ray.data.records import Record
@@ -372,6 +373,7 @@ def finalize(rd: RunDir, records, users, log_gamma, eta, history, ckpt, true_typ
                "iterations": sum(h["iteration"] > 0 for h in history),
                "mixing_weights": eta.tolist(),
                "log_likelihood": history[-1]["log_likelihood"] if history else None,
+               "reward_temperature": types_temperature(history),
                "ari": ari(true_types, gamma), "final_fit": final_fit}
     rd.write_summary(summary)
     from emdpo_ray.report.plots import plot_run

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from emdpo_ray.core.calibration import crossfit_temperature, fit_temperature, ranking_loglik
+from emdpo_ray.core.calibration import (crossfit_temperature, fit_temperature, ranking_loglik,
+                                        types_temperature)
 from emdpo_ray.core.estep import predictive_user_logliks
 from emdpo_ray.core.losses import plackett_luce_logp
 
@@ -26,6 +27,20 @@ def test_ranking_loglik_agrees_with_the_training_loss():
     mask = ~np.isnan(r)
     want = plackett_luce_logp(torch.as_tensor(np.nan_to_num(r)), torch.as_tensor(mask)).numpy()
     np.testing.assert_allclose(ranking_loglik(r), want, atol=1e-4)
+
+
+def test_types_temperature_is_that_of_the_last_kept_e_step():
+    start = {"iteration": 0}
+    kept = lambda it, tau: {"iteration": it, "reward_temperature": tau,  # noqa: E731
+                            "guard": {"accepted": True}}
+    assert types_temperature([start]) == 1.0  # the start's types: no policy scored them
+    assert types_temperature([start, kept(1, 0.5), kept(2, 0.7)]) == 0.7
+    refused = {"iteration": 3, "reward_temperature": 0.2, "guard": {"accepted": False}}
+    assert types_temperature([start, kept(1, 0.5), kept(2, 0.7), refused]) == 0.7
+    assert types_temperature([start, {**refused, "iteration": 1}]) == 1.0
+    # no guard (em.guard_holdout=0): every iteration is kept
+    assert types_temperature([start, {"iteration": 1, "reward_temperature": 2.0,
+                                      "guard": None}]) == 2.0
 
 
 def overconfident(n_users=300, per_user=10, scale=3.0, seed=0):
