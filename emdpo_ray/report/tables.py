@@ -16,10 +16,13 @@ def _vec(xs, nd: int = 2) -> str:
 
 def training(history: list[dict], summary: dict) -> list[Table]:
     t = Table(title="EM-DPO, one row per iteration (0: the start)", title_justify="left",
+              caption_justify="left",
               caption=("ARI: agreement of the MAP types with the true ones (1 = exact, 0 = "
                        "chance). held-out: log-likelihood per held-out ranking of the model "
-                       "behind the types (a random order of 3 responses scores -1.79); an iteration's "
-                       "new types are kept only if its policies predict at least as well"))
+                       "behind the types (a random order of 3 responses scores -1.79); an "
+                       "iteration's new types are kept only if its policies predict those "
+                       "rankings better than that model, beyond noise (the gain paired per "
+                       "user, em.guard_level)"))
     for c in ("iter", "log-lik", "eta (type shares)", "ARI", "max|dgamma|", "held-out",
               "new types kept", "M-step s"):
         t.add_column(c, justify="right")
