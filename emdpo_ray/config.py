@@ -122,10 +122,15 @@ class EMConfig(_Section):
             "co-vary: preferences that change with the prompt), 'tokens_by_prompt_state' "
             "(the same with the reference's last-layer state of the prompt in place of its "
             "words, which sees their order), 'reference' (the reference "
-            "model's middle-layer states over the beginning, middle and end of each "
-            "response), 'both' "
+            "model's middle-layer states pooled over each response's first sentence, "
+            "middle sentences and last sentence: em.init_pooling), 'both' "
             "(tokens and reference), or 'auto': the one of the five whose start best predicts "
             "held-out rankings (train/start.py)."))
+    init_pooling: Literal["sentences", "thirds"] = Field("sentences", description=(
+        "How the start's 'reference' features pool a response's states: 'sentences', over "
+        "its first sentence, its middle sentences and its last (sentences end at '.', '!', "
+        "'?' or a new line), or 'thirds', over the first, middle and last third of its "
+        "tokens, for text with no sentences (docs/start_features-order-sentences.md)."))
     init_sft_epochs: float | None = Field(None, ge=0, description=(
         "Passes of further SFT, on the records' responses, of a copy of the reference whose "
         "states are the start's 'reference' features (the reference itself is unchanged): "

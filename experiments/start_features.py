@@ -83,7 +83,11 @@ further 3 copies averaged` and `... side by side` (two more copies, their passes
 seeds), docs/start_features-order-copies.{json,md} (`--families order --seeds 0,1,2,3,4
 --features "reference trained further,reference trained further 3 copies
 averaged,reference trained further 3 copies side by side" --out
-docs/start_features-order-copies.json`). Data and references that `make starts` has
+docs/start_features-order-copies.json`). The copy's states pooled by sentence, `reference trained
+further by sentence`, beside the same by thirds of the tokens,
+docs/start_features-order-sentences.{json,md} (`--families order --seeds 0,1,2,3,4 --features
+"reference trained further,reference trained further by sentence" --out
+docs/start_features-order-sentences.json`, 10 minutes here). Data and references that `make starts` has
 not made are built here first (the same data; the reference's SFT in this process).
 """
 
@@ -111,7 +115,8 @@ SIGNAL_DIMS, WITHIN_DIMS = (3, 6, 16), (8, 16, 32, 64)
 COPIES = 3  # copies of the further-trained reference in the ensembles, each on its own seed
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
             "reference + tokens by position", "policies' states", "reference output gradients",
-            "reference trained further", "tokens by prompt state",
+            "reference trained further", "reference trained further by sentence",
+            "tokens by prompt state",
             "tokens by prompt state (reference's own)", "tokens by prompt state (not whitened)",
             "reference trained further whitened"] + [
             f"reference trained further signal {r}" for r in SIGNAL_DIMS] + [
@@ -389,7 +394,8 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     from emdpo_ray.core.estep import e_step, smoothed_onehot
     from emdpo_ray.data.encode import encode
     from emdpo_ray.data.sources import load_records
-    from emdpo_ray.models.features import reference_representations, response_representations
+    from emdpo_ray.models.features import (reference_representations,
+                                           response_representations, sentence_end_ids)
     from emdpo_ray.models.loading import load_base, load_tokenizer
     from emdpo_ray.train import context_features as cf, linear_mixture as lm, start as st
 
@@ -415,11 +421,11 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     def ari(labels) -> float:
         return round(float(adjusted_rand_score(truth, labels)), 3)
 
-    def states(layer: int | None, parts: int = 3, of=None) -> np.ndarray:
+    def states(layer: int | None, parts: int = 3, of=None, by_sentence: bool = False) -> np.ndarray:
         # dims above any width: every state kept, never projected (the 8 parts' 384 too)
-        return st.standardized(response_representations(of or model, enc.arrays(),
-                                                        torch.device("cpu"), segments=parts,
-                                                        dims=1 << 16, layer=layer), mask)
+        return st.standardized(response_representations(
+            of or model, enc.arrays(), torch.device("cpu"), segments=parts, dims=1 << 16,
+            layer=layer, end_ids=sentence_end_ids(tok) if by_sentence else None), mask)
 
     makers = {"reference": lambda: states(None), "reference last layer": lambda: states(-1),
               "reference embeddings": lambda: states(0),
@@ -461,6 +467,8 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         "reference output gradients": lambda: st.standardized(
             output_gradients(model, enc.arrays()), mask),
         "reference trained further": lambda: states(None, of=further_model()),
+        "reference trained further by sentence": lambda: states(None, of=further_model(),
+                                                                by_sentence=True),
         "reference trained further whitened": lambda: whitened_states(
             states(None, of=further_model()), mask)})
 
@@ -569,6 +577,10 @@ other. `reference trained further 3 copies averaged` and `side by side`: three c
 given the further passes on its own seed (the order of its batches), their standardised
 states averaged per coordinate (the copies share the reference's coordinates) or put side by
 side: does the seed's noise in one copy limit what the states carry?
+`reference trained further by sentence`: the copy's states pooled over each response's first
+sentence, its middle sentences and its last (the start's pooling, em.init_pooling
+`sentences`, since docs/start_features-order-sentences.md; every other set here pools by
+thirds of the tokens, the start's former pooling).
 
 """
 

@@ -139,7 +139,8 @@ settings but for the start. `tokens`: a linear Plackett-Luce mixture on token co
 from `em.init_restarts` = 8 starts (the k-means split of the users, then random partitions),
 each run 5 iterations and the likeliest run on to 20, then its L2 penalty walked down
 `em.init_l2` (1e-2, 1e-3, 1e-4); `auto`: the same on token counts, the reference model's
-states (middle layer, pooled over the beginning, middle and end of each response, from a
+states (middle layer, pooled over the first, middle and last sentences of each response
+(by thirds of its tokens before em.init_pooling), from a
 copy of the reference given more passes of SFT on the responses, `em.init_sft_epochs`),
 or both,
 and at the L2 strength, whichever predicts held-out rankings best, or the simplest within

@@ -238,6 +238,13 @@ def test_start_features_come_from_a_copy_of_the_reference_trained_further(finish
         assert plain.prompts.shape == (len(prep.index.resp_mask), 48)  # the tiny model's width
         for a, b in zip(prep.group.response_features()(), plain):
             np.testing.assert_array_equal(a, b)
+        # em.init_pooling=sentences (the driver's default): the same prompts, the responses
+        # pooled by their sentences, not by thirds of their tokens
+        assert prep.sentence_ends is not None and len(prep.sentence_ends) > 0
+        by_sentence = prep.group.response_features(end_ids=prep.sentence_ends)()
+        np.testing.assert_array_equal(by_sentence.prompts, plain.prompts)
+        assert by_sentence.responses.shape == plain.responses.shape
+        assert not np.allclose(by_sentence.responses, plain.responses, atol=1e-3)
         np.testing.assert_array_equal(prep.group.reference_logps(), ref)
 
 

@@ -186,6 +186,31 @@ def test_reference_features_come_from_the_middle_layer(tiny):
     np.testing.assert_allclose(default[0, 0], want, rtol=1e-4, atol=1e-5)
 
 
+def test_reference_features_by_sentence_read_the_first_sentence_whole(tiny):
+    """em.init_pooling=sentences with the tiny model's own tokenizer: the first part is the
+    mean state from the last prompt token through the response's first '.', found here from
+    the decoded text."""
+    from emdpo_ray.models.features import response_representations, sentence_end_ids
+
+    path, recs, cfg, _ = tiny
+    model, tok = load_base(path, cfg.model).eval(), load_tokenizer(path)
+    arrays = encode(recs[:4], tok, cfg.data).arrays()
+    got = response_representations(model, arrays, torch.device("cpu"),
+                                   end_ids=sentence_end_ids(tok))
+    ids = arrays["input_ids"][0, 0]
+    masked = np.nonzero(arrays["loss_mask"][0, 0])[0]
+    first_end = next(t for t in range(masked[0] + 1, masked[-1] + 2)
+                     if tok.decode([int(ids[t])]).strip().endswith((".", "!", "?")))
+    with torch.no_grad():
+        h = model(input_ids=torch.as_tensor(ids[None]).long(),
+                  attention_mask=torch.as_tensor(arrays["attention_mask"][0, :1]).long(),
+                  output_hidden_states=True).hidden_states[1][0]
+    want = h[masked[0]:first_end + 1].mean(0).numpy()
+    width = cfg.model.tiny.hidden_size
+    np.testing.assert_allclose(got[0, 0, :width], want, rtol=1e-4, atol=1e-5)
+    assert got.shape[-1] == 3 * width
+
+
 def test_prompt_state_is_the_last_layers_state_before_the_response(tiny):
     from emdpo_ray.models.features import reference_representations
 

@@ -203,7 +203,9 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
                 # a copy of the reference trained further gives the states (em.init_sft_epochs)
                 sft = (sft_plans(cfg, prep.index.resp_mask, prep.sizes, cfg.start_sft_passes)
                        if cfg.start_sft_passes > 0 else (None, 0, 0.0))
-                features = prep.group.response_features(*sft, seed=cfg.seed)
+                features = prep.group.response_features(
+                    *sft, seed=cfg.seed,
+                    end_ids=prep.sentence_ends if cfg.em.init_pooling == "sentences" else None)
                 start_info["features_sft"] = {"epochs": cfg.start_sft_passes, "steps": sft[1]}
             if auto:
                 # built once: the start below reuses them at the K chosen

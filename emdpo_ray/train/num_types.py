@@ -160,14 +160,15 @@ def model_states(records, model_path: str, cfg):
     import torch
 
     from emdpo_ray.data.encode import encode
-    from emdpo_ray.models.features import reference_representations
+    from emdpo_ray.models.features import reference_representations, sentence_end_ids
     from emdpo_ray.models.loading import load_base, load_tokenizer
     from emdpo_ray.models.sources import resolve_named_model
 
     path = resolve_named_model(cfg.model.model_copy(update={"name_or_path": model_path}))
     tok, model = load_tokenizer(path, cfg.model), load_base(path, cfg.model).eval()
+    ends = sentence_end_ids(tok) if cfg.em.init_pooling == "sentences" else None
     return reference_representations(model, encode(records, tok, cfg.data).arrays(),
-                                     torch.device("cpu"))
+                                     torch.device("cpu"), end_ids=ends)
 
 
 def types_report(records, cfg, max_types: int, model_path: str | None = None,

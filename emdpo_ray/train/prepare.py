@@ -70,6 +70,7 @@ class Prepared:
     storage: str          # where the M-steps keep their checkpoints
     reference: np.ndarray | None = None   # [N, m] reference log-probs, once known
     timings: dict | None = None           # sft_s, reference_s (seconds, this process)
+    sentence_ends: np.ndarray | None = None  # token ids that end a sentence (the start's pooling)
     _group: object = None
 
     @property
@@ -120,6 +121,7 @@ def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool =
                  say=lambda m: None, on_steps=None) -> Prepared:
     """Base model, token arrays, cached reference log-probs, shards in the object store.
     `on_steps(phase, done, total, loss)` follows long phases (SFT)."""
+    from emdpo_ray.models.features import sentence_end_ids
     from emdpo_ray.models.loading import load_tokenizer
 
     rt = RayRuntime(cfg, verbose)
@@ -155,7 +157,8 @@ def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool =
         if group is not None:
             group.use_base(base_path)  # the ranks hold it; a replaced one loads it from here
         prep = Prepared(cfg, base_path, index, refs, sizes, rt.threads, storage,
-                        timings=timings, _group=group)
+                        timings=timings, sentence_ends=sentence_end_ids(tokenizer),
+                        _group=group)
         started = group is None
         t = time.perf_counter()
         # the policies' dtype is part of the key: bf16 reference log-probs on GPU

@@ -124,7 +124,7 @@ class PolicyWorker:
         self.ref = ref
 
     def response_features(self, segments: int, dims: int, plan: np.ndarray | None = None,
-                          steps: int = 0, lr: float = 0.0, seed: int = 0):
+                          steps: int = 0, lr: float = 0.0, seed: int = 0, end_ids=None):
         """This shard's reference Representations (models/features.py), for the start; with
         a `plan`, those of a float32 copy of the base trained further by it (data parallel,
         as `sft`) and then dropped: the base is unchanged."""
@@ -139,7 +139,7 @@ class PolicyWorker:
             train_sft(model, self.shard, plan, steps, lr, self.cfg.dpo.max_grad_norm,
                       self.device, seed)
         model.eval()
-        return reference_representations(model, self.shard, self.device, segments, dims)
+        return reference_representations(model, self.shard, self.device, segments, dims, end_ids=end_ids)
 
     def fit(self, job: dict, weights: np.ndarray, score_mask: np.ndarray, progress=None):
         import copy
@@ -316,9 +316,10 @@ class WorkerGroup:
         return np.concatenate(parts)
 
     def response_features(self, plans: list[np.ndarray] | None = None, steps: int = 0,
-                          lr: float = 0.0, seed: int = 0):
+                          lr: float = 0.0, seed: int = 0, end_ids: np.ndarray | None = None):
         """Starts computing the reference representations of every response on every rank
-        (models/features.py), of a copy trained further by `plans` (train/sft.py) when given;
+        (models/features.py), of a copy trained further by `plans` (train/sft.py) when given,
+        pooled by sentence when given the tokens that end one (`end_ids`), else by thirds;
         the function returned gathers them in record order (Representations)."""
         import ray
 
@@ -326,7 +327,7 @@ class WorkerGroup:
 
         plan_refs = ([ray.put(p) for p in plans] if plans is not None
                      else [None] * len(self.actors))
-        refs = [a.response_features.remote(SEGMENTS, DIMS, p, steps, lr, seed)
+        refs = [a.response_features.remote(SEGMENTS, DIMS, p, steps, lr, seed, end_ids)
                 for a, p in zip(self.actors, plan_refs)]
 
         def gather() -> Representations:   # each field: the ranks' shards, in record order

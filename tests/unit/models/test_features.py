@@ -1,9 +1,12 @@
-"""Segment pooling of the reference's states (models/features.py), by hand."""
+"""Pooling of the reference's states by part and by sentence (models/features.py), by hand."""
 
 import numpy as np
 import torch
 
-from emdpo_ray.models.features import projection, segment_pool
+from emdpo_ray.models.features import (projection, segment_pool, sentence_end_ids,
+                                       sentence_pool)
+
+END = 9   # the token that ends a sentence in these rows
 
 
 def test_segment_pool_by_hand():
@@ -33,3 +36,49 @@ def test_projection_only_for_wide_features():
     p = projection(1728, 64, seed=0)
     assert p.shape == (1728, 64) and p.dtype == np.float32
     np.testing.assert_array_equal(p, projection(1728, 64, seed=0))
+
+
+def test_sentence_pool_by_hand():
+    # position t's state has read tokens <= t; positions 1-6 are masked (they predict the
+    # response tokens 2-7), and tokens 2, 4 and 6 end sentences: first sentence = positions
+    # 1, 2 (the end token read), middle = 3, 4, last = 5, 6
+    h = torch.arange(8, dtype=torch.float32).view(1, 8, 1)
+    ids = torch.tensor([[END, 1, END, 2, END, 3, END, 7]])   # the prompt's own end (0) is not one
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 0]])
+    torch.testing.assert_close(sentence_pool(h, mask, ids, torch.tensor([END])),
+                               torch.tensor([[1.5, 3.5, 5.5]]))
+    # two sentences: no middle (0); one sentence: the first alone
+    two = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0]])
+    torch.testing.assert_close(sentence_pool(h, two, ids, torch.tensor([END])),
+                               torch.tensor([[1.5, 0.0, 3.5]]))
+    one = torch.tensor([[0, 1, 1, 0, 0, 0, 0, 0]])
+    torch.testing.assert_close(sentence_pool(h, one, ids, torch.tensor([END])),
+                               torch.tensor([[1.5, 0.0, 0.0]]))
+
+
+def test_sentence_pool_follows_the_sentences_not_the_token_count():
+    # a long sentence (tokens 1-5) and two short ones, masked positions 0-8; ends at 5, 7, 9.
+    # By sentence the opening is the whole long sentence, positions 0-5: (0 + 5 * 1) / 6;
+    # by thirds it is positions 0-2 whatever the sentences are.
+    ids = torch.tensor([[0, 1, 1, 1, 1, END, 2, END, 3, END]])
+    mask = torch.tensor([[1] * 9 + [0]])
+    h = torch.tensor([[0.0, 1, 1, 1, 1, 1, 2, 2, 3, 3]]).unsqueeze(-1)
+    torch.testing.assert_close(sentence_pool(h, mask, ids, torch.tensor([END])),
+                               torch.tensor([[5 / 6, 2.0, 3.0]]))
+    torch.testing.assert_close(segment_pool(h, mask, 3), torch.tensor([[2 / 3, 1.0, 7 / 3]]))
+
+
+class _Vocab:
+    """A tokenizer's two methods that sentence_end_ids uses."""
+    vocab = {"a": 0, ".": 1, " b": 2, "?": 3, "\u010a": 4, "x!": 5, ".5": 6}
+    text = {"\u010a": "\n"}
+
+    def get_vocab(self):
+        return self.vocab
+
+    def convert_tokens_to_string(self, tokens):
+        return "".join(self.text.get(t, t) for t in tokens)
+
+
+def test_sentence_end_ids():
+    np.testing.assert_array_equal(sentence_end_ids(_Vocab()), [1, 3, 4, 5])
