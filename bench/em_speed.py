@@ -66,7 +66,9 @@ def main() -> int:
     res["mstep_fixed_cost_s"] = max(fixed[1:])
     notes["em_overhead_fraction"] = (
         f"of {em['wall']:.0f}s: SFT {start.get('sft_s', 0):.0f}s, reference "
-        f"{start.get('reference_s', 0):.0f}s, M-step training + scoring {steps:.0f}s; worker "
+        f"{start.get('reference_s', 0):.0f}s, M-step training + scoring {steps:.0f}s; the start "
+        f"{start.get('init_s', 0):.0f}s (waiting for the copy's states "
+        f"{start.get('init_features_wait_s', 0):.1f}s, the rest its linear mixtures); worker "
         f"group start {start.get('worker_group_start_s', 0):.1f}s; per M-step fixed cost "
         f"{[round(x, 2) for x in fixed]}s")
     res["estep_records_per_s"] = users * 8 / em["history"][-1]["timings"]["score_s"]

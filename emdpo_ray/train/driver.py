@@ -158,6 +158,17 @@ def refusal(guard: dict, it: int) -> str:
             f"ranking{gain})")
 
 
+def waited(gather, timings: dict):
+    """`gather` timed: `timings["init_features_wait_s"]` the seconds its (one) call waited."""
+    def call():
+        t = time.perf_counter()
+        try:
+            return gather()
+        finally:
+            timings["init_features_wait_s"] = time.perf_counter() - t
+    return call
+
+
 def run_identity(cfg: Config, data_path: str, k: int | str) -> dict:
     return {"data": data_path if "://" in data_path else os.path.abspath(data_path),
             "types": k, "config": cfg.model_dump(mode="json")}
@@ -191,6 +202,7 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
         held = None  # no user has two rankings: nothing to hold out
     t_start = time.perf_counter()
     features, start_info, candidates = None, {}, None
+    start_wait: dict = {}  # the driver's wait for the workers' features, not hidden by its fits
     try:
         if state is not None:
             k = rd.load_log_gamma(state).shape[1]  # with --types auto, the K chosen at the start
@@ -203,9 +215,10 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
                 # a copy of the reference trained further gives the states (em.init_sft_epochs)
                 sft = (sft_plans(cfg, prep.index.resp_mask, prep.sizes, cfg.start_sft_passes)
                        if cfg.start_sft_passes > 0 else (None, 0, 0.0))
-                features = prep.group.response_features(
+                features = waited(prep.group.response_features(
                     *sft, seed=cfg.seed,
-                    end_ids=prep.sentence_ends if cfg.em.init_pooling == "sentences" else None)
+                    end_ids=prep.sentence_ends if cfg.em.init_pooling == "sentences" else None),
+                    start_wait)
                 start_info["features_sft"] = {"epochs": cfg.start_sft_passes, "steps": sft[1]}
             if auto:
                 # built once: the start below reuses them at the K chosen
@@ -278,7 +291,7 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
             history.append({"iteration": 0, "init": cfg.em.init, "start": start_info,
                             "log_likelihood": ll0,
                             "mixing_weights": eta.tolist(), "ari": a,
-                            "timings": {**(prep.timings or {}),
+                            "timings": {**(prep.timings or {}), **start_wait,
                                         "init_s": time.perf_counter() - t_start}})
             chose = (f", {start_info['features']} features, L2 {start_info['l2']:g}"
                      if "features" in start_info else "")

@@ -9,11 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from scipy.special import logsumexp
 
 from emdpo_ray.core.estep import e_step, smoothed_onehot, user_loglik
-from emdpo_ray.core.losses import plackett_luce_logp
 
 SHORT_RUN = 5   # iterations of each start before the likeliest runs on
 
@@ -50,33 +48,62 @@ class LinearMixture:
     gamma: np.ndarray   # [U, K] posteriors
 
 
-def linear_logliks(x: torch.Tensor, mask: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """[N, K] Plackett-Luce log-likelihood of each record's ranking under r_k = x . theta_k;
-    x [N, m, V]. A plain matmul, whose backward is one more (the start's hot loop)."""
+def pl_logp_grad(r: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(log P [B], d log P / d r [B, m]) of each row's order (best first) under Plackett-Luce
+    (core/losses.py), r [B, m] float64, padding (mask False) at a row's end. With
+    tail_j = log sum_{l>=j} exp r_l, d log P / d r_l = 1 - sum_{j<=l} exp(r_l - tail_j): the
+    chosen response's pull minus its share of every stage it competed in."""
+    m = r.shape[1]
+    r = np.where(mask, r, -1e9)  # finite padding, as core/losses.py: no inf - inf
+    tail = r.copy()  # a column at a time: m is small, ufunc.accumulate is slower
+    for j in range(m - 2, -1, -1):
+        np.logaddexp(r[:, j], tail[:, j + 1], out=tail[:, j])
+    logp = ((r - tail) * mask).sum(1)
+    # share[b, j, l] = exp(r_l - tail_j): response l's probability at stage j, for l >= j
+    # (<= 0 there; clipped so the entries l < j, dropped, cannot overflow)
+    share = np.exp(np.minimum(r[:, None, :] - tail[:, :, None], 0.0))
+    share *= np.triu(np.ones((m, m)))
+    return logp, mask - np.einsum("bj,bjl->bl", mask.astype(float), share)
+
+
+def linear_logliks(x: np.ndarray, mask: np.ndarray, theta: np.ndarray,
+                   grad: bool = False):
+    """[N, K] Plackett-Luce log-likelihood of each record's ranking under r_k = x . theta_k
+    (x [N, m, V], theta [K, V]); with `grad`, also d/d r [N, K, m]. One matmul and closed
+    forms: no autograd in the start's hot loop."""
     n, m, v = x.shape
-    r = (x.reshape(n * m, v) @ theta.T).reshape(n, m, len(theta))
-    return torch.stack([plackett_luce_logp(r[..., j], mask) for j in range(len(theta))], 1)
+    k = len(theta)
+    r = (x.reshape(n * m, v) @ theta.T).reshape(n, m, k).transpose(0, 2, 1).reshape(n * k, m)
+    logp, g = pl_logp_grad(r, np.repeat(mask, k, 0))
+    return (logp.reshape(n, k), g.reshape(n, k, m)) if grad else logp.reshape(n, k)
 
 
 def record_logliks(x: np.ndarray, mask: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """linear_logliks on arrays, as float64."""
-    with torch.no_grad():
-        return linear_logliks(torch.from_numpy(x), torch.from_numpy(mask),
-                              torch.from_numpy(theta).float()).double().numpy()
+    """linear_logliks as float64."""
+    return linear_logliks(x.astype(np.float64, copy=False), mask.astype(bool, copy=False),
+                          np.asarray(theta, np.float64))
 
 
-def lbfgs(loss_fn, theta0: np.ndarray, max_iter: int = 50) -> np.ndarray:
-    """argmin of loss_fn(theta) (a torch scalar) by scipy's L-BFGS-B, torch giving the
-    gradient (torch.optim's first use imports torch's compiler stack into the driver). BLAS
-    runs on one thread: its spinning threads and torch's would fight over the cores."""
+def weighted_objective(x: np.ndarray, mask: np.ndarray, w: np.ndarray, theta: np.ndarray,
+                       l2: float) -> tuple[float, np.ndarray]:
+    """The start's M-step objective and its gradient in theta [K, V]:
+    -sum_{n,k} w_nk log PL(ranking_n | x_n . theta_k) / N + l2 |theta|^2; w [N, K]."""
+    n, m, v = x.shape
+    logp, g = linear_logliks(x, mask, theta, grad=True)
+    pull = (w[:, :, None] * g).transpose(1, 0, 2).reshape(len(theta), n * m)
+    loss = -float((w * logp).sum()) / n + l2 * float((theta ** 2).sum())
+    return loss, -(pull @ x.reshape(n * m, v)) / n + 2 * l2 * theta
+
+
+def lbfgs(fun, theta0: np.ndarray, max_iter: int = 50) -> np.ndarray:
+    """argmin of `fun(theta) -> (loss, gradient)` by scipy's L-BFGS-B. BLAS runs on one
+    thread: on these small matrices its spinning threads cost more than they give."""
     from scipy.optimize import minimize
     from threadpoolctl import threadpool_limits
 
     def f(v: np.ndarray):
-        t = torch.tensor(v.reshape(theta0.shape), dtype=torch.float32, requires_grad=True)
-        loss = loss_fn(t)
-        loss.backward()
-        return float(loss.detach()), t.grad.double().numpy().ravel()
+        loss, grad = fun(v.reshape(theta0.shape))
+        return loss, np.asarray(grad, np.float64).ravel()
 
     with threadpool_limits(1, user_api="blas"):
         res = minimize(f, theta0.astype(np.float64).ravel(), jac=True, method="L-BFGS-B",
@@ -90,13 +117,12 @@ def fit_linear_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, 
     """EM for a mixture of linear Plackett-Luce models r_k = x . theta_k, from posteriors
     `gamma`; at least one M-step, so theta always fits the returned posteriors' split. Stops
     early once no posterior moves by more than `tol`."""
-    xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
+    x64, mb = x.astype(np.float64, copy=False), mask.astype(bool, copy=False)
     theta = np.zeros((gamma.shape[1], x.shape[-1]), np.float32)
     eta = gamma.mean(0)
     for it in range(max(iterations, 1)):
-        w = torch.tensor(gamma[user_index], dtype=torch.float32)
-        theta = lbfgs(lambda th: -(w * linear_logliks(xt, mt, th)).sum() / len(x)
-                      + l2 * (th ** 2).sum(), theta)
+        w = np.asarray(gamma[user_index], np.float64)
+        theta = lbfgs(lambda th: weighted_objective(x64, mb, w, th, l2), theta)
         if it >= iterations:
             break
         es = e_step(record_logliks(x, mask, theta), user_index, num_users, eta)

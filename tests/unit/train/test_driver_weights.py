@@ -1,8 +1,12 @@
-"""The EM driver's pure parts (train/driver.py): record weights, cross-fit scores, names."""
+"""The EM driver's pure parts (train/driver.py): record weights, cross-fit scores, names,
+the start's wait for the workers."""
+
+import time
 
 import numpy as np
+import pytest
 
-from emdpo_ray.train.driver import policy_names, record_weights, type_scores
+from emdpo_ray.train.driver import policy_names, record_weights, type_scores, waited
 
 
 def test_policy_names():
@@ -35,3 +39,17 @@ def test_cross_fitting_trains_out_of_fold_and_scores_in_fold():
     rewards = np.arange(36.0).reshape(2, 6, 3)
     np.testing.assert_array_equal(type_scores(rewards, 2, fold),
                                   [rewards[0, 2:4], rewards[1, 4:6]])
+
+
+def test_waited_records_the_wait_also_when_the_gather_fails():
+    timings: dict = {}
+    assert waited(lambda: time.sleep(0.05) or "states", timings)() == "states"
+    assert timings["init_features_wait_s"] >= 0.05
+    timings.clear()
+
+    def lost():
+        raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        waited(lost, timings)()
+    assert timings["init_features_wait_s"] >= 0

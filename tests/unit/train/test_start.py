@@ -252,13 +252,51 @@ def test_reference_features_are_asked_for_only_when_used():
 def test_lbfgs_finds_a_hand_worked_minimum():
     # sum (t - c)^2 + 0.5 t0 t1 with c = [1, -1]: the gradient is zero where
     # 2 t0 + 0.5 t1 = 2 and 0.5 t0 + 2 t1 = -2; by symmetry t1 = -t0, so 1.5 t0 = 2: t = [4/3, -4/3]
-    import torch
-
     from emdpo_ray.train.linear_mixture import lbfgs
 
-    c = torch.tensor([1.0, -1.0])
-    theta = lbfgs(lambda t: ((t - c) ** 2).sum() + 0.5 * t[0] * t[1], np.zeros(2, np.float32))
-    np.testing.assert_allclose(theta, [4 / 3, -4 / 3], atol=1e-3)
+    c = np.array([1.0, -1.0])
+
+    def fun(t):
+        return float(((t - c) ** 2).sum() + 0.5 * t[0] * t[1]), 2 * (t - c) + 0.5 * t[::-1]
+
+    np.testing.assert_allclose(lbfgs(fun, np.zeros(2, np.float32)), [4 / 3, -4 / 3], atol=1e-3)
+
+
+def test_pl_logp_grad_by_hand():
+    # m = 2: log P = log sigmoid(r0 - r1), d/dr0 = 1 - sigmoid(r0 - r1) = -d/dr1.
+    # r = [ln 3, 0]: sigmoid = 3/4, so log P = ln 0.75 and the gradient [1/4, -1/4].
+    # m = 3, r = 0: log P = ln(1/3) + ln(1/2); d/dr0 = 1 - 1/3, d/dr1 = 1 - 1/3 - 1/2,
+    # d/dr2 = 1 - 1/3 - 1/2 - 1 (its own last stage cancels its pull); a padded third
+    # column must be the m = 2 row.
+    from emdpo_ray.train.linear_mixture import pl_logp_grad
+
+    r = np.array([[np.log(3), 0.0, 0.0], [0.0, 0.0, 0.0], [np.log(3), 0.0, 7.0]])
+    mask = np.array([[True, True, False], [True, True, True], [True, True, False]])
+    logp, g = pl_logp_grad(r, mask)
+    np.testing.assert_allclose(logp, [np.log(0.75), np.log(1 / 6), np.log(0.75)])
+    np.testing.assert_allclose(g, [[0.25, -0.25, 0], [2 / 3, 1 / 6, -5 / 6], [0.25, -0.25, 0]],
+                               atol=1e-12)
+
+
+def test_weighted_objective_matches_autograd_of_the_training_loss():
+    # the start's closed-form gradient against torch autograd of core/losses.py's likelihood
+    import torch
+
+    from emdpo_ray.core.losses import plackett_luce_logp
+    from emdpo_ray.train.linear_mixture import weighted_objective
+
+    rng = np.random.default_rng(0)
+    x, w, theta = rng.normal(size=(6, 4, 5)), rng.random((6, 2)), rng.normal(size=(2, 5))
+    mask = np.ones((6, 4), bool)
+    mask[1, 3:], mask[4, 2:] = False, False
+    loss, grad = weighted_objective(x, mask, w, theta, 0.3)
+    t = torch.tensor(theta, requires_grad=True)
+    r = torch.einsum("nmv,kv->nkm", torch.tensor(x), t)
+    lp = torch.stack([plackett_luce_logp(r[:, j], torch.tensor(mask)) for j in range(2)], 1)
+    ref = -(torch.tensor(w) * lp.double()).sum() / 6 + 0.3 * (t ** 2).sum()
+    ref.backward()
+    assert loss == pytest.approx(float(ref), rel=1e-5)
+    np.testing.assert_allclose(grad, t.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_the_start_keeps_the_compiler_stack_out_of_the_driver():
