@@ -69,19 +69,22 @@ def pl_logp_grad(r: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def linear_logliks(x: np.ndarray, mask: np.ndarray, theta: np.ndarray,
                    grad: bool = False):
     """[N, K] Plackett-Luce log-likelihood of each record's ranking under r_k = x . theta_k
-    (x [N, m, V], theta [K, V]); with `grad`, also d/d r [N, K, m]. One matmul and closed
-    forms: no autograd in the start's hot loop."""
+    (x [N, m, V], theta [K, V]); with `grad`, also d/d r [N, K, m]. One matmul in x's dtype
+    (float32: half the memory traffic of the start's hot loop), the rest in float64 closed
+    forms, no autograd."""
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)  # counts as integers: theta must not be cast to them
     n, m, v = x.shape
     k = len(theta)
-    r = (x.reshape(n * m, v) @ theta.T).reshape(n, m, k).transpose(0, 2, 1).reshape(n * k, m)
+    r = (x.reshape(n * m, v) @ theta.T.astype(x.dtype)).astype(np.float64)
+    r = r.reshape(n, m, k).transpose(0, 2, 1).reshape(n * k, m)
     logp, g = pl_logp_grad(r, np.repeat(mask, k, 0))
     return (logp.reshape(n, k), g.reshape(n, k, m)) if grad else logp.reshape(n, k)
 
 
 def record_logliks(x: np.ndarray, mask: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """linear_logliks as float64."""
-    return linear_logliks(x.astype(np.float64, copy=False), mask.astype(bool, copy=False),
-                          np.asarray(theta, np.float64))
+    """linear_logliks without the gradient, as float64."""
+    return linear_logliks(x, mask.astype(bool, copy=False), np.asarray(theta, np.float64))
 
 
 def weighted_objective(x: np.ndarray, mask: np.ndarray, w: np.ndarray, theta: np.ndarray,
@@ -90,9 +93,10 @@ def weighted_objective(x: np.ndarray, mask: np.ndarray, w: np.ndarray, theta: np
     -sum_{n,k} w_nk log PL(ranking_n | x_n . theta_k) / N + l2 |theta|^2; w [N, K]."""
     n, m, v = x.shape
     logp, g = linear_logliks(x, mask, theta, grad=True)
-    pull = (w[:, :, None] * g).transpose(1, 0, 2).reshape(len(theta), n * m)
+    x = x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)
+    pull = (w[:, :, None] * g).transpose(1, 0, 2).reshape(len(theta), n * m).astype(x.dtype)
     loss = -float((w * logp).sum()) / n + l2 * float((theta ** 2).sum())
-    return loss, -(pull @ x.reshape(n * m, v)) / n + 2 * l2 * theta
+    return loss, -(pull @ x.reshape(n * m, v)).astype(np.float64) / n + 2 * l2 * theta
 
 
 def lbfgs(fun, theta0: np.ndarray, max_iter: int = 50) -> np.ndarray:
@@ -117,12 +121,12 @@ def fit_linear_mixture(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, 
     """EM for a mixture of linear Plackett-Luce models r_k = x . theta_k, from posteriors
     `gamma`; at least one M-step, so theta always fits the returned posteriors' split. Stops
     early once no posterior moves by more than `tol`."""
-    x64, mb = x.astype(np.float64, copy=False), mask.astype(bool, copy=False)
+    mb = mask.astype(bool, copy=False)
     theta = np.zeros((gamma.shape[1], x.shape[-1]), np.float32)
     eta = gamma.mean(0)
     for it in range(max(iterations, 1)):
         w = np.asarray(gamma[user_index], np.float64)
-        theta = lbfgs(lambda th: weighted_objective(x64, mb, w, th, l2), theta)
+        theta = lbfgs(lambda th: weighted_objective(x, mb, w, th, l2), theta)
         if it >= iterations:
             break
         es = e_step(record_logliks(x, mask, theta), user_index, num_users, eta)

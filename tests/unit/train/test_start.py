@@ -447,3 +447,17 @@ def test_counts_crossed_with_the_prompts_state_see_what_its_words_as_a_bag_canno
                             np.zeros((len(parsed), 3, 1), np.float32), states))
         ari[features] = adjusted_rand_score(truth, g.argmax(1))
     assert ari["tokens_by_prompt"] < 0.3 and ari["tokens_by_prompt_state"] > 0.5, ari
+
+
+def test_integer_counts_and_float32_features_give_the_float64_objective():
+    # the matmul runs in x's dtype: integer counts must not truncate theta to integers
+    from emdpo_ray.train.linear_mixture import weighted_objective
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 4, size=(5, 3, 4))
+    w, theta, mask = rng.random((5, 2)), rng.normal(size=(2, 4)), np.ones((5, 3), bool)
+    loss, grad = weighted_objective(x.astype(np.float64), mask, w, theta, 0.1)
+    for xx, tol in ((x, 1e-12), (x.astype(np.float32), 1e-5)):
+        other, g = weighted_objective(xx, mask, w, theta, 0.1)
+        assert other == pytest.approx(loss, rel=tol)
+        np.testing.assert_allclose(g, grad, rtol=tol * 10, atol=tol)
