@@ -66,14 +66,19 @@ def pl_logp_grad(r: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return logp, mask - np.einsum("bj,bjl->bl", mask.astype(float), share)
 
 
+def floating(x: np.ndarray) -> np.ndarray:
+    """x as is when float32 or float64, else float64: the matmuls run in x's dtype, and
+    integer counts must not cast theta to integers."""
+    return x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)
+
+
 def linear_logliks(x: np.ndarray, mask: np.ndarray, theta: np.ndarray,
                    grad: bool = False):
     """[N, K] Plackett-Luce log-likelihood of each record's ranking under r_k = x . theta_k
     (x [N, m, V], theta [K, V]); with `grad`, also d/d r [N, K, m]. One matmul in x's dtype
     (float32: half the memory traffic of the start's hot loop), the rest in float64 closed
     forms, no autograd."""
-    if x.dtype not in (np.float32, np.float64):
-        x = x.astype(np.float64)  # counts as integers: theta must not be cast to them
+    x = floating(x)
     n, m, v = x.shape
     k = len(theta)
     r = (x.reshape(n * m, v) @ theta.T.astype(x.dtype)).astype(np.float64)
@@ -91,9 +96,9 @@ def weighted_objective(x: np.ndarray, mask: np.ndarray, w: np.ndarray, theta: np
                        l2: float) -> tuple[float, np.ndarray]:
     """The start's M-step objective and its gradient in theta [K, V]:
     -sum_{n,k} w_nk log PL(ranking_n | x_n . theta_k) / N + l2 |theta|^2; w [N, K]."""
+    x = floating(x)
     n, m, v = x.shape
     logp, g = linear_logliks(x, mask, theta, grad=True)
-    x = x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)
     pull = (w[:, :, None] * g).transpose(1, 0, 2).reshape(len(theta), n * m).astype(x.dtype)
     loss = -float((w * logp).sum()) / n + l2 * float((theta ** 2).sum())
     return loss, -(pull @ x.reshape(n * m, v)).astype(np.float64) / n + 2 * l2 * theta
