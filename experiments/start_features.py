@@ -116,6 +116,7 @@ COPIES = 3  # copies of the further-trained reference in the ensembles, each on 
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
             "reference + tokens by position", "policies' states", "reference output gradients",
             "reference trained further", "reference trained further by sentence",
+            "reference trained further by sentence summed",
             "tokens by prompt state",
             "tokens by prompt state (reference's own)", "tokens by prompt state (not whitened)",
             "reference trained further whitened"] + [
@@ -421,11 +422,13 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     def ari(labels) -> float:
         return round(float(adjusted_rand_score(truth, labels)), 3)
 
-    def states(layer: int | None, parts: int = 3, of=None, by_sentence: bool = False) -> np.ndarray:
+    def states(layer: int | None, parts: int = 3, of=None, by_sentence: bool = False,
+               summed: bool = False) -> np.ndarray:
         # dims above any width: every state kept, never projected (the 8 parts' 384 too)
         return st.standardized(response_representations(
             of or model, enc.arrays(), torch.device("cpu"), segments=parts, dims=1 << 16,
-            layer=layer, end_ids=sentence_end_ids(tok) if by_sentence else None), mask)
+            layer=layer, end_ids=sentence_end_ids(tok) if by_sentence else None,
+            summed=summed), mask)
 
     makers = {"reference": lambda: states(None), "reference last layer": lambda: states(-1),
               "reference embeddings": lambda: states(0),
@@ -469,6 +472,8 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         "reference trained further": lambda: states(None, of=further_model()),
         "reference trained further by sentence": lambda: states(None, of=further_model(),
                                                                 by_sentence=True),
+        "reference trained further by sentence summed": lambda: states(
+            None, of=further_model(), by_sentence=True, summed=True),
         "reference trained further whitened": lambda: whitened_states(
             states(None, of=further_model()), mask)})
 
@@ -580,7 +585,9 @@ side: does the seed's noise in one copy limit what the states carry?
 `reference trained further by sentence`: the copy's states pooled over each response's first
 sentence, its middle sentences and its last (the start's pooling, em.init_pooling
 `sentences`, since docs/start_features-order-sentences.md; every other set here pools by
-thirds of the tokens, the start's former pooling).
+thirds of the tokens, the start's former pooling). `reference trained further by sentence
+summed`: the same sums of states over each part instead of means, as a DPO reward sums over
+a response's tokens (a part's sum grows with its length, its mean does not).
 
 """
 

@@ -48,11 +48,13 @@ def segment_pool(hidden: torch.Tensor, loss_mask: torch.Tensor, segments: int) -
 
 
 def sentence_pool(hidden: torch.Tensor, loss_mask: torch.Tensor, input_ids: torch.Tensor,
-                  end_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] states -> [B, 3 * H]: mean state over the response's first sentence, its
-    middle sentences and its last sentence (0 where there is none), sentences ending at the
-    tokens `end_ids` ('.', '!', '?', newlines). Where a response opens and closes, not where
-    its tokens' thirds fall: a third of the tokens cuts sentences of any length."""
+                  end_ids: torch.Tensor, summed: bool = False) -> torch.Tensor:
+    """[B, T, H] states -> [B, 3 * H]: mean state (`summed`: the sum) over the response's
+    first sentence, its middle sentences and its last sentence (0 where there is none),
+    sentences ending at the tokens `end_ids` ('.', '!', '?', newlines). Where a response
+    opens and closes, not where its tokens' thirds fall: a third of the tokens cuts sentences
+    of any length. Sums, as a DPO reward sums over tokens, recovered `order`'s types no better
+    than means (docs/start_features-order-summed.md), so the start averages."""
     m = loss_mask.to(hidden.dtype)
     # response tokens are the labels of masked positions: the inputs one step later
     in_resp = torch.zeros_like(loss_mask, dtype=torch.bool)
@@ -61,8 +63,8 @@ def sentence_pool(hidden: torch.Tensor, loss_mask: torch.Tensor, input_ids: torc
     sent = (ends.cumsum(1) - ends.to(torch.int64)).to(hidden.dtype)   # ends read so far, not this one
     last = (sent * m).amax(1, keepdim=True)
     parts = [m * (sent == 0), m * (sent > 0) * (sent < last), m * (sent == last) * (last > 0)]
-    return torch.cat([(hidden * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
-                      for w in parts], -1)
+    n = [1 if summed else w.sum(1, keepdim=True).clamp_min(1) for w in parts]
+    return torch.cat([(hidden * w[..., None]).sum(1) / c for w, c in zip(parts, n)], -1)
 
 
 def sentence_end_ids(tokenizer) -> np.ndarray:
@@ -95,7 +97,8 @@ def prompt_state(hidden: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
 def reference_representations(model, arrays: dict, device, segments: int = SEGMENTS,
                               dims: int = DIMS, rows_per_batch: int = 256,
                               layer: int | None = None,
-                              end_ids: np.ndarray | None = None) -> Representations:
+                              end_ids: np.ndarray | None = None,
+                              summed: bool = False) -> Representations:
     """Every response's segment-pooled states from hidden layer `layer` (0 the token
     embeddings, -1 the last; None the middle layer) and every prompt's prompt_state from the
     last layer, in one forward per batch; each projected to `dims` when wider."""
@@ -111,7 +114,7 @@ def reference_representations(model, arrays: dict, device, segments: int = SEGME
             h = states[len(states) // 2 if layer is None else layer].float()
             f = (segment_pool(h, rows["loss_mask"], segments) if end_ids is None else
                  sentence_pool(h, rows["loss_mask"], rows["input_ids"],
-                               torch.as_tensor(end_ids))).cpu().numpy()
+                               torch.as_tensor(end_ids), summed)).cpu().numpy()
             g = prompt_state(states[-1].float(), rows["loss_mask"]).cpu().numpy()
             if resp is None:
                 proj, proj_p = projection(f.shape[1], dims), projection(g.shape[1], dims, seed=1)
@@ -129,7 +132,8 @@ def reference_representations(model, arrays: dict, device, segments: int = SEGME
 def response_representations(model, arrays: dict, device, segments: int = SEGMENTS,
                              dims: int = DIMS, rows_per_batch: int = 256,
                              layer: int | None = None,
-                             end_ids: np.ndarray | None = None) -> np.ndarray:
+                             end_ids: np.ndarray | None = None,
+                             summed: bool = False) -> np.ndarray:
     """[n, m, D]: reference_representations' responses alone."""
     return reference_representations(model, arrays, device, segments, dims, rows_per_batch,
-                                     layer, end_ids).responses
+                                     layer, end_ids, summed).responses

@@ -54,6 +54,9 @@ def test_sentence_pool_by_hand():
     one = torch.tensor([[0, 1, 1, 0, 0, 0, 0, 0]])
     torch.testing.assert_close(sentence_pool(h, one, ids, torch.tensor([END])),
                                torch.tensor([[1.5, 0.0, 0.0]]))
+    # summed, not averaged: 1 + 2, 3 + 4, 5 + 6
+    torch.testing.assert_close(sentence_pool(h, mask, ids, torch.tensor([END]), summed=True),
+                               torch.tensor([[3.0, 7.0, 11.0]]))
 
 
 def test_sentence_pool_follows_the_sentences_not_the_token_count():
