@@ -8,7 +8,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-unit test-heavy demo bench identifiability starts start-features num-types policies-serve-types sft-reference em-ground mstep-fit smoke-smollm2 lint clean
+.PHONY: setup test test-unit test-heavy demo bench identifiability starts start-features start-cost num-types policies-serve-types sft-reference em-ground mstep-fit smoke-smollm2 lint clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,12 @@ starts: setup
 # about 18 minutes)
 start-features: setup
 	$(BIN)/python experiments/start_features.py
+
+# What the start's restarts cost and buy: the default start alone per em.init_restarts, ARI
+# and seconds, 4 families x 3 seeds: docs/start_cost.{json,md}, on `make starts` data and
+# references (built when missing; about 15 minutes)
+start-cost: setup
+	$(BIN)/python experiments/start_cost.py
 
 # How many types? `emdpo-ray types` on data with 2, 3 and 4 types, token counts, the counts
 # crossed with the prompt and the SFT reference's states: docs/num_types.{json,md}; needs

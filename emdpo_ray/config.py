@@ -138,10 +138,12 @@ class EMConfig(_Section):
         "(docs/start_features-order-levers.md; one pass better than two, four or eight: "
         "docs/start_features-order-passes.md). None: 1 for the default tiny model, 0 for a "
         "named one; 0: the reference's own states."))
-    init_restarts: int = Field(8, ge=1, description=(
+    init_restarts: int = Field(4, ge=1, description=(
         "Starts of the kmeans start's linear mixture: k-means, then random partitions, each "
         "run 5 iterations; the one of highest log-likelihood runs on to "
-        "em.init_refine_iterations."))
+        "em.init_refine_iterations. 8, 4 and 2 gave the same start on every family and seed "
+        "of docs/start_cost.md and docs/start_cost-k4.md (3 and 4 types); 4 keeps a margin "
+        "at about 70% of 8's cost."))
     init_split_merge: int = Field(6, ge=0, description=(
         "Split-and-merge moves of the kmeans start's linear mixture tried per round (merge "
         "two alike types, split another; kept when the log-likelihood rises by more than a "

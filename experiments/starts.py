@@ -136,7 +136,8 @@ HEADER = """# Which start recovers the types?
 `make starts` (experiments/starts.py; figures in [`starts.json`](starts.json)): 300 users with
 10 rankings of 3 each, three unbalanced types (0.5/0.3/0.2), up to 3 EM iterations, default
 settings but for the start. `tokens`: a linear Plackett-Luce mixture on token counts, fitted
-from `em.init_restarts` = 8 starts (the k-means split of the users, then random partitions),
+from `em.init_restarts` starts (8 before [`start_cost.md`](start_cost.md), 4 since: the same
+start at less cost; the k-means split of the users, then random partitions),
 each run 5 iterations and the likeliest run on to 20, then its L2 penalty walked down
 `em.init_l2` (1e-2, 1e-3, 1e-4); `auto`: the same on token counts, the reference model's
 states (middle layer, pooled over the first, middle and last sentences of each response
