@@ -12,9 +12,10 @@ of restarts. The copy's states and the candidates' features are computed once pe
 family and seed, before any timing, so `seconds` is the start's fits alone, in one process
 with nothing else running (in a run the driver's fits share the machine with the workers
 training the copy). Per run: the feature set and L2 chosen, ARI of the start against the true
-types, its log-likelihood on all rankings, and its chosen candidate's held-out
-log-likelihood per ranking. Each setting against the default's first (`--restarts`' first)
-on the same family and seed: paired differences with 95% t-intervals over seeds.
+types, its log-likelihood on all rankings before split-and-merge, and its chosen
+candidate's held-out log-likelihood per ranking. Each setting against the first of
+`--restarts` on the same family and seed: paired differences with 95% t-intervals over
+seeds.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def one(family: str, k: int, seed: int, runs: str, restarts: list[int]) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| family | types | seed | restarts | features, L2 | ARI | log-lik, all rankings | "
-            "held-out log-lik per ranking (chosen) | split-merge moves | seconds |",
+    rows = ["| family | types | seed | restarts | features, L2 | ARI | log-lik, all rankings, "
+            "before split-and-merge | held-out log-lik per ranking (chosen) | split-merge moves | seconds |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for res in results:
         for r in res["runs"]:
