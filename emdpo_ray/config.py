@@ -181,7 +181,7 @@ class EMConfig(_Section):
         "own figure scores each half of the users at the scale fitted on the other half; "
         "without held-out rankings, em.guard_holdout=0, it is 1). Measured on contextual "
         "types from the labels it predicts held-out rankings a little better and recovers "
-        "the types a little worse (README: 'Is the E-step too sure?'), so it is off."))
+        "the types a little worse (docs/type_recovery.md: 'Is the E-step too sure?'), so it is off."))
     warm_start: bool = Field(True, description=(
         "Start each M-step from the previous iteration's policies (else from the base)."))
     warm_epochs: float = Field(1.0, gt=0, description=(

@@ -87,8 +87,14 @@ docs/start_features-order-copies.json`). The copy's states pooled by sentence, `
 further by sentence`, beside the same by thirds of the tokens,
 docs/start_features-order-sentences.{json,md} (`--families order --seeds 0,1,2,3,4 --features
 "reference trained further,reference trained further by sentence" --out
-docs/start_features-order-sentences.json`, 10 minutes here). Data and references that `make starts` has
-not made are built here first (the same data; the reference's SFT in this process).
+docs/start_features-order-sentences.json`, 10 minutes here). The copy's last layer and both
+layers averaged, and a copy trained further on the top-ranked responses only,
+docs/start_features-order-layers.{json,md} (`--families order --seeds 2,0,1,3,4 --features
+"reference trained further by sentence,reference trained further by sentence last
+layer,reference trained further by sentence layers averaged,reference trained further on
+top-ranked by sentence" --out docs/start_features-order-layers.json`). Data and references
+that `make starts` has not made are built here first (the same data; the reference's SFT in
+this process).
 """
 
 from __future__ import annotations
@@ -117,6 +123,9 @@ VARIANTS = ["reference in users' subspace", "tokens by position in users' subspa
             "reference + tokens by position", "policies' states", "reference output gradients",
             "reference trained further", "reference trained further by sentence",
             "reference trained further by sentence summed",
+            "reference trained further by sentence last layer",
+            "reference trained further by sentence layers averaged",
+            "reference trained further on top-ranked by sentence",
             "tokens by prompt state",
             "tokens by prompt state (reference's own)", "tokens by prompt state (not whitened)",
             "reference trained further whitened"] + [
@@ -241,10 +250,10 @@ def whitened_states(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def trained_further(model, arrays: dict, epochs: float, seed: int):
-    """A copy of `model` given `epochs` more passes of SFT on the responses at the tiny
-    model's rate, as the default start's copy (em.init_sft_epochs; train/sft.py), in one
-    process."""
+def trained_further(model, arrays: dict, epochs: float, seed: int, on: str = "all"):
+    """A copy of `model` given `epochs` more passes of SFT on the responses (`on`: every
+    response, or each record's top-ranked one, model.sft_on) at the tiny model's rate, as
+    the default start's copy (em.init_sft_epochs; train/sft.py), in one process."""
     import copy
 
     import torch
@@ -257,7 +266,7 @@ def trained_further(model, arrays: dict, epochs: float, seed: int):
     if not dist.is_initialized():  # train_sft sums over ranks: a group of one
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1)
-    cfg = load_config(None, [f"seed={seed}"])
+    cfg = load_config(None, [f"seed={seed}", f"model.sft_on={on}"])
     plans, steps, _ = sft_plans(cfg, arrays["resp_mask"], [len(arrays["resp_mask"])], epochs)
     out = copy.deepcopy(model).float()
     train_sft(out, arrays, plans[0], steps, TINY_LR, cfg.dpo.max_grad_norm,
@@ -475,7 +484,16 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         "reference trained further by sentence summed": lambda: states(
             None, of=further_model(), by_sentence=True, summed=True),
         "reference trained further whitened": lambda: whitened_states(
-            states(None, of=further_model()), mask)})
+            states(None, of=further_model()), mask),
+        "reference trained further by sentence last layer": lambda: states(
+            -1, of=further_model(), by_sentence=True),
+        "reference trained further by sentence layers averaged": lambda: st.standardized(
+            (states(None, of=further_model(), by_sentence=True)
+             + states(-1, of=further_model(), by_sentence=True)) / 2, mask),
+        # a third of the rows (one response a record): three passes, as many steps as one
+        "reference trained further on top-ranked by sentence": lambda: states(
+            None, of=trained_further(model, enc.arrays(), 3 * cfg.start_sft_passes, seed, "top"),
+            by_sentence=True)})
 
     @functools.cache
     def copies_states() -> list[np.ndarray]:
@@ -587,7 +605,13 @@ sentence, its middle sentences and its last (the start's pooling, em.init_poolin
 `sentences`, since docs/start_features-order-sentences.md; every other set here pools by
 thirds of the tokens, the start's former pooling). `reference trained further by sentence
 summed`: the same sums of states over each part instead of means, as a DPO reward sums over
-a response's tokens (a part's sum grows with its length, its mean does not).
+a response's tokens (a part's sum grows with its length, its mean does not). `... by sentence
+last layer`: the copy's last layer's states pooled by sentence in place of its middle
+layer's; `... by sentence layers averaged`: the two layers' standardised states averaged.
+`reference trained further on top-ranked by sentence`: a copy given its further SFT on each
+record's top-ranked response only (model.sft_on `top`; three passes over those, as many
+steps as the default's one pass over every response): text the population prefers, so the
+copy learns what preferred openings look like.
 
 """
 

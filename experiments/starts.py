@@ -230,6 +230,9 @@ def summarize(results: list[dict], bar: float = 0.8) -> list[dict]:
         start = [runs[s]["ari"][0] for s in seeds]
         final = [runs[s]["ari"][-1] for s in seeds]
         out.append({"family": family, "config": config, "seeds": seeds,
+                    "features": [(runs[s].get("start") or {}).get("features") for s in seeds],
+                    "loglik_falls": sum(sum(1 for d in runs[s].get("loglik_drops", [])
+                                            if d) for s in seeds),
                     "start_ari": start, "final_ari": final,
                     "start_ari_mean_interval": t_interval(start),
                     "final_ari_mean_interval": t_interval(final),
@@ -242,16 +245,20 @@ def summary_table(rows: list[dict]) -> str:
     def mean_ci(m: list[float]) -> str:
         return f"{m[0]:.2f}" + ("" if m[1] != m[1] else f" [{m[1]:.2f}, {m[2]:.2f}]")
 
-    lines = ["| family | start | seeds | ARI of the start, by seed | final ARI, by seed | "
-             "start: mean [95% t-interval] | final: mean [95% t-interval] | final >= bar |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| family | start | seeds | features chosen | ARI of the start, by seed | "
+             "final ARI, by seed | start: mean [95% t-interval] | final: mean [95% t-interval] "
+             "| final >= bar | log-lik falls |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        chosen = sorted({f for f in r.get("features", []) if f}) or ["-"]
         lines.append(f"| {r['family']} | {r['config']} | {', '.join(map(str, r['seeds']))} | "
+                     + ", ".join(chosen) + " | "
                      + ", ".join(f"{a:.2f}" for a in r["start_ari"]) + " | "
                      + ", ".join(f"{a:.2f}" for a in r["final_ari"]) + " | "
                      + f"{mean_ci(r['start_ari_mean_interval'])} | "
                      + f"{mean_ci(r['final_ari_mean_interval'])} | "
-                     + f"{len(r['seeds_reaching_bar'])} of {len(r['seeds'])} (>= {r['bar']}) |")
+                     + f"{len(r['seeds_reaching_bar'])} of {len(r['seeds'])} (>= {r['bar']}) | "
+                     + f"{r.get('loglik_falls', '-')} |")
     return "\n".join(lines)
 
 
