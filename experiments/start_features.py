@@ -92,9 +92,18 @@ layers averaged, and a copy trained further on the top-ranked responses only,
 docs/start_features-order-layers.{json,md} (`--families order --seeds 2,0,1,3,4 --features
 "reference trained further by sentence,reference trained further by sentence last
 layer,reference trained further by sentence layers averaged,reference trained further on
-top-ranked by sentence" --out docs/start_features-order-layers.json`). Data and references
-that `make starts` has not made are built here first (the same data; the reference's SFT in
-this process).
+top-ranked by sentence" --out docs/start_features-order-layers.json`). Every set also gets
+its `reward R^2` (each type's true reward between a record's responses, predicted out of
+fold by a ridge regression on the set): on `order` seeds 0 to 9 the copy's states against
+the generator's own features, docs/start_features-order-r2.{json,md} (`--families order
+--seeds 0,1,2,3,4,5,6,7,8,9 --features "reference trained further by sentence,generator"
+--out docs/start_features-order-r2.json`, 6 minutes here); SmolLM2-135M's own states by
+sentence, reduced to 48 or 144 directions (`reference by sentence within R`),
+docs/start_features-order-smollm2-reduced.{json,md} (`--families order --seeds 2,5
+--reference smollm2-135m-instruct --features "reference by sentence within 48,reference by
+sentence within 144" --out docs/start_features-order-smollm2-reduced.json`, 39 minutes
+here). Data and references that `make starts` has not made are built here first (the same
+data; the reference's SFT in this process).
 """
 
 from __future__ import annotations
@@ -117,7 +126,7 @@ FEATURES = ["reference", "reference last layer", "reference embeddings", "refere
 # the reference's states beside the positional counts, and the language model's own: the
 # trained policies' states and the reference's output-layer gradients.
 # the dimensions of the two reductions of the copy's states (signal_projected, within_projected)
-SIGNAL_DIMS, WITHIN_DIMS = (3, 6, 16), (8, 16, 32, 64)
+SIGNAL_DIMS, WITHIN_DIMS, WIDE_DIMS = (3, 6, 16), (8, 16, 32, 64), (48, 144)
 COPIES = 3  # copies of the further-trained reference in the ensembles, each on its own seed
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
             "reference + tokens by position", "policies' states", "reference output gradients",
@@ -131,6 +140,7 @@ VARIANTS = ["reference in users' subspace", "tokens by position in users' subspa
             "reference trained further whitened"] + [
             f"reference trained further signal {r}" for r in SIGNAL_DIMS] + [
             f"reference trained further within {r}" for r in WITHIN_DIMS] + [
+            "reference by sentence"] + [f"reference by sentence within {r}" for r in WIDE_DIMS] + [
             f"reference trained further {COPIES} copies averaged",
             f"reference trained further {COPIES} copies side by side"]
 
@@ -343,6 +353,17 @@ def generator_features(records, meta: dict) -> np.ndarray:
     return x
 
 
+def true_reward_array(records, meta: dict, m: int) -> np.ndarray:
+    """[K, N, m] every type's true reward of each ranked response (0 where padded)."""
+    from emdpo_ray.data import synth
+
+    out = np.zeros((len(meta["shares"]), len(records), m))
+    for i, r in enumerate(records):
+        out[:, i, :len(r.ranked)] = synth.true_rewards(meta, [r.prompt] * len(r.ranked),
+                                                       list(r.ranked))
+    return out
+
+
 def oracle_labels(records, user_index, num_users, meta: dict) -> np.ndarray:
     """Each user's MAP type under the true rewards and shares."""
     from emdpo_ray.core.estep import e_step
@@ -407,6 +428,7 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     from emdpo_ray.models.features import (reference_representations,
                                            response_representations, sentence_end_ids)
     from emdpo_ray.models.loading import load_base, load_tokenizer
+    from emdpo_ray.report.evaluate import within_record_r2
     from emdpo_ray.train import context_features as cf, linear_mixture as lm, start as st
 
     import torch
@@ -512,6 +534,12 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     for r in WITHIN_DIMS:
         makers[f"reference trained further within {r}"] = lambda r=r: within_projected(
             states(None, of=further_model()), mask, r)
+    # the reference's own states by sentence, whole or reduced (with --reference: a wider
+    # published model's, whose 3 x 576 coordinates a mixture cannot fit from 300 users)
+    makers["reference by sentence"] = lambda: states(None, by_sentence=True)
+    for r in WIDE_DIMS:
+        makers[f"reference by sentence within {r}"] = lambda r=r: within_projected(
+            states(None, by_sentence=True), mask, r)
     # --further: one set per number of further passes, in place of the default's one
     for e in further or ():
         makers[f"reference + {e:g} SFT passes"] = (
@@ -520,6 +548,7 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         features = [f for f in features if f != "reference trained further"] + [
             f"reference + {e:g} SFT passes" for e in further]
     held = st.heldout_records(ui, 0.2, seed)
+    rewards = true_reward_array(records, meta, mask.shape[1])
     out = {"family": family, "seed": seed, "users": num_users, "l2s": list(l2s),
            "reference": reference or "SFT reference",
            "oracle": ari(oracle_labels(records, ui, num_users, meta)), "features": {}}
@@ -546,7 +575,8 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
             "labels_once": ari(once_g.argmax(1)),
             "labels_crossfit": ari(crossfit_labels(x, mask, ui, num_users, truth, k, l2=l2)),
             "labels_em": ari(em.gamma.argmax(1)),
-            "labels_em_loglik": round(lm.mixture_loglik(x, mask, ui, num_users, em), 1)}
+            "labels_em_loglik": round(lm.mixture_loglik(x, mask, ui, num_users, em), 1),
+            "reward_r2": [round(within_record_r2(x, mask, r), 3) for r in rewards]}
         print(family, seed, name, out["features"][name], flush=True)
     return out
 
@@ -570,7 +600,10 @@ of users, each assigned by the mixture fitted to the other four's true labels; w
 features carry when the types are known, a ceiling for any start on them); and 20 EM
 iterations from the labels (`labels, EM`). `generator` is the generator's own features, the
 exact model class of the true rewards: a bound, not a start. `oracle`: users assigned by the
-true rewards.
+true rewards. `reward R^2`: per true type, the share of its reward's variance between a
+record's responses that a ridge regression on the features predicts, five folds of records
+(report/evaluate.py's within_record_r2; how much of each type's reward a linear reward on
+the features can carry; `-` where a run predates it).
 
 """
 
@@ -612,6 +645,9 @@ layer's; `... by sentence layers averaged`: the two layers' standardised states 
 record's top-ranked response only (model.sft_on `top`; three passes over those, as many
 steps as the default's one pass over every response): text the population prefers, so the
 copy learns what preferred openings look like.
+`reference by sentence`: the reference's own states (with `--reference`, that model's)
+pooled by sentence; `... within R`: projected on the top R directions in which a record's
+responses differ, as `within R` above.
 
 """
 
@@ -619,15 +655,18 @@ copy learns what preferred openings look like.
 def table(results: list[dict]) -> str:
     path = ", ".join(f"{a:g}" for a in results[0].get("l2s", [1e-2, 1e-3, 1e-4])[1:])
     rows = [f"| family | seed | oracle | features | dims | start | L2 {path} | chosen L2 | "
-            "labels, once | labels, cross-fitted | labels, EM | log-lik: start vs labels-EM |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "labels, once | labels, cross-fitted | labels, EM | log-lik: start vs labels-EM | "
+            "reward R^2, by type |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         for name, f in r["features"].items():
             rows.append(f"| {r['family']} | {r['seed']} | {r['oracle']:.2f} | {name} | {f['dims']} "
                         f"| {f['start']:.2f} | {', '.join(f'{a:.2f}' for a in f['start_l2_path'][1:])} "
                         f"| {f['chosen_l2']:g}: {f['start_chosen_l2']:.2f} "
                         f"| {f['labels_once']:.2f} | {f['labels_crossfit']:.2f} | {f['labels_em']:.2f} | "
-                        f"{f['start_loglik']:.0f} vs {f['labels_em_loglik']:.0f} |")
+                        f"{f['start_loglik']:.0f} vs {f['labels_em_loglik']:.0f} | "
+                        + (", ".join(f"{v:.2f}" for v in f["reward_r2"]) if "reward_r2" in f
+                           else "-") + " |")
     return "\n".join(rows)
 
 

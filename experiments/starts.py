@@ -245,6 +245,10 @@ def summary_table(rows: list[dict]) -> str:
     def mean_ci(m: list[float]) -> str:
         return f"{m[0]:.2f}" + ("" if m[1] != m[1] else f" [{m[1]:.2f}, {m[2]:.2f}]")
 
+    def by_seed(values: list[float], bar: float) -> str:
+        # a value just under the bar that two decimals would round up to it gets three
+        return ", ".join(f"{a:.3f}" if a < bar <= round(a, 2) else f"{a:.2f}" for a in values)
+
     lines = ["| family | start | seeds | features chosen | ARI of the start, by seed | "
              "final ARI, by seed | start: mean [95% t-interval] | final: mean [95% t-interval] "
              "| final >= bar | log-lik falls |",
@@ -253,11 +257,13 @@ def summary_table(rows: list[dict]) -> str:
         chosen = sorted({f for f in r.get("features", []) if f}) or ["-"]
         lines.append(f"| {r['family']} | {r['config']} | {', '.join(map(str, r['seeds']))} | "
                      + ", ".join(chosen) + " | "
-                     + ", ".join(f"{a:.2f}" for a in r["start_ari"]) + " | "
-                     + ", ".join(f"{a:.2f}" for a in r["final_ari"]) + " | "
+                     + by_seed(r["start_ari"], r["bar"]) + " | "
+                     + by_seed(r["final_ari"], r["bar"]) + " | "
                      + f"{mean_ci(r['start_ari_mean_interval'])} | "
                      + f"{mean_ci(r['final_ari_mean_interval'])} | "
-                     + f"{len(r['seeds_reaching_bar'])} of {len(r['seeds'])} (>= {r['bar']}) | "
+                     + f"{len(r['seeds_reaching_bar'])} of {len(r['seeds'])} (>= {r['bar']}"
+                     + (f": {', '.join(map(str, r['seeds_reaching_bar']))}"
+                        if 0 < len(r["seeds_reaching_bar"]) < len(r["seeds"]) else "") + ") | "
                      + f"{r.get('loglik_falls', '-')} |")
     return "\n".join(lines)
 

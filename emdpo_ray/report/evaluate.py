@@ -38,6 +38,28 @@ def match_types(true_types: np.ndarray, gamma: np.ndarray, k_true: int) -> np.nd
     return match
 
 
+def within_record_r2(x: np.ndarray, mask: np.ndarray, y: np.ndarray, ridge: float = 1.0,
+                     folds: int = 5) -> float:
+    """Share of the variance of a reward y [N, m] between a record's responses that a ridge
+    regression on features x [N, m, D] predicts out of fold (records dealt into `folds`):
+    how much of a true reward a linear reward on x can carry. Within records, because
+    Plackett-Luce sees only differences between a record's responses; padded responses
+    (mask 0) take no part."""
+    w = mask.astype(float)
+    n, m = w.shape
+    xc = x - (x * w[..., None]).sum(1, keepdims=True) / w.sum(1)[:, None, None]
+    yc = y - (y * w).sum(1, keepdims=True) / w.sum(1, keepdims=True)
+    keep = w.reshape(-1) > 0
+    xs, ys = xc.reshape(n * m, -1)[keep], yc.reshape(-1)[keep]
+    fold = np.repeat(np.arange(n) % folds, m)[keep]
+    pred = np.zeros_like(ys)
+    for f in range(folds):
+        tr, te = fold != f, fold == f
+        coef = np.linalg.solve(xs[tr].T @ xs[tr] + ridge * np.eye(xs.shape[1]), xs[tr].T @ ys[tr])
+        pred[te] = xs[te] @ coef
+    return float(1.0 - ((ys - pred) ** 2).sum() / (ys ** 2).sum())
+
+
 def policy_rewards(rd: RunDir, cfg, records, k: int) -> np.ndarray:
     """Implicit rewards [N, m, K] of every response (ranked order) under every policy."""
     import torch
