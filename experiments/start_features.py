@@ -188,10 +188,10 @@ def signal_projected(x, mask, user_index, num_users, r: int, ridge: float = 1e-3
 def within_projected(x, mask, r: int) -> np.ndarray:
     """x projected on the top r principal directions of the responses' deviations from
     their record's mean (the directions in which a record's responses differ), standardised."""
+    from emdpo_ray.report.evaluate import record_centred
     from emdpo_ray.train import start as st
 
-    mean = (x * mask[..., None]).sum(1, keepdims=True) / np.maximum(mask.sum(1), 1)[:, None, None]
-    _, _, vt = np.linalg.svd((x - mean)[mask], full_matrices=False)
+    _, _, vt = np.linalg.svd(record_centred(x, mask)[mask], full_matrices=False)
     return st.standardized((x @ vt[:r].T).astype(np.float32), mask)
 
 
@@ -368,20 +368,16 @@ def oracle_labels(records, user_index, num_users, meta: dict) -> np.ndarray:
     """Each user's MAP type under the true rewards and shares."""
     from emdpo_ray.core.estep import e_step
     from emdpo_ray.core.losses import plackett_luce_logp
-    from emdpo_ray.data import synth
 
     import torch
 
-    m = max(len(r.responses) for r in records)
-    scores = np.zeros((len(records), len(meta["shares"])))
-    for i, r in enumerate(records):
-        rew = synth.true_rewards(meta, [r.prompt] * len(r.ranked), r.ranked)     # [K, m_i]
-        pad = torch.zeros(len(rew), m, dtype=torch.float64)
-        pad[:, :rew.shape[1]] = torch.as_tensor(rew)
-        mask = torch.zeros(len(rew), m, dtype=torch.bool)
-        mask[:, :rew.shape[1]] = True
-        scores[i] = plackett_luce_logp(pad, mask).numpy()
-    return e_step(scores, user_index, num_users, np.asarray(meta["shares"])).gamma.argmax(1)
+    m = max(len(r.ranked) for r in records)
+    rew = true_reward_array(records, meta, m)                                # [K, N, m]
+    k, n = rew.shape[:2]
+    mask = torch.as_tensor(np.arange(m) < np.array([len(r.ranked) for r in records])[:, None])
+    scores = plackett_luce_logp(torch.as_tensor(rew).reshape(k * n, m), mask.repeat(k, 1))
+    return e_step(scores.numpy().reshape(k, n).T, user_index, num_users,
+                  np.asarray(meta["shares"])).gamma.argmax(1)
 
 
 def record_folds(user_index, num_users, folds: int = 5) -> np.ndarray:

@@ -38,6 +38,12 @@ def match_types(true_types: np.ndarray, gamma: np.ndarray, k_true: int) -> np.nd
     return match
 
 
+def record_centred(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """x [N, m, ...] minus its record's mean over the unpadded responses (mask [N, m])."""
+    w = mask.reshape(mask.shape + (1,) * (x.ndim - 2)).astype(float)
+    return x - (x * w).sum(1, keepdims=True) / np.maximum(w.sum(1, keepdims=True), 1)
+
+
 def within_record_r2(x: np.ndarray, mask: np.ndarray, y: np.ndarray, ridge: float = 1.0,
                      folds: int = 5) -> float:
     """Share of the variance of a reward y [N, m] between a record's responses that a ridge
@@ -45,11 +51,9 @@ def within_record_r2(x: np.ndarray, mask: np.ndarray, y: np.ndarray, ridge: floa
     how much of a true reward a linear reward on x can carry. Within records, because
     Plackett-Luce sees only differences between a record's responses; padded responses
     (mask 0) take no part."""
-    w = mask.astype(float)
-    n, m = w.shape
-    xc = x - (x * w[..., None]).sum(1, keepdims=True) / w.sum(1)[:, None, None]
-    yc = y - (y * w).sum(1, keepdims=True) / w.sum(1, keepdims=True)
-    keep = w.reshape(-1) > 0
+    n, m = mask.shape
+    xc, yc = record_centred(x, mask), record_centred(y, mask)
+    keep = mask.reshape(-1) > 0
     xs, ys = xc.reshape(n * m, -1)[keep], yc.reshape(-1)[keep]
     fold = np.repeat(np.arange(n) % folds, m)[keep]
     pred = np.zeros_like(ys)
