@@ -82,7 +82,9 @@ class ModelConfig(_Section):
         "SFT on every response of every record, or on each record's top-ranked one."))
     sft_batch_size: int = Field(64, gt=0, description="Responses per SFT step.")
     sft_learning_rate: float | None = Field(None, gt=0, description=(
-        "SFT AdamW learning rate; None: 5e-3 for the tiny model, 2e-5 for a named one."))
+        "SFT AdamW learning rate; None: 2e-5 for a named model, and for the tiny model 5e-3 "
+        "at width 48, scaled as 1/model.tiny.hidden_size (a wider tiny model at 5e-3 loses "
+        "which words its states read)."))
 
     @property
     def sft_passes(self) -> float:

@@ -102,8 +102,12 @@ sentence, reduced to 48 or 144 directions (`reference by sentence within R`),
 docs/start_features-order-smollm2-reduced.{json,md} (`--families order --seeds 2,5
 --reference smollm2-135m-instruct --features "reference by sentence within 48,reference by
 sentence within 144" --out docs/start_features-order-smollm2-reduced.json`, 39 minutes
-here). Data and references that `make starts` has not made are built here first (the same
-data; the reference's SFT in this process).
+here). Other tiny backbones (`--tiny`, `--sft-lr`: width 96 at three SFT rates, 4 layers)
+beside the default's states and the first sentence's word shares (the bound of a pooling
+whose states kept every word), on `order` seeds 0 to 9, one run per backbone and seeds,
+put side by side by `--merge` in docs/start_features-order-backbones.{json,md} (the
+commands there; about 40 minutes here in all). Data and references that `make starts` has
+not made are built here first (the same data; the reference's SFT in this process).
 """
 
 from __future__ import annotations
@@ -142,7 +146,8 @@ VARIANTS = ["reference in users' subspace", "tokens by position in users' subspa
             f"reference trained further within {r}" for r in WITHIN_DIMS] + [
             "reference by sentence"] + [f"reference by sentence within {r}" for r in WIDE_DIMS] + [
             f"reference trained further {COPIES} copies averaged",
-            f"reference trained further {COPIES} copies side by side"]
+            f"reference trained further {COPIES} copies side by side",
+            "first sentence's word shares"]
 
 
 def preference_subspace(x, mask, user_index, num_users, dims: int = 8):
@@ -260,10 +265,11 @@ def whitened_states(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def trained_further(model, arrays: dict, epochs: float, seed: int, on: str = "all"):
+def trained_further(model, arrays: dict, epochs: float, seed: int, on: str = "all",
+                    lr: float | None = None):
     """A copy of `model` given `epochs` more passes of SFT on the responses (`on`: every
-    response, or each record's top-ranked one, model.sft_on) at the tiny model's rate, as
-    the default start's copy (em.init_sft_epochs; train/sft.py), in one process."""
+    response, or each record's top-ranked one, model.sft_on) at the tiny model's rate (or
+    `lr`), as the default start's copy (em.init_sft_epochs; train/sft.py), in one process."""
     import copy
 
     import torch
@@ -279,15 +285,16 @@ def trained_further(model, arrays: dict, epochs: float, seed: int, on: str = "al
     cfg = load_config(None, [f"seed={seed}", f"model.sft_on={on}"])
     plans, steps, _ = sft_plans(cfg, arrays["resp_mask"], [len(arrays["resp_mask"])], epochs)
     out = copy.deepcopy(model).float()
-    train_sft(out, arrays, plans[0], steps, TINY_LR, cfg.dpo.max_grad_norm,
+    train_sft(out, arrays, plans[0], steps, lr or TINY_LR, cfg.dpo.max_grad_norm,
               torch.device("cpu"), seed)
     return out.eval()
 
 
-def prepare(data: str, ref: str, family: str, seed: int) -> None:
+def prepare(data: str, ref: str, family: str, seed: int, tiny: tuple[str, ...] = (),
+            lr: float | None = None) -> None:
     """`make starts`' data and tiny SFT reference for one family and seed, built here in one
     process when that run has not made them (the same data; SFT on one rank, not the run's
-    workers)."""
+    workers). `tiny`: overrides of model.tiny (another width or depth), SFT at `lr`."""
     import shutil
 
     from emdpo_ray.config import load_config
@@ -301,13 +308,13 @@ def prepare(data: str, ref: str, family: str, seed: int) -> None:
     if not os.path.exists(data):
         synth.write(data, *synth.generate(users=300, types=3, rankings_per_user=10,
                                           responses=3, shares=SHARES, seed=seed, family=family))
-    cfg = load_config(None, [f"seed={seed}"])
+    cfg = load_config(None, [f"seed={seed}", *(f"model.tiny.{o}" for o in tiny)])
     records = load_records(data)
     init = build_tiny_model([t for r in records for t in (r.prompt, *r.responses)],
                             ref + ".init", cfg.model, seed)
     tok = load_tokenizer(init, cfg.model)
     model = trained_further(load_base(init, cfg.model), encode(records, tok, cfg.data).arrays(),
-                            cfg.model.sft_passes, seed)
+                            cfg.model.sft_passes, seed, lr=lr)
     model.save_pretrained(ref + ".partial", safe_serialization=True)
     tok.save_pretrained(ref + ".partial")
     os.replace(ref + ".partial", ref)
@@ -350,6 +357,27 @@ def generator_features(records, meta: dict) -> np.ndarray:
             v = synth.text_features(synth.first_sentence(y) if fam == "order" else y)
             c = ctx(r.prompt) if ctx else 0
             x[i, j, c * f:(c + 1) * f] = v
+    return x
+
+
+def first_sentence_shares(records) -> np.ndarray:
+    """[N, m, V] each response's first-sentence words as shares of its words: what a mean
+    over the first sentence would hold if each state kept which word it reads (`order`'s
+    true reward is linear in the counts, so this is near its exact model: a bound, not a
+    start)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    from emdpo_ray.data.synth import first_sentence
+    from emdpo_ray.train.context_features import TOKEN_PATTERN
+
+    firsts = [first_sentence(y) for r in records for y in r.ranked]
+    c = CountVectorizer(token_pattern=TOKEN_PATTERN).fit_transform(firsts).toarray()
+    shares = c / np.maximum(c.sum(1, keepdims=True), 1)
+    m = max(len(r.responses) for r in records)
+    x, i = np.zeros((len(records), m, c.shape[1]), np.float32), 0
+    for j, r in enumerate(records):
+        x[j, :len(r.ranked)] = shares[i:i + len(r.ranked)]
+        i += len(r.ranked)
     return x
 
 
@@ -414,7 +442,8 @@ def crossfit_labels(x, mask, user_index, num_users, truth, k: int, folds: int = 
 
 def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         reference: str | None = None, l2s: tuple[float, ...] = (1e-2, 1e-3, 1e-4),
-        further: tuple[float, ...] | None = None) -> dict:
+        further: tuple[float, ...] | None = None, tiny: tuple[str, ...] = (),
+        sft_lr: float | None = None) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     from emdpo_ray.config import load_config
@@ -430,8 +459,10 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     import torch
 
     data, ref = os.path.join(runs, f"{family}-{seed}.jsonl"), os.path.join(runs, f"{family}-{seed}-reference")
+    if tiny or sft_lr:  # another tiny backbone: its own reference beside the default's
+        ref += "-" + "-".join([*tiny, *([f"lr={sft_lr:g}"] if sft_lr else [])])
     if not (os.path.exists(data) and os.path.isdir(ref)):
-        prepare(data, ref, family, seed)
+        prepare(data, ref, family, seed, tiny, sft_lr)
     cfg = load_config(None, [])
     if reference is not None:  # another model's states, e.g. a pretrained one, not the SFT reference
         from emdpo_ray.models.sources import resolve_named_model
@@ -464,14 +495,16 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
               "tokens by prompt": lambda: cf.tokens_by_prompt(
                   records, st.response_features(records)[0], mask, ui, num_users),
               "tokens by position": lambda: positional_counts(records),
-              "generator": lambda: generator_features(records, meta)}
+              "generator": lambda: generator_features(records, meta),
+              "first sentence's word shares": lambda: st.standardized(
+                  first_sentence_shares(records), mask)}
 
     def positional() -> np.ndarray:
         return st.standardized(positional_counts(records), mask)
 
     @functools.cache
     def further_model():
-        return trained_further(model, enc.arrays(), cfg.start_sft_passes, seed)
+        return trained_further(model, enc.arrays(), cfg.start_sft_passes, seed, lr=sft_lr)
 
     def by_prompt_state(of, whiten: bool = True) -> np.ndarray:
         # the start's tokens_by_prompt_state; unwhitened: each coordinate only standardised
@@ -510,7 +543,8 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
              + states(-1, of=further_model(), by_sentence=True)) / 2, mask),
         # a third of the rows (one response a record): three passes, as many steps as one
         "reference trained further on top-ranked by sentence": lambda: states(
-            None, of=trained_further(model, enc.arrays(), 3 * cfg.start_sft_passes, seed, "top"),
+            None, of=trained_further(model, enc.arrays(), 3 * cfg.start_sft_passes, seed, "top",
+                                sft_lr),
             by_sentence=True)})
 
     @functools.cache
@@ -518,7 +552,8 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         # the default copy first, then copies whose SFT runs on other seeds (batch order)
         return [states(None, of=further_model())] + [
             states(None, of=trained_further(model, enc.arrays(), cfg.start_sft_passes,
-                                            seed + 1000 * i)) for i in range(1, COPIES)]
+                                            seed + 1000 * i, lr=sft_lr))
+            for i in range(1, COPIES)]
 
     makers[f"reference trained further {COPIES} copies averaged"] = lambda: st.standardized(
         np.mean(copies_states(), 0), mask)
@@ -539,14 +574,15 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     # --further: one set per number of further passes, in place of the default's one
     for e in further or ():
         makers[f"reference + {e:g} SFT passes"] = (
-            lambda e=e: states(None, of=trained_further(model, enc.arrays(), e, seed)))
+            lambda e=e: states(None, of=trained_further(model, enc.arrays(), e, seed,
+                                                        lr=sft_lr)))
     if further:
         features = [f for f in features if f != "reference trained further"] + [
             f"reference + {e:g} SFT passes" for e in further]
     held = st.heldout_records(ui, 0.2, seed)
     rewards = true_reward_array(records, meta, mask.shape[1])
     out = {"family": family, "seed": seed, "users": num_users, "l2s": list(l2s),
-           "reference": reference or "SFT reference",
+           "reference": reference or "SFT reference", "tiny": list(tiny), "sft_lr": sft_lr,
            "oracle": ari(oracle_labels(records, ui, num_users, meta)), "features": {}}
     for name in features:
         x = makers[name]()
@@ -644,6 +680,12 @@ copy learns what preferred openings look like.
 `reference by sentence`: the reference's own states (with `--reference`, that model's)
 pooled by sentence; `... within R`: projected on the top R directions in which a record's
 responses differ, as `within R` above.
+`first sentence's word shares`: each response's first-sentence words as shares of its
+words, what a mean over the first sentence would hold if every state kept which word it
+reads (near `order`'s exact model, as `generator`: a bound for the pooling, not a start).
+A feature set named with settings in brackets is on another tiny backbone (`--tiny`,
+`--sft-lr`): its own SFT reference, built with those `model.tiny` settings and SFT learning
+rate, and its copy trained further at that rate.
 
 """
 
@@ -679,22 +721,43 @@ def paired_over_seeds(results: list[dict]) -> str:
     for family in dict.fromkeys(r["family"] for r in results):
         runs = [r for r in results if r["family"] == family]
         names = list(runs[0]["features"])
-        if len(runs) < 2 or len(names) < 2:
+        if len(runs) < 2 or len({n for r in runs for n in r["features"]}) < 2:
             continue
-        for name in names:
+        for name in dict.fromkeys(n for r in runs for n in r["features"]):
+            have = [r for r in runs if name in r["features"] and names[0] in r["features"]]
+            if len(have) < 2:  # merged runs: a set on one seed only
+                continue
             cols = []
             for key in ("start_chosen_l2", "labels_crossfit"):
-                v = [r["features"][name][key] for r in runs]
-                d = [a - r["features"][names[0]][key] for a, r in zip(v, runs)]
+                v = [r["features"][name][key] for r in have]
+                d = [a - r["features"][names[0]][key] for a, r in zip(v, have)]
                 cols += [f"{t_interval(v)[0]:.3f}", fmt(t_interval(d))]
-            rows.append(f"| {family} | {name} | {len(runs)} | " + " | ".join(cols) + " |")
+            at_bar = sum(r["features"][name]["start_chosen_l2"] >= 0.8 for r in have)
+            r2 = [np.mean(r["features"][name].get("reward_r2") or np.nan) for r in have]
+            cols += [f"{at_bar} of {len(have)}", "-" if np.isnan(r2).any() else f"{np.mean(r2):.3f}"]
+            rows.append(f"| {family} | {name} | {len(have)} | " + " | ".join(cols) + " |")
     if not rows:
         return ""
     return ("\n\nOver seeds, each feature set against the first on the same seeds (mean, "
             "paired difference [95% t-interval]):\n\n"
             "| family | features | seeds | start, chosen L2 | minus the first | labels, "
-            "cross-fitted | minus the first |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+            "cross-fitted | minus the first | start at 0.8 or more | reward R^2, mean |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
             + "\n".join(rows))
+
+
+def merged(paths: list[str]) -> list[dict]:
+    """The results of several runs (e.g. one per backbone) as one: per family and seed, every
+    run's feature sets side by side, each named with its run's backbone where it has one."""
+    out: dict = {}
+    for path in paths:
+        for r in json.load(open(path)):
+            tag = ", ".join([*r.get("tiny", []), *([f"lr {r['sft_lr']:g}"] if r.get("sft_lr")
+                                                   else [])])
+            row = out.setdefault((r["family"], r["seed"]), {**r, "features": {}})
+            for name, f in r["features"].items():
+                row["features"][f"{name} [{tag}]" if tag else name] = f
+    return list(out.values())
 
 
 def main() -> int:
@@ -710,6 +773,15 @@ def main() -> int:
     p.add_argument("--further", default=None,
                    help="with the `reference trained further` set: its numbers of further SFT "
                         "passes, one set each (default: em.init_sft_epochs' default)")
+    p.add_argument("--tiny", default="",
+                   help="another tiny backbone: model.tiny overrides, comma-separated (e.g. "
+                        "hidden_size=96,intermediate_size=192); its own SFT reference")
+    p.add_argument("--sft-lr", type=float, default=None,
+                   help="the tiny reference's and its copies' SFT learning rate (default: "
+                        "the tiny model's at its width, train/sft.py default_sft_rate)")
+    p.add_argument("--merge", default=None,
+                   help="comma-separated result files to put side by side in --out (per "
+                        "family and seed; feature sets named with their backbone), no runs")
     p.add_argument("--features", default=",".join(FEATURES),
                    help=f"feature sets, of {FEATURES + VARIANTS}")
     a = p.parse_args()
@@ -719,21 +791,44 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     from emdpo_ray.utils import atomic_write_json, atomic_write_text
 
+    if a.merge:
+        results = merged(a.merge.split(","))
+        command = shlex.join(['python', 'experiments/start_features.py', *sys.argv[1:]])
+        atomic_write_json(a.out, results)
+        atomic_write_text(a.out[:-5] + ".md", HEADER.format(json=os.path.basename(a.out))
+                          + VARIANTS_NOTE + "Runs merged here, each by its command:\n\n"
+                          + "".join(f"- `{c}`\n" for c in dict.fromkeys(
+                              r["command"] for m in a.merge.split(",")
+                              for r in json.load(open(m)) if "command" in r))
+                          + f"\nMerged by `{command}`.\n\n" + table(results)
+                          + paired_over_seeds(results) + "\n")
+        return 0
     runs = os.path.join(REPO, "runs", "starts")
     results = []
     l2s = tuple(sorted(map(float, a.l2s.split(",")), reverse=True))
     further = tuple(map(float, a.further.split(","))) if a.further else None
+    if a.tiny and a.sft_lr is None:  # another width: the tiny model's rate for it
+        from emdpo_ray.config import load_config
+        from emdpo_ray.train.sft import default_sft_rate
+
+        a.sft_lr = default_sft_rate(load_config(None, [
+            f"model.tiny.{o}" for o in a.tiny.split(",")]).model)
     for family in a.families.split(","):
         for seed in map(int, a.seeds.split(",")):
             results.append(one(family, seed, runs, a.features.split(","), a.reference, l2s,
-                               further))
+                               further, tuple(filter(None, a.tiny.split(","))), a.sft_lr))
+            command = shlex.join(['python', 'experiments/start_features.py', *sys.argv[1:]])
+            results[-1]["command"] = command  # what --merge cites
             atomic_write_json(a.out, results)
             note = VARIANTS_NOTE if set(a.features.split(",")) & set(VARIANTS) else ""
-            command = shlex.join(['python', 'experiments/start_features.py', *sys.argv[1:]])
             if a.reference:
                 note += (f"The reference's states here are `{a.reference}`'s, as published (not "
                          "fine-tuned on the responses), in place of each run's SFT reference: "
                          f"`{command}`.\n\n")
+            if a.tiny or a.sft_lr:
+                note += (f"The tiny reference here is built with `{a.tiny or 'its defaults'}`"
+                         + (f" and its SFT (and its copies') at a learning rate of {a.sft_lr:g}"
+                            if a.sft_lr else "") + f": `{command}`.\n\n")
             if l2s != (1e-2, 1e-3, 1e-4):
                 note += (f"The start's L2 path here is {', '.join(f'{v:g}' for v in l2s)} "
                          f"(`start` at {l2s[0]:g}, the next columns down the path; `labels, "

@@ -32,3 +32,21 @@ def test_each_rank_gets_the_batch_rows_of_its_shard_in_local_indices():
     # a rank with no row in a step still gets its steps right (it adds zeros that step)
     r0, r1 = rank_plans(rows, np.array([[2, 3], [0, 1]]), [3, 2])
     assert len(r0) == 2 and set(r0[:, 0]) == {1} and set(r1[:, 0]) == {0}
+
+
+def test_default_rate_is_the_tiny_models_at_its_width_and_a_named_models_otherwise():
+    from emdpo_ray.config import load_config
+    from emdpo_ray.train.sft import default_sft_rate, sft_plans
+
+    def rate(*overrides):
+        return default_sft_rate(load_config(None, list(overrides)).model)
+
+    assert rate() == 5e-3                                  # width 48
+    assert rate("model.tiny.hidden_size=96") == 2.5e-3     # twice as wide: half the rate
+    assert rate("model.tiny.hidden_size=24") == 1e-2
+    assert rate("model.name_or_path=/some/model") == 2e-5  # a named model: its own rate
+    mask = np.ones((4, 3), bool)
+    cfg = load_config(None, ["model.tiny.hidden_size=96"])
+    assert sft_plans(cfg, mask, [4], 1.0)[2] == 2.5e-3
+    cfg = load_config(None, ["model.tiny.hidden_size=96", "model.sft_learning_rate=1e-3"])
+    assert sft_plans(cfg, mask, [4], 1.0)[2] == 1e-3       # set: used as is
