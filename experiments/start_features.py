@@ -268,8 +268,9 @@ def whitened_states(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def trained_further(model, arrays: dict, epochs: float, seed: int, on: str = "all",
                     lr: float | None = None):
     """A copy of `model` given `epochs` more passes of SFT on the responses (`on`: every
-    response, or each record's top-ranked one, model.sft_on) at the tiny model's rate (or
-    `lr`), as the default start's copy (em.init_sft_epochs; train/sft.py), in one process."""
+    response, or each record's top-ranked one, model.sft_on) at the default tiny model's rate
+    (or `lr`: another width's, train/sft.py default_sft_rate), as the default start's copy
+    (em.init_sft_epochs; train/sft.py), in one process."""
     import copy
 
     import torch
@@ -543,8 +544,8 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
              + states(-1, of=further_model(), by_sentence=True)) / 2, mask),
         # a third of the rows (one response a record): three passes, as many steps as one
         "reference trained further on top-ranked by sentence": lambda: states(
-            None, of=trained_further(model, enc.arrays(), 3 * cfg.start_sft_passes, seed, "top",
-                                sft_lr),
+            None, of=trained_further(model, enc.arrays(), 3 * cfg.start_sft_passes, seed,
+                                     "top", sft_lr),
             by_sentence=True)})
 
     @functools.cache
@@ -754,7 +755,9 @@ def merged(paths: list[str]) -> list[dict]:
         for r in json.load(open(path)):
             tag = ", ".join([*r.get("tiny", []), *([f"lr {r['sft_lr']:g}"] if r.get("sft_lr")
                                                    else [])])
-            row = out.setdefault((r["family"], r["seed"]), {**r, "features": {}})
+            row = out.setdefault((r["family"], r["seed"]), {  # each run's own keys dropped
+                **{k: v for k, v in r.items() if k not in ("tiny", "sft_lr", "command")},
+                "features": {}})
             for name, f in r["features"].items():
                 row["features"][f"{name} [{tag}]" if tag else name] = f
     return list(out.values())
