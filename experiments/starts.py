@@ -93,7 +93,7 @@ def run_one(family: str, config: str, seed: int, users: int, out: str, extra: li
     from emdpo_ray.data import synth
     from emdpo_ray.run.rundir import RunDir
     from emdpo_ray.train.driver import train
-    from emdpo_ray.train.sft import TINY_LR
+    from emdpo_ray.train.sft import default_sft_rate
 
     data = os.path.join(out, f"{family}-{seed}.jsonl")
     if not os.path.exists(data):
@@ -102,10 +102,13 @@ def run_one(family: str, config: str, seed: int, users: int, out: str, extra: li
     run = os.path.join(out, f"{family}-{config}-{seed}")
     shared = os.path.join(out, f"{family}-{seed}-reference")
     # the shared tiny reference is passed as a named model: its start's copy is still
-    # trained further as the tiny model's is (em.init_sft_epochs, at the tiny model's rate)
+    # trained further as the tiny model's is (em.init_sft_epochs, at the rate of the tiny
+    # model these settings build, its width's)
+    tiny = load_config(None, [*CONFIGS[config], *extra])
     base = ([f"model.name_or_path={shared}", "model.sft_epochs=0",
-             f"em.init_sft_epochs={load_config(None, []).start_sft_passes}",
-             f"model.sft_learning_rate={TINY_LR}"] if os.path.isdir(shared) else [])
+             f"em.init_sft_epochs={tiny.start_sft_passes}",
+             f"model.sft_learning_rate={default_sft_rate(tiny.model)}"]
+            if os.path.isdir(shared) else [])
     cfg = load_config(None, ["em.max_iterations=3", "em.tol_loglik=0", "em.tol_posterior=0",
                              "mmra.enabled=false", f"seed={seed}", *base, *CONFIGS[config],
                              *extra])

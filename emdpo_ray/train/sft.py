@@ -27,7 +27,6 @@ from emdpo_ray.config import Config, ModelConfig
 
 
 TINY_LR, NAMED_LR = 5e-3, 2e-5  # the defaults of model.sft_learning_rate (tiny: at width 48)
-TINY_WIDTH = 48
 
 
 def default_sft_rate(mc: ModelConfig) -> float:
@@ -38,7 +37,8 @@ def default_sft_rate(mc: ModelConfig) -> float:
     (docs/start_features-order-backbones.md)."""
     if mc.name_or_path:
         return NAMED_LR
-    return TINY_LR * TINY_WIDTH / mc.tiny.hidden_size
+    width = type(mc.tiny).model_fields["hidden_size"].default  # the width TINY_LR is for
+    return TINY_LR * width / mc.tiny.hidden_size
 
 
 def sft_rows(resp_mask: np.ndarray, on: str) -> np.ndarray:
