@@ -92,7 +92,12 @@ layers averaged, and a copy trained further on the top-ranked responses only,
 docs/start_features-order-layers.{json,md} (`--families order --seeds 2,0,1,3,4 --features
 "reference trained further by sentence,reference trained further by sentence last
 layer,reference trained further by sentence layers averaged,reference trained further on
-top-ranked by sentence" --out docs/start_features-order-layers.json`). Every set also gets
+top-ranked by sentence" --out docs/start_features-order-layers.json`). The copy's states by
+sentence scaled (or whitened) within records, docs/start_features-order-within-records.{json,md}
+(`--families order --seeds 0,1,2,3,4 --features "reference trained further by
+sentence,reference trained further by sentence within records,reference trained further by
+sentence whitened within records" --out docs/start_features-order-within-records.json`, 6
+minutes here). Every set also gets
 its `reward R^2` (each type's true reward between a record's responses, predicted out of
 fold by a ridge regression on the set): on `order` seeds 0 to 9 the copy's states against
 the generator's own features, docs/start_features-order-r2.{json,md} (`--families order
@@ -136,6 +141,8 @@ VARIANTS = ["reference in users' subspace", "tokens by position in users' subspa
             "reference + tokens by position", "policies' states", "reference output gradients",
             "reference trained further", "reference trained further by sentence",
             "reference trained further by sentence summed",
+            "reference trained further by sentence within records",
+            "reference trained further by sentence whitened within records",
             "reference trained further by sentence last layer",
             "reference trained further by sentence layers averaged",
             "reference trained further on top-ranked by sentence",
@@ -263,6 +270,18 @@ def whitened_states(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     out = np.zeros((*x.shape[:2], w.shape[1]), np.float32)
     out[mask] = w
     return out
+
+
+def within_record_scaled(x: np.ndarray, mask: np.ndarray, whiten: bool = False) -> np.ndarray:
+    """[N, m, D'] each record's responses' features less their record mean, each coordinate
+    (or, `whiten`, every direction) scaled by its spread *within* records: a ranking's
+    likelihood reads only differences between a record's responses, so the L2 penalty is
+    set by those, not by what varies from record to record (its topic, its sentences)."""
+    n = mask.sum(1, keepdims=True)[..., None]
+    d = np.where(mask[..., None], x - (x * mask[..., None]).sum(1, keepdims=True) / n, 0)
+    if whiten:
+        return whitened_states(d, mask)
+    return (d / (d[mask].std(0) + 1e-6)).astype(np.float32)
 
 
 def trained_further(model, arrays: dict, epochs: float, seed: int, on: str = "all",
@@ -533,6 +552,10 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         "reference trained further": lambda: states(None, of=further_model()),
         "reference trained further by sentence": lambda: states(None, of=further_model(),
                                                                 by_sentence=True),
+        "reference trained further by sentence within records": lambda: within_record_scaled(
+            states(None, of=further_model(), by_sentence=True), mask),
+        "reference trained further by sentence whitened within records": lambda:
+            within_record_scaled(states(None, of=further_model(), by_sentence=True), mask, True),
         "reference trained further by sentence summed": lambda: states(
             None, of=further_model(), by_sentence=True, summed=True),
         "reference trained further whitened": lambda: whitened_states(
@@ -674,6 +697,10 @@ summed`: the same sums of states over each part instead of means, as a DPO rewar
 a response's tokens (a part's sum grows with its length, its mean does not). `... by sentence
 last layer`: the copy's last layer's states pooled by sentence in place of its middle
 layer's; `... by sentence layers averaged`: the two layers' standardised states averaged.
+`... by sentence within records`: the same states less their record's mean, each coordinate
+scaled by its spread between a record's responses (a ranking reads only those differences,
+so the L2 penalty is set by them, not by what varies between records); `... whitened within
+records`: those differences whitened (every direction at one scale).
 `reference trained further on top-ranked by sentence`: a copy given its further SFT on each
 record's top-ranked response only (model.sft_on `top`; three passes over those, as many
 steps as the default's one pass over every response): text the population prefers, so the
