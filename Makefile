@@ -46,6 +46,7 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/demo_wall.py
 	$(BIN)/python bench/em_speed.py
+	$(BIN)/python bench/start_speed.py
 	$(BIN)/python bench/trl_dpo.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/smollm2_speed.py
 	$(BIN)/python bench/serve_speed.py

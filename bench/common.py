@@ -81,6 +81,10 @@ TARGETS = [
     ("estep_records_per_s", "(report)", "E-step scoring records/s inside the M-step"),
     ("estep_vs_forward_bound", ">= 0.7", "E-step scoring over a bare in-process forward"),
     ("em_overhead_fraction", "<= 0.15", "share of EM wall time that is not model compute"),
+    ("start_parallel_speedup", "(report)", "the auto start of 300 users x 10 rankings (order), "
+     "its fits side by side on every CPU over in turn"),
+    ("start_parallel_speedup_small", "(report)", "the same at em_speed's 90 users x 8 "
+     "rankings (linear)"),
     ("router_overhead_ms_p50", "<= 3", "HTTP router path minus a direct handle call"),
     ("router_overhead_ms_p99", "(report)", ""),
     ("serve_batched_speedup", ">= 3", "16 concurrent requests over 3 types, batched vs one "

@@ -6,6 +6,10 @@ split-and-merge moves. No language model; train/start.py chooses its features an
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,17 +108,68 @@ def weighted_objective(x: np.ndarray, mask: np.ndarray, w: np.ndarray, theta: np
     return loss, -(pull @ x.reshape(n * m, v)).astype(np.float64) / n + 2 * l2 * theta
 
 
-def lbfgs(fun, theta0: np.ndarray, max_iter: int = 50) -> np.ndarray:
-    """argmin of `fun(theta) -> (loss, gradient)` by scipy's L-BFGS-B. BLAS runs on one
-    thread: on these small matrices its spinning threads cost more than they give."""
-    from scipy.optimize import minimize
+_blas_lock = threading.Lock()
+_blas_holders: list = []   # [the limiter, how many hold it]; empty when none does
+
+
+@contextmanager
+def one_blas_thread():
+    """BLAS on one thread while any caller is inside: on these small matrices its spinning
+    threads cost more than they give, and fits run side by side (parallel_map) must not each
+    take every core. threadpoolctl's limit is process-wide, so it is counted: the first in
+    sets it, the last out restores it (nested or overlapping plain threadpool_limits would
+    restore each other's)."""
     from threadpoolctl import threadpool_limits
+
+    with _blas_lock:
+        if not _blas_holders:
+            _blas_holders.extend([threadpool_limits(1, user_api="blas"), 0])
+        _blas_holders[1] += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_holders[1] -= 1
+            if _blas_holders[1] == 0:
+                _blas_holders.pop(0).restore_original_limits()
+                _blas_holders.clear()
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS reports one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
+
+
+def parallel_map(fn: Callable, items: Iterable, threads: int | None = None) -> list:
+    """[fn(item) for item in items], up to `threads` at a time (default: usable_cpus), with
+    BLAS on one thread. The limit is set here, by the calling thread, and held for the whole
+    map: a thread count set from the pool's threads was not applied (OpenBLAS 0.3.31), and on
+    2 cores their BLAS threads made the start 8 times slower. The start's fits are
+    independent and each seeds its own generator, so the results are those of the loop;
+    NumPy's loops and scipy's L-BFGS-B release the GIL, so threads are enough (the start of
+    300 users on 2 cores: 1.8 times faster side by side, bench/start_speed.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = list(items)
+    n = min(len(items), threads or usable_cpus())
+    if n <= 1:
+        return [fn(item) for item in items]
+
+    with one_blas_thread(), ThreadPoolExecutor(n, thread_name_prefix="emdpo-start") as pool:
+        return list(pool.map(fn, items))
+
+
+def lbfgs(fun, theta0: np.ndarray, max_iter: int = 50) -> np.ndarray:
+    """argmin of `fun(theta) -> (loss, gradient)` by scipy's L-BFGS-B, BLAS on one thread
+    (one_blas_thread)."""
+    from scipy.optimize import minimize
 
     def f(v: np.ndarray):
         loss, grad = fun(v.reshape(theta0.shape))
         return loss, np.asarray(grad, np.float64).ravel()
 
-    with threadpool_limits(1, user_api="blas"):
+    with one_blas_thread():
         res = minimize(f, theta0.astype(np.float64).ravel(), jac=True, method="L-BFGS-B",
                        options={"maxiter": max_iter, "ftol": 1e-6})
     return res.x.reshape(theta0.shape).astype(np.float32)
@@ -154,33 +209,38 @@ def mixture_loglik(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_
 def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
                   k: int, seed: int, refine_iterations: int, restarts: int = 1,
                   l2: float = 1e-2, gamma: np.ndarray | None = None,
-                  info: dict | None = None, short: int = SHORT_RUN) -> LinearMixture:
+                  info: dict | None = None, short: int = SHORT_RUN,
+                  threads: int | None = 1) -> LinearMixture:
     """The linear Plackett-Luce mixture from `restarts` starts: k-means on preference
     embeddings (or `gamma` when given), then random hard partitions. k-means alone often
     settles on the split the features make obvious; random partitions let the likelihood
     find the others. With several starts each runs `short` iterations and the likeliest
     runs on to `refine_iterations` (short-run EM: a few iterations per start, the full
-    refinement for one). `info` gets each start's log-likelihood."""
+    refinement for one); the starts run side by side on `threads` (parallel_map; None: every
+    usable CPU). `info` gets each start's log-likelihood."""
     if gamma is None:
         gamma = smoothed_onehot(kmeans_labels(
             preference_embeddings(x, mask, user_index, num_users), k, seed), k, 0.05)
     if restarts <= 1:
         return fit_linear_mixture(x, mask, user_index, num_users, gamma, refine_iterations, l2)
     rng = np.random.default_rng(seed)
-    best, lls = None, []
-    for r in range(restarts):
-        g0 = gamma if r == 0 else smoothed_onehot(rng.integers(0, k, num_users), k, 0.05)
+    g0s = [gamma] + [smoothed_onehot(rng.integers(0, k, num_users), k, 0.05)
+                     for _ in range(restarts - 1)]
+
+    def short_run(g0: np.ndarray) -> tuple[float, LinearMixture]:
         mix = fit_linear_mixture(x, mask, user_index, num_users, g0,
                                  min(short, refine_iterations), l2)
-        lls.append(mixture_loglik(x, mask, user_index, num_users, mix))
-        if best is None or lls[-1] > lls[best[0]]:
-            best = (r, mix)
+        return mixture_loglik(x, mask, user_index, num_users, mix), mix
+
+    runs = parallel_map(short_run, g0s, threads)
+    lls = [ll for ll, _ in runs]
+    best = int(np.argmax(lls))   # the first of equals, as in turn
     if info is not None:
-        info["restart_logliks"], info["restart_chosen"] = lls, best[0]
+        info["restart_logliks"], info["restart_chosen"] = lls, best
     if refine_iterations > short:
-        return fit_linear_mixture(x, mask, user_index, num_users, best[1].gamma,
+        return fit_linear_mixture(x, mask, user_index, num_users, runs[best][1].gamma,
                                   refine_iterations - short, l2)
-    return best[1]
+    return runs[best][1]
 
 
 def l2_path(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
@@ -245,13 +305,15 @@ def merge_split(labels: np.ndarray, emb: np.ndarray, i: int, j: int, s: int,
 
 def split_merge(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_users: int,
                 mix: LinearMixture, l2: float, iterations: int, seed: int, tries: int,
-                info: dict | None = None, min_gain: float = 1.0) -> LinearMixture:
+                info: dict | None = None, min_gain: float = 1.0,
+                threads: int | None = None) -> LinearMixture:
     """Split-and-merge EM (Ueda et al., 2000) on the linear mixture: restarts find one
     optimum, which may keep two types as one and split another in two (or leave a type
     with no users). Up to `tries` moves (split_merge_moves) are refitted for `iterations`
-    each; the first that raises the log-likelihood by more than `min_gain` nats (refits
-    differ by a fraction of a nat) is kept, and the search runs again from it, at most K
-    times. `info["moves"]` lists the kept ones."""
+    each (side by side on `threads`, parallel_map); the first in that order that raises the
+    log-likelihood by more than `min_gain` nats (refits differ by a fraction of a nat) is
+    kept, and the search runs again from it, at most K times. `info["moves"]` lists the kept
+    ones."""
     k = mix.gamma.shape[1]
     moves: list[dict] = []
     if k < 2 or tries < 1:
@@ -260,17 +322,20 @@ def split_merge(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_use
     ll = mixture_loglik(x, mask, user_index, num_users, mix)
     for _ in range(k):
         labels = mix.gamma.argmax(1)
-        kept = None
-        for i, j, s in split_merge_moves(mix.theta, mix.gamma,
-                                         type_fit(x, mask, user_index, mix))[:tries]:
-            new = merge_split(labels, emb, i, j, s, seed)
+
+        def refit(move: tuple[int, int, int]) -> tuple[LinearMixture, float] | None:
+            new = merge_split(labels, emb, *move, seed)
             if new is None:
-                continue
+                return None
             cand = fit_linear_mixture(x, mask, user_index, num_users,
                                       smoothed_onehot(new, k, 0.05), iterations, l2)
-            cand_ll = mixture_loglik(x, mask, user_index, num_users, cand)
-            if cand_ll > ll + min_gain:
-                kept = (cand, {"merge": [i, j], "split": s, "loglik": [ll, cand_ll]})
+            return cand, mixture_loglik(x, mask, user_index, num_users, cand)
+
+        tried = split_merge_moves(mix.theta, mix.gamma, type_fit(x, mask, user_index, mix))[:tries]
+        kept = None
+        for (i, j, s), res in zip(tried, parallel_map(refit, tried, threads)):
+            if res is not None and res[1] > ll + min_gain:
+                kept = (res[0], {"merge": [i, j], "split": s, "loglik": [ll, res[1]]})
                 break
         if kept is None:
             break

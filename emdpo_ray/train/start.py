@@ -34,7 +34,9 @@ the strength whose mixture best predicts the held-out rankings kept, the stronge
 noise of the best: sparse token counts want a weak penalty, dense reference states a strong
 one (docs/start_features.md). Last, split-and-merge moves (`em.init_split_merge`): two
 types that look alike are merged and another split in two, kept when the log-likelihood
-rises, which frees a type that restarts left empty or holding two types.
+rises, which frees a type that restarts left empty or holding two types. The candidates,
+the restarts on every ranking and the moves are fitted side by side on the driver's CPUs
+(linear_mixture.parallel_map), and choose what they would in turn.
 
 `labels` starts from the records' `true_type` (an upper bound for evaluation); `random`
 tries `em.restarts` random hard starts, each scored by one M-step and E-step.
@@ -42,9 +44,9 @@ tries `em.restarts` random hard starts, each scored by one M-step and E-step.
 
 from __future__ import annotations
 
-import functools
+import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -55,12 +57,13 @@ from emdpo_ray.data.records import Record
 from emdpo_ray.train.context_features import (TOKEN_PATTERN, tokens_by_prompt,
                                               tokens_by_prompt_state)
 from emdpo_ray.train.linear_mixture import (feature_start, l2_path, mixture_loglik,
-                                            record_logliks, split_merge)
+                                            parallel_map, record_logliks, split_merge)
 
 if TYPE_CHECKING:
     from emdpo_ray.models.features import Representations
 
 HELDOUT_PER_USER = "heldout_loglik_per_user"  # the start's `info` key of its [U] figures
+T = TypeVar("T")
 RESPONSE_WORDS = 2048  # the token counts' vocabulary: the most frequent words of the responses
 
 
@@ -139,26 +142,46 @@ def choose_features(candidates: dict[str, Callable[[], np.ndarray]], mask: np.nd
     held-out log-likelihood per user [U]); `starts` gets each candidate's restart
     log-likelihoods."""
     keep = ~held
-    scores: dict[str, dict[float, float]] = {}
-    fits: dict[tuple[str, float], tuple[int, np.ndarray, np.ndarray]] = {}
-    for name, make in candidates.items():
-        x = make()
+    infos = {name: starts.setdefault(name, {}) if starts is not None else None
+             for name in candidates}
+
+    def fit(name: str) -> tuple[int, list]:
+        x = candidates[name]()
         mix = feature_start(x[keep], mask[keep], user_index[keep], num_users, k, seed,
-                            refine_iterations, restarts, l2s[0], info=starts.setdefault(name, {})
-                            if starts is not None else None)
+                            refine_iterations, restarts, l2s[0], info=infos[name])
         path = l2_path(x[keep], mask[keep], user_index[keep], num_users, mix, list(l2s),
                        refine_iterations)
+        return x.shape[-1], [(l2, m, predictive_user_logliks(
+            record_logliks(x, mask, m.theta), held, user_index, num_users, m.eta))
+            for l2, m in zip(l2s, path)]
+
+    scores: dict[str, dict[float, float]] = {}
+    fits: dict[tuple[str, float], tuple[int, np.ndarray, np.ndarray]] = {}
+    # side by side: one that waits for the workers' features does not hold up the others
+    for name, (dims, path) in zip(candidates, parallel_map(fit, candidates)):
         scores[name] = {}
-        for l2, m in zip(l2s, path):
-            per_user = predictive_user_logliks(record_logliks(x, mask, m.theta), held,
-                                               user_index, num_users, m.eta)
+        for l2, m, per_user in path:
             scores[name][l2] = float(per_user.sum() / max(held.sum(), 1))
-            fits[(name, l2)] = (x.shape[-1], per_user, m.gamma)
+            fits[(name, l2)] = (dims, per_user, m.gamma)
     order = sorted(fits, key=lambda key: (fits[key][0], -key[1]))
     chosen, l2 = simplest_within_noise({key: fits[key][1] for key in order},
                                        np.bincount(user_index[held], minlength=num_users),
                                        seed=seed)
     return chosen, l2, scores, fits[(chosen, l2)][2], fits[(chosen, l2)][1]
+
+
+def once(fn: Callable[[], T]) -> Callable[[], T]:
+    """fn() computed at most once, however many threads ask at the same time (the start
+    fits its candidates side by side; functools.cache would compute it in each thread that
+    asks before the first has it). An error is not kept: the next call tries again."""
+    lock, done = threading.Lock(), []
+
+    def get() -> T:
+        with lock:
+            if not done:
+                done.append(fn())
+        return done[0]
+    return get
 
 
 def feature_candidates(features: str, records: list[Record], user_index: np.ndarray,
@@ -176,20 +199,20 @@ def feature_candidates(features: str, records: list[Record], user_index: np.ndar
                       "both"]}[features]
     x_tok, mask = response_features(records)
 
-    @functools.cache
+    @once
     def reference():
         if reference_features is None:
             raise ValueError(f"em.init_features={features} needs the reference model's features")
         return reference_features()
 
-    @functools.cache
+    @once
     def x_ref() -> np.ndarray:
         return standardized(reference().responses, mask)
 
     makers = {"tokens": lambda: x_tok, "reference": x_ref,
-              "tokens_by_prompt": functools.cache(
+              "tokens_by_prompt": once(
                   lambda: tokens_by_prompt(records, x_tok, mask, user_index, num_users)),
-              "tokens_by_prompt_state": functools.cache(
+              "tokens_by_prompt_state": once(
                   lambda: tokens_by_prompt_state(x_tok, mask, reference().prompts, user_index,
                                                  num_users)),
               "both": lambda: np.concatenate([x_tok, x_ref()], -1)}
@@ -205,8 +228,9 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
     """The `kmeans` start on `features` (tokens, reference, both or auto) with `restarts`
     starts of the linear mixture and its L2 strength chosen down `l2s` (l2_path); the
     reference model's features come from
-    `reference_features()` (Representations), called only if needed and only after the token
-    candidate is fitted (the workers may still be computing them). `held` [N] bool: the
+    `reference_features()` (Representations), called only if needed (the workers may still
+    be computing them; the candidates are fitted side by side, so those on token counts go
+    on meanwhile). `held` [N] bool: the
     records on which candidates are compared and the chosen one's held-out log-likelihood
     is measured (`info`); by default 20% of each user's. On every record the chosen
     candidate's start, fitted without them, is continued, fresh restarts are run, and the
@@ -242,7 +266,7 @@ def kmeans_init(records: list[Record], user_index: np.ndarray, num_users: int, k
     # (fitted without the held-out rankings) continued; the likelier is kept, since a start
     # fitted on 80% of the rankings may sit in a poorer optimum than the restarts find on all.
     fresh = feature_start(x, mask, user_index, num_users, k, seed, refine_iterations, restarts,
-                          l2s[0])
+                          l2s[0], threads=None)
     fits = {"fresh": l2_path(x, mask, user_index, num_users, fresh, [a for a in l2s if a >= l2],
                              refine_iterations)[-1]}
     if gamma is not None:

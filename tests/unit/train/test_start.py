@@ -5,7 +5,8 @@ import pytest
 
 from emdpo_ray.config import load_config
 from emdpo_ray.data.records import parse_record
-from emdpo_ray.train.start import initial_gamma, kmeans_init, labels_from_records, response_features
+from emdpo_ray.train.start import (HELDOUT_PER_USER, initial_gamma, kmeans_init,
+                                   labels_from_records, response_features)
 from emdpo_ray.train.linear_mixture import preference_embeddings
 
 
@@ -461,3 +462,129 @@ def test_integer_counts_and_float32_features_give_the_float64_objective():
         other, g = weighted_objective(xx, mask, w, theta, 0.1)
         assert other == pytest.approx(loss, rel=tol)
         np.testing.assert_allclose(g, grad, rtol=tol * 10, atol=tol)
+
+
+def test_parallel_map_runs_side_by_side_and_keeps_the_order():
+    import threading
+
+    from emdpo_ray.train.linear_mixture import parallel_map
+
+    # a barrier of two is passed only if both calls run at the same time; in turn it breaks
+    barrier = threading.Barrier(2, timeout=10)
+
+    def meet(i):
+        barrier.wait()
+        return i * i, threading.get_ident()
+
+    out = parallel_map(meet, [3, 1], threads=2)
+    assert [v for v, _ in out] == [9, 1] and out[0][1] != out[1][1]
+    # one thread: in the caller's, in turn
+    assert parallel_map(lambda i: (i, threading.get_ident()), [2, 5], threads=1) == [
+        (2, threading.get_ident()), (5, threading.get_ident())]
+    assert parallel_map(lambda i: i, [], threads=4) == []
+
+
+def test_blas_limit_holds_until_the_last_overlapping_holder_leaves():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from emdpo_ray.train.linear_mixture import one_blas_thread
+
+    def blas_threads():
+        return {d["filepath"]: d["num_threads"] for d in threadpool_info()
+                if d["user_api"] == "blas"}
+
+    # holders that overlap without nesting (a fit that ends while another runs), entered and
+    # left by hand in one thread: OpenBLAS takes its thread count from the thread that set
+    # it up, which is the caller's in parallel_map
+    with threadpool_limits(3, user_api="blas"):
+        before = blas_threads()   # NumPy's OpenBLAS at 3 (a solver's own build may stay at 1)
+        assert 3 in before.values()
+        a, b = one_blas_thread(), one_blas_thread()
+        a.__enter__()
+        assert set(blas_threads().values()) == {1}
+        b.__enter__()
+        a.__exit__(None, None, None)
+        # a plain threadpool_limits per holder would have restored 3 under b here
+        assert set(blas_threads().values()) == {1}
+        b.__exit__(None, None, None)
+        assert blas_threads() == before
+
+
+def test_once_computes_once_however_many_threads_ask():
+    import threading
+    import time
+
+    from emdpo_ray.train.start import once
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.05)
+        if len(calls) == 1:
+            raise RuntimeError("workers not ready")
+        return object()
+
+    get = once(slow)
+    with pytest.raises(RuntimeError):   # an error is not kept
+        get()
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(get())) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 2 and len(got) == 6 and all(g is got[0] for g in got)
+
+
+def test_the_start_side_by_side_equals_the_start_in_turn(monkeypatch):
+    from emdpo_ray.core.estep import smoothed_onehot
+    from emdpo_ray.train import linear_mixture
+    from emdpo_ray.train.linear_mixture import feature_start, fit_linear_mixture, split_merge
+
+    recs, ui, truth = _two_opposite_types(12, 3)
+    x, mask = response_features(recs)
+    x = x + np.random.default_rng(1).normal(scale=0.3, size=x.shape).astype(np.float32)
+    runs = {}
+    for threads in (1, 2):
+        info: dict = {}
+        mix = feature_start(x, mask, ui, 12, 2, seed=0, refine_iterations=3, restarts=4,
+                            info=info, threads=threads)
+        runs[threads] = (mix, info)
+    (one, i1), (two, i2) = runs[1], runs[2]
+    assert i1 == i2 and np.array_equal(one.gamma, two.gamma) and np.array_equal(one.theta, two.theta)
+
+    recs3, ui3, truth3 = _three_types()
+    x3, mask3 = response_features(recs3)
+    wrong = np.where(truth3 == 0, np.arange(len(truth3)) % 2 * 2, 1)
+    stuck = fit_linear_mixture(x3, mask3, ui3, len(truth3), smoothed_onehot(wrong, 3, 0.05), 20)
+    moves = []
+    for threads in (1, 3):
+        info = {}
+        fixed = split_merge(x3, mask3, ui3, len(truth3), stuck, 1e-2, 20, seed=0, tries=6,
+                            info=info, threads=threads)
+        moves.append((info["moves"], fixed.gamma))
+    assert moves[0][0] == moves[1][0] and len(moves[0][0]) >= 1
+    assert np.array_equal(moves[0][1], moves[1][1])
+
+    # the whole auto start: its five candidates fitted side by side or in turn
+    def start(cpus):
+        monkeypatch.setattr(linear_mixture, "usable_cpus", lambda: cpus)
+        info: dict = {}
+        g = kmeans_init(recs, ui, 12, 2, 0, 0.1, 2, features="auto", info=info, restarts=2,
+                        reference_features=lambda: _reference_like(recs))
+        return g, info
+
+    (g1, info1), (g2, info2) = start(1), start(2)
+    per_user = [i.pop(HELDOUT_PER_USER) for i in (info1, info2)]
+    assert np.array_equal(*per_user) and np.array_equal(g1, g2) and info1 == info2
+    assert set(info1["heldout_loglik_per_ranking"]) == {
+        "tokens", "tokens_by_prompt", "tokens_by_prompt_state", "reference", "both"}
+
+
+def _reference_like(recs):
+    from emdpo_ray.models.features import Representations
+
+    rng = np.random.default_rng(3)
+    return Representations(rng.normal(size=(len(recs), 3, 4)).astype(np.float32),
+                           rng.normal(size=(len(recs), 5)).astype(np.float32))
