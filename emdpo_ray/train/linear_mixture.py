@@ -310,10 +310,10 @@ def split_merge(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_use
     """Split-and-merge EM (Ueda et al., 2000) on the linear mixture: restarts find one
     optimum, which may keep two types as one and split another in two (or leave a type
     with no users). Up to `tries` moves (split_merge_moves) are refitted for `iterations`
-    each (side by side on `threads`, parallel_map); the first in that order that raises the
-    log-likelihood by more than `min_gain` nats (refits differ by a fraction of a nat) is
-    kept, and the search runs again from it, at most K times. `info["moves"]` lists the kept
-    ones."""
+    each, `threads` at a time side by side (parallel_map; None: every usable CPU); the first
+    in that order that raises the log-likelihood by more than `min_gain` nats (refits differ
+    by a fraction of a nat) is kept, and the search runs again from it, at most K times.
+    `info["moves"]` lists the kept ones."""
     k = mix.gamma.shape[1]
     moves: list[dict] = []
     if k < 2 or tries < 1:
@@ -332,10 +332,13 @@ def split_merge(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_use
             return cand, mixture_loglik(x, mask, user_index, num_users, cand)
 
         tried = split_merge_moves(mix.theta, mix.gamma, type_fit(x, mask, user_index, mix))[:tries]
-        kept = None
-        for (i, j, s), res in zip(tried, parallel_map(refit, tried, threads)):
-            if res is not None and res[1] > ll + min_gain:
-                kept = (res[0], {"merge": [i, j], "split": s, "loglik": [ll, res[1]]})
+        kept, n = None, max(1, min(len(tried), threads or usable_cpus()))
+        for lo in range(0, len(tried), n):   # in turn (n = 1) none is refitted after the kept
+            for (i, j, s), res in zip(tried[lo:lo + n], parallel_map(refit, tried[lo:lo + n], n)):
+                if res is not None and res[1] > ll + min_gain:
+                    kept = (res[0], {"merge": [i, j], "split": s, "loglik": [ll, res[1]]})
+                    break
+            if kept is not None:
                 break
         if kept is None:
             break
