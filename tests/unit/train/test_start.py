@@ -494,8 +494,8 @@ def test_blas_limit_holds_until_the_last_overlapping_holder_leaves():
                 if d["user_api"] == "blas"}
 
     # holders that overlap without nesting (a fit that ends while another runs), entered and
-    # left by hand in one thread: OpenBLAS takes its thread count from the thread that set
-    # it up, which is the caller's in parallel_map
+    # left by hand in one thread: a count set from a pool's thread was not always applied
+    # (OpenBLAS 0.3.31), which is why parallel_map's caller sets it
     with threadpool_limits(3, user_api="blas"):
         before = blas_threads()   # NumPy's OpenBLAS at 3 (a solver's own build may stay at 1)
         assert 3 in before.values()
