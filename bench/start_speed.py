@@ -43,18 +43,22 @@ def timed_starts(family: str, users: int, per_user: int, pairs: int) -> tuple[fl
     rng = np.random.default_rng(0)
     rep = Representations(rng.normal(size=(len(recs), 3, 144)).astype(np.float32),
                           rng.normal(size=(len(recs), 48)).astype(np.float32))
-    em, cpus = Config().em, linear_mixture.usable_cpus()
+    em, usable = Config().em, linear_mixture.usable_cpus
+    cpus = usable()
     times: dict[int, list[float]] = {1: [], cpus: []}
     chosen = {}
-    for _ in range(pairs):
-        for n in (1, cpus):   # A B A B
-            linear_mixture.usable_cpus = lambda n=n: n
-            t = time.perf_counter()
-            g = start.kmeans_init(recs, ui, len(ids), 3, 0, em.init_smoothing,
-                                  em.init_refine_iterations, "auto", lambda: rep, {}, None,
-                                  em.init_restarts, tuple(em.init_l2), em.init_split_merge)
-            times[n].append(time.perf_counter() - t)
-            chosen.setdefault(n, g)
+    try:
+        for _ in range(pairs):
+            for n in (1, cpus):   # A B A B: the start's threads are usable_cpus()
+                linear_mixture.usable_cpus = lambda n=n: n
+                t = time.perf_counter()
+                g = start.kmeans_init(recs, ui, len(ids), 3, 0, em.init_smoothing,
+                                      em.init_refine_iterations, "auto", lambda: rep, {}, None,
+                                      em.init_restarts, tuple(em.init_l2), em.init_split_merge)
+                times[n].append(time.perf_counter() - t)
+                chosen.setdefault(n, g)
+    finally:
+        linear_mixture.usable_cpus = usable
     if not np.array_equal(chosen[1], chosen[cpus]):
         raise SystemExit("bench/start_speed.py: the start side by side differs from in turn")
     med = {n: statistics.median(v) for n, v in times.items()}
