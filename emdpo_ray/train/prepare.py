@@ -25,10 +25,12 @@ from emdpo_ray.run.rundir import RunDir
 from emdpo_ray.utils import atomic_save_npy
 
 
-def base_source(cfg: Config, records: list[Record], rd: RunDir) -> tuple[str, bool]:
-    """(where the base model is now, whether it still needs SFT). A named model is used as
-    is, or fine-tuned into the run's base_model/ when model.sft_epochs > 0; the default tiny
-    model is built here once per run and always fine-tuned (model.tiny.sft_epochs)."""
+def base_plan(cfg: Config, rd: RunDir) -> tuple[str | None, bool]:
+    """(where the base model is now, or None for the default tiny model still to be built
+    (tiny_base), whether it still needs SFT); cheap, so the workers can start before the
+    build. A named model is used as is, or fine-tuned into the run's base_model/ when
+    model.sft_epochs > 0; the default tiny model is built once per run and always
+    fine-tuned (model.tiny.sft_epochs)."""
     mc = cfg.model
     if mc.name_or_path:
         from emdpo_ray.models.loading import check_model_safety
@@ -40,11 +42,17 @@ def base_source(cfg: Config, records: list[Record], rd: RunDir) -> tuple[str, bo
         return rd.base_model_dir, False  # built (and fine-tuned) by an earlier attempt
     if mc.name_or_path:
         return mc.name_or_path, True
+    return None, bool(mc.sft_passes)
+
+
+def tiny_base(cfg: Config, records: list[Record], rd: RunDir) -> str:
+    """The default tiny model built on the records' text (where SFT starts from, or with no
+    SFT passes the base itself)."""
     from emdpo_ray.models.tiny import build_tiny_model
 
     texts = [t for r in records for t in (r.prompt, *r.responses)]
-    target = rd.base_init_dir if mc.sft_passes else rd.base_model_dir
-    return build_tiny_model(texts, target, mc, cfg.seed), bool(mc.sft_passes)
+    target = rd.base_init_dir if cfg.model.sft_passes else rd.base_model_dir
+    return build_tiny_model(texts, target, cfg.model, cfg.seed)
 
 
 def cached(path: str, compute) -> tuple[np.ndarray, bool]:
@@ -121,18 +129,21 @@ def prepare_data(cfg: Config, records: list[Record], rd: RunDir, verbose: bool =
                  say=lambda m: None, on_steps=None) -> Prepared:
     """Base model, token arrays, cached reference log-probs, shards in the object store.
     `on_steps(phase, done, total, loss)` follows long phases (SFT)."""
-    from emdpo_ray.models.features import sentence_end_ids
-    from emdpo_ray.models.loading import load_tokenizer
-
     rt = RayRuntime(cfg, verbose)
-    src, needs_sft = base_source(cfg, records, rd)
+    src, needs_sft = base_plan(cfg, rd)
     storage = rd.ray_storage(cfg)
     group = prep = None
-    if needs_sft:  # SFT runs on the worker group: start it while the data is encoded
+    if needs_sft:  # SFT runs on the worker group: it starts while the base is built, torch
+        # imported and the data encoded (~2 s of its start hidden on 2 CPUs, bench/em_speed.py)
         from emdpo_ray.train.workers import WorkerGroup
 
         group = WorkerGroup(cfg, rt.threads, storage, cfg.ray.num_workers)
     try:
+        from emdpo_ray.models.features import sentence_end_ids
+        from emdpo_ray.models.loading import load_tokenizer
+
+        if src is None:
+            src = tiny_base(cfg, records, rd)
         tokenizer = load_tokenizer(src, cfg.model)  # SFT keeps the tokenizer: encode once
         index = index_records(records)
         refs, sizes = ship_shards(records, tokenizer, cfg.data, index.resp_mask.shape[1],
