@@ -279,6 +279,23 @@ def test_pl_logp_grad_by_hand():
                                atol=1e-12)
 
 
+def test_pl_logp_grad_at_any_scale():
+    # r = [0, -800, -900]: after the best, both left are ~e^-800 of it, whose sum underflows
+    # to 0 from the row's max; exactly, log P = -log(1 + e^-800 + e^-900) - log(1 + e^-100)
+    # ~ -e^-100 and the gradient [~0, ~e^-100, ~-e^-100], all 0 to 1e-40
+    from emdpo_ray.train.linear_mixture import pl_logp_grad, pl_logp_grad_logspace
+
+    logp, g = pl_logp_grad(np.array([[0.0, -800.0, -900.0]]), np.ones((1, 3), bool))
+    np.testing.assert_allclose(logp, [0.0], atol=1e-40)
+    np.testing.assert_allclose(g, [[0.0, 0.0, 0.0]], atol=1e-40)
+    # at ordinary scales the sums agree with the log-space form, padding included
+    rng = np.random.default_rng(0)
+    r, mask = rng.normal(size=(50, 4)) * 5, np.ones((50, 4), bool)
+    mask[::3, 3:], mask[::7, 2:] = False, False
+    for a, b in zip(pl_logp_grad(r, mask), pl_logp_grad_logspace(r, mask)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_weighted_objective_matches_autograd_of_the_training_loss():
     # the start's closed-form gradient against torch autograd of core/losses.py's likelihood
     import torch
