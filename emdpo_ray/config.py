@@ -124,8 +124,9 @@ class EMConfig(_Section):
             "co-vary: preferences that change with the prompt), 'tokens_by_prompt_state' "
             "(the same with the reference's last-layer state of the prompt in place of its "
             "words, which sees their order), 'reference' (the reference "
-            "model's middle-layer states pooled over each response's first sentence, "
-            "middle sentences and last sentence: em.init_pooling), 'both' "
+            "model's middle-layer states and token embeddings (em.init_layers) pooled over "
+            "each response's first sentence, middle sentences and last sentence: "
+            "em.init_pooling), 'both' "
             "(tokens and reference), or 'auto': the one of the five whose start best predicts "
             "held-out rankings (train/start.py)."))
     init_pooling: Literal["sentences", "thirds"] = Field("sentences", description=(
@@ -133,6 +134,11 @@ class EMConfig(_Section):
         "its first sentence, its middle sentences and its last (sentences end at '.', '!', "
         "'?' or a new line), or 'thirds', over the first, middle and last third of its "
         "tokens, for text with no sentences (docs/start_features-order-sentences.md)."))
+    init_layers: list[Literal["embeddings", "middle", "last"]] = Field(
+        ["middle", "embeddings"], min_length=1, description=(
+            "The layers whose states the start's 'reference' features pool, side by side: "
+            "the middle (words in context) and the token embeddings (which words, kept only "
+            "in part by the middle layer; docs/start_layers-order.md)."))
     init_sft_epochs: float | None = Field(None, ge=0, description=(
         "Passes of further SFT, on the records' responses, of a copy of the reference whose "
         "states are the start's 'reference' features (the reference itself is unchanged): "
@@ -316,6 +322,10 @@ class Config(_Section):
         if self.model.gguf_file and not self.model.name_or_path:
             raise ValueError("model.gguf_file needs model.name_or_path (the folder holding it)")
         return self
+
+    @property
+    def start_layers(self) -> tuple[int | None, ...]:  # hidden-state indices, None the middle
+        return tuple({"embeddings": 0, "middle": None, "last": -1}[x] for x in self.em.init_layers)
 
     @property
     def start_sft_passes(self) -> float:

@@ -1,7 +1,8 @@
 """`make start-cost`: what the start's restarts cost and what they buy.
 
     .venv/bin/python experiments/start_cost.py [--families linear,contextual,order,lead_topic]
-        [--types 3] [--seeds 0,1,2] [--restarts 8,4,2] [--out docs/start_cost.json]
+        [--types 3] [--seeds 0,1,2] [--restarts 8,4,2] [--layers "middle,embeddings;middle"]
+        [--out docs/start_cost.json]
 
 The default start alone (`em.init=kmeans`, `em.init_features=auto`: five candidate feature
 sets, each a linear Plackett-Luce mixture from `em.init_restarts` starts walked down the L2
@@ -15,7 +16,8 @@ training the copy). Per run: the feature set and L2 chosen, ARI of the start aga
 types, its log-likelihood on all rankings before split-and-merge, and its chosen
 candidate's held-out log-likelihood per ranking. Each setting against the first of
 `--restarts` on the same family and seed: paired differences with 95% t-intervals over
-seeds.
+seeds. `--layers`: settings of em.init_layers (`;` between settings), the layers whose
+pooled states the copy's features put side by side, each run at every `--restarts`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def one(family: str, k: int, seed: int, runs: str, restarts: list[int]) -> dict:
+def one(family: str, k: int, seed: int, runs: str, restarts: list[int],
+        layers: list[str] = ("middle,embeddings",)) -> dict:
     import torch
     from sklearn.metrics import adjusted_rand_score
 
@@ -61,37 +64,46 @@ def one(family: str, k: int, seed: int, runs: str, restarts: list[int]) -> dict:
     assert len(meta["shares"]) == k, data
     # the start's copy: the reference trained further, its states pooled by sentence
     copy = trained_further(model, enc.arrays(), cfg.start_sft_passes, seed)
-    reps = reference_representations(copy, enc.arrays(), torch.device("cpu"),
-                                     end_ids=sentence_end_ids(tok))
-    cands, mask = st.feature_candidates("auto", records, ui, num_users, lambda: reps)
-    for make in cands.values():   # built (and cached) before any timing
-        make()
     held = st.heldout_records(ui, cfg.em.guard_holdout, seed)
     out = {"family": family, "seed": seed, "types": k, "runs": []}
-    for r in restarts:
-        c = load_config(None, [f"seed={seed}", f"em.init_restarts={r}"])
-        info: dict = {}
-        t = time.perf_counter()
-        gamma = st.initial_gamma(c, k, records, ui, num_users, info=info, held=held,
-                                 candidates=(cands, mask))
-        secs = time.perf_counter() - t
-        row = {"restarts": r, "seconds": round(secs, 2), "features": info["features"],
-               "l2": info["l2"], "ari": round(float(adjusted_rand_score(truth, gamma.argmax(1))), 3),
-               "loglik": round(max(info["final_logliks"].values()), 1),
-               "heldout_chosen": round(info["heldout_loglik_chosen"], 4),
-               "split_merge_moves": len(info["split_merge"])}
-        print(family, seed, row, flush=True)
-        out["runs"].append(row)
+    for lay in layers:
+        sets = [f"seed={seed}", f"em.init_layers=[{lay}]"]
+        reps = reference_representations(copy, enc.arrays(), torch.device("cpu"),
+                                         layers=load_config(None, sets).start_layers,
+                                         end_ids=sentence_end_ids(tok))
+        cands, mask = st.feature_candidates("auto", records, ui, num_users, lambda: reps)
+        for make in cands.values():   # built (and cached) before any timing
+            make()
+        for r in restarts:
+            c = load_config(None, [*sets, f"em.init_restarts={r}"])
+            info: dict = {}
+            t = time.perf_counter()
+            gamma = st.initial_gamma(c, k, records, ui, num_users, info=info, held=held,
+                                     candidates=(cands, mask))
+            secs = time.perf_counter() - t
+            row = {"layers": lay, "restarts": r, "seconds": round(secs, 2),
+                   "features": info["features"], "l2": info["l2"],
+                   "ari": round(float(adjusted_rand_score(truth, gamma.argmax(1))), 3),
+                   "loglik": round(max(info["final_logliks"].values()), 1),
+                   "heldout_chosen": round(info["heldout_loglik_chosen"], 4),
+                   "split_merge_moves": len(info["split_merge"])}
+            print(family, seed, row, flush=True)
+            out["runs"].append(row)
     return out
 
 
+def setting(r: dict) -> str:
+    """A run's settings: its restarts, and its layers where a run names them."""
+    return f"{r['restarts']}" + (f", layers {r['layers']}" if "layers" in r else "")
+
+
 def table(results: list[dict]) -> str:
-    rows = ["| family | types | seed | restarts | features, L2 | ARI | log-lik, all rankings, "
+    rows = ["| family | types | seed | restarts, layers | features, L2 | ARI | log-lik, all rankings, "
             "before split-and-merge | held-out log-lik per ranking (chosen) | split-merge moves | seconds |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for res in results:
         for r in res["runs"]:
-            rows.append(f"| {res['family']} | {res['types']} | {res['seed']} | {r['restarts']} | "
+            rows.append(f"| {res['family']} | {res['types']} | {res['seed']} | {setting(r)} | "
                         f"{r['features']}, {r['l2']:g} | {r['ari']:.2f} | {r['loglik']:.0f} | "
                         f"{r['heldout_chosen']:.3f} | {r['split_merge_moves']} | "
                         f"{r['seconds']:.1f} |")
@@ -106,23 +118,23 @@ def paired(results: list[dict]) -> str:
     def fmt(v: list[float], digits: int) -> str:
         return f"{v[0]:+.{digits}f} [{v[1]:+.{digits}f}, {v[2]:+.{digits}f}]"
 
-    rows = ["| family | types | restarts | seeds | ARI | minus the first | same features chosen "
+    rows = ["| family | types | restarts, layers | seeds | ARI | minus the first | same features chosen "
             "| seconds | minus the first |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for family, k in dict.fromkeys((r["family"], r["types"]) for r in results):
         runs = [r["runs"] for r in results if (r["family"], r["types"]) == (family, k)]
         if len(runs) < 2:
             continue
-        for i, setting in enumerate(runs[0]):
+        for i, run in enumerate(runs[0]):
             ari = [rs[i]["ari"] for rs in runs]
             d_ari = [rs[i]["ari"] - rs[0]["ari"] for rs in runs]
             secs = [rs[i]["seconds"] for rs in runs]
             d_secs = [rs[i]["seconds"] - rs[0]["seconds"] for rs in runs]
             same = sum(rs[i]["features"] == rs[0]["features"] for rs in runs)
-            rows.append(f"| {family} | {k} | {setting['restarts']} | {len(runs)} | "
+            rows.append(f"| {family} | {k} | {setting(run)} | {len(runs)} | "
                         f"{np.mean(ari):.3f} | {fmt(t_interval(d_ari), 3)} | {same} of "
                         f"{len(runs)} | {np.mean(secs):.1f} | {fmt(t_interval(d_secs), 1)} |")
-    return ("\n\nEach number of restarts against the first on the same family and seed (mean, "
+    return ("\n\nEach setting against the first on the same family and seed (mean, "
             "paired difference [95% t-interval over seeds]):\n\n" + "\n".join(rows))
 
 
@@ -131,8 +143,9 @@ def write(out: str, results: list[dict], command: str) -> None:
 
     atomic_write_json(out, results)
     name = os.path.basename(out)
+    layered = len({r.get("layers") for res in results for r in res["runs"]}) > 1
     atomic_write_text(out[:-5] + ".md", (
-        "# What the start's restarts cost and buy\n\n"
+        f"# What the start's {'layers' if layered else 'restarts'} cost and buy\n\n"
         f"`{command}` ([`experiments/start_cost.py`](../experiments/start_cost.py), figures in "
         f"[`{name}`]({name})). " + " ".join(__doc__.split("\n\n")[2].split()) + "\n\n"
         + table(results) + paired(results) + "\n"))
@@ -146,6 +159,9 @@ def main() -> int:
     p.add_argument("--restarts", default="8,4,2",
                    help="em.init_restarts settings, the first the one the others are "
                         "compared with")
+    p.add_argument("--layers", default="middle,embeddings",
+                   help="em.init_layers settings, ';' between them (each run at every "
+                        "--restarts)")
     p.add_argument("--out", default=os.path.join(REPO, "docs", "start_cost.json"))
     a = p.parse_args()
     warnings.filterwarnings("ignore")
@@ -156,7 +172,7 @@ def main() -> int:
     for family in a.families.split(","):
         for k in map(int, a.types.split(",")):
             for seed in map(int, a.seeds.split(",")):
-                results.append(one(family, k, seed, runs, restarts))
+                results.append(one(family, k, seed, runs, restarts, a.layers.split(";")))
                 write(a.out, results, command)
     return 0
 

@@ -140,6 +140,7 @@ COPIES = 3  # copies of the further-trained reference in the ensembles, each on 
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
             "reference + tokens by position", "policies' states", "reference output gradients",
             "reference trained further", "reference trained further by sentence",
+            "reference trained further by sentence + embeddings",
             "reference trained further by sentence summed",
             "reference trained further by sentence within records",
             "reference trained further by sentence whitened within records",
@@ -500,13 +501,14 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     def ari(labels) -> float:
         return round(float(adjusted_rand_score(truth, labels)), 3)
 
-    def states(layer: int | None, parts: int = 3, of=None, by_sentence: bool = False,
+    def states(layer: int | None | tuple, parts: int = 3, of=None, by_sentence: bool = False,
                summed: bool = False) -> np.ndarray:
-        # dims above any width: every state kept, never projected (the 8 parts' 384 too)
+        # dims above any width: every state kept, never projected (the 8 parts' 384 too);
+        # a tuple of layers: their pooled states side by side
         return st.standardized(response_representations(
             of or model, enc.arrays(), torch.device("cpu"), segments=parts, dims=1 << 16,
-            layer=layer, end_ids=sentence_end_ids(tok) if by_sentence else None,
-            summed=summed), mask)
+            layers=layer if isinstance(layer, tuple) else (layer,),
+            end_ids=sentence_end_ids(tok) if by_sentence else None, summed=summed), mask)
 
     makers = {"reference": lambda: states(None), "reference last layer": lambda: states(-1),
               "reference embeddings": lambda: states(0),
@@ -556,6 +558,10 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
             states(None, of=further_model(), by_sentence=True), mask),
         "reference trained further by sentence whitened within records": lambda:
             within_record_scaled(states(None, of=further_model(), by_sentence=True), mask, True),
+        # the start's default since Dec 7 (em.init_layers): the middle layer and the token
+        # embeddings, each pooled by sentence, side by side
+        "reference trained further by sentence + embeddings": lambda: states(
+            (None, 0), of=further_model(), by_sentence=True),
         "reference trained further by sentence summed": lambda: states(
             None, of=further_model(), by_sentence=True, summed=True),
         "reference trained further whitened": lambda: whitened_states(
@@ -697,6 +703,8 @@ summed`: the same sums of states over each part instead of means, as a DPO rewar
 a response's tokens (a part's sum grows with its length, its mean does not). `... by sentence
 last layer`: the copy's last layer's states pooled by sentence in place of its middle
 layer's; `... by sentence layers averaged`: the two layers' standardised states averaged.
+`... by sentence + embeddings`: the copy's middle-layer states and its token embeddings, each
+pooled by sentence, side by side (the start's default since Dec 7, em.init_layers).
 `... by sentence within records`: the same states less their record's mean, each coordinate
 scaled by its spread between a record's responses (a ranking reads only those differences,
 so the L2 penalty is set by them, not by what varies between records); `... whitened within

@@ -175,8 +175,8 @@ def test_reference_features_come_from_the_middle_layer(tiny):
     cpu = torch.device("cpu")
     default = response_representations(model, arrays, cpu)
     assert cfg.model.tiny.num_hidden_layers == 2   # states: embeddings, layer 1, layer 2
-    np.testing.assert_array_equal(default, response_representations(model, arrays, cpu, layer=1))
-    assert not np.allclose(default, response_representations(model, arrays, cpu, layer=-1))
+    np.testing.assert_array_equal(default, response_representations(model, arrays, cpu, layers=(1,)))
+    assert not np.allclose(default, response_representations(model, arrays, cpu, layers=(-1,)))
     # by hand for record 0, response 0: layer 1's states pooled over the response's thirds
     ids = torch.as_tensor(arrays["input_ids"][0, :1]).long()
     with torch.no_grad():
@@ -184,6 +184,30 @@ def test_reference_features_come_from_the_middle_layer(tiny):
                   output_hidden_states=True).hidden_states[1]
     want = segment_pool(h, torch.as_tensor(arrays["loss_mask"][0, :1]).float(), 3)[0].numpy()
     np.testing.assert_allclose(default[0, 0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_features_put_their_layers_side_by_side(tiny):
+    # the start's default (em.init_layers): the middle layer's pooled states, then the token
+    # embeddings' pooled the same way; each block as when that layer is read alone, and a
+    # block wider than `dims` projected on its own, the first as it was alone
+    from emdpo_ray.config import load_config
+    from emdpo_ray.models.features import response_representations
+
+    path, recs, cfg, _ = tiny
+    model, tok = load_base(path, cfg.model).eval(), load_tokenizer(path)
+    arrays = encode(recs[:4], tok, cfg.data).arrays()
+    cpu = torch.device("cpu")
+    assert load_config(None, []).start_layers == (None, 0)
+    both = response_representations(model, arrays, cpu, layers=(None, 0))
+    width = 3 * cfg.model.tiny.hidden_size
+    assert both.shape[-1] == 2 * width
+    np.testing.assert_array_equal(both[..., :width], response_representations(model, arrays, cpu))
+    np.testing.assert_array_equal(both[..., width:],
+                                  response_representations(model, arrays, cpu, layers=(0,)))
+    narrow = response_representations(model, arrays, cpu, dims=width // 2, layers=(None, 0))
+    assert narrow.shape[-1] == width
+    np.testing.assert_allclose(narrow[..., :width // 2], response_representations(
+        model, arrays, cpu, dims=width // 2), rtol=1e-5, atol=1e-6)
 
 
 def test_reference_features_by_sentence_read_the_first_sentence_whole(tiny):

@@ -154,7 +154,7 @@ def choose_num_types(cfg, candidates: dict[str, Callable[[], np.ndarray]], mask:
 
 
 def model_states(records, model_path: str, cfg):
-    """A model's Representations (models/features.py: middle-layer states pooled by part
+    """A model's Representations (models/features.py: em.init_layers' states pooled by part
     [N, m, D], in the records' ranked order, and the prompts' last states [N, P]): the
     reference's own, not the further-trained copy's."""
     import torch
@@ -168,7 +168,7 @@ def model_states(records, model_path: str, cfg):
     tok, model = load_tokenizer(path, cfg.model), load_base(path, cfg.model).eval()
     ends = sentence_end_ids(tok) if cfg.em.init_pooling == "sentences" else None
     return reference_representations(model, encode(records, tok, cfg.data).arrays(),
-                                     torch.device("cpu"), end_ids=ends)
+                                     torch.device("cpu"), layers=cfg.start_layers, end_ids=ends)
 
 
 def types_report(records, cfg, max_types: int, model_path: str | None = None,

@@ -15,9 +15,9 @@ same counts times the prompt's coordinates on the directions of its words along 
 users' preferences co-vary (types whose preference flips with what the prompt is about,
 docs/start_features-contextual.md); `tokens_by_prompt_state`, the same with the
 reference's last-layer state of the prompt in place of its words (it sees what the words as
-a bag cannot, such as their order); `reference`, middle-layer states pooled over the
-first sentence, the middle sentences and the last sentence of each response
-(em.init_pooling; models/features.py) of a copy of the reference
+a bag cannot, such as their order); `reference`, middle-layer states and token embeddings
+(em.init_layers) pooled over the first sentence, the middle sentences and the last sentence
+of each response (em.init_pooling; models/features.py) of a copy of the reference
 given `em.init_sft_epochs` more passes of SFT on the responses (the workers drop it after):
 one more pass carries the order of a response's sentences far better than the reference's
 own states (docs/start_features-order-levers.md, docs/start_features-order-passes.md);

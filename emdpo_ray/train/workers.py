@@ -125,12 +125,12 @@ class PolicyWorker:
 
     def response_features(self, segments: int, dims: int, plan: np.ndarray | None = None,
                           steps: int = 0, lr: float = 0.0, seed: int = 0, end_ids=None):
-        """This shard's reference Representations (models/features.py), for the start; with
-        a `plan`, those of a float32 copy of the base trained further by it (data parallel,
-        as `sft`) and then dropped: the base is unchanged."""
+        """This shard's reference Representations (models/features.py) of em.init_layers,
+        for the start; with a `plan`, those of a float32 copy of the base trained further by
+        it (data parallel, as `sft`) and then dropped: the base is unchanged."""
         import copy
 
-        from emdpo_ray.models.features import reference_representations
+        from emdpo_ray.models.features import reference_representations as reps
         from emdpo_ray.train.sft import train_sft
 
         model = self.base
@@ -139,7 +139,7 @@ class PolicyWorker:
             train_sft(model, self.shard, plan, steps, lr, self.cfg.dpo.max_grad_norm,
                       self.device, seed)
         model.eval()
-        return reference_representations(model, self.shard, self.device, segments, dims, end_ids=end_ids)
+        return reps(model, self.shard, self.device, segments, dims, 256, self.cfg.start_layers, end_ids)
 
     def fit(self, job: dict, weights: np.ndarray, score_mask: np.ndarray, progress=None):
         import copy
