@@ -5,20 +5,20 @@ token embeddings (em.init_layers), each pooled over its first sentence, its midd
 and its last sentence (em.init_pooling 'sentences', the default), or over the response tokens
 in `segments` equal parts (beginning, middle, end, ...: 'thirds', for text with no sentence
 ends), concatenated. The embeddings say which words a part holds, which the middle layer's
-states keep only in part (a ridge regression on them carries 90% of `order`'s rewards); side
-by side, `order`'s start 0.800 -> 0.825 over fifteen seeds (docs/start_layers-order.md). By
-sentence, the opening
-is read whole and alone: a third of the tokens cuts sentences of any length
-(docs/start_features-order-sentences.md: `order`'s start 0.78 -> 0.82 over five seeds).
+states keep only in part (a ridge regression on those states carries 90% of `order`'s
+rewards, on both layers 95%); side by side, `order`'s start 0.800 -> 0.825 over fifteen
+seeds (docs/start_layers-order.md). By sentence, the opening is read whole and alone: a
+third of the tokens cuts sentences of any length (docs/start_features-order-sentences.md:
+`order`'s start 0.78 -> 0.82 over five seeds).
 The middle layer, not the last: the last specialises in predicting the next token, and on
 every synthetic family the middle one's start recovered the types better
 (docs/start_features.md). Pooling by part keeps *where* things are said (token counts
 cannot: reordered sentences have the same counts), and hidden states are conditioned on the
 prompt. The prompt's own representation is the last layer's state at its last token, the
 one that predicts the response's first token: what the model reads in the prompt as a whole
-(train/context_features.py crosses the responses' counts with it). Wide models are
-projected down to `dims` with a fixed Gaussian projection, so the start's cost does not
-grow with them; narrower ones are kept whole (a projection of the tiny model's 144 to 64
+(train/context_features.py crosses the responses' counts with it). Wide models' states
+(each layer's apart) are projected down to `dims` with a fixed Gaussian projection, so the
+start's cost does not grow with them; narrower ones are kept whole (a projection of the tiny model's 144 to 64
 dimensions cost the `order` start ARI: `make starts`).
 """
 
