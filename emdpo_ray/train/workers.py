@@ -133,13 +133,12 @@ class PolicyWorker:
         from emdpo_ray.models.features import reference_representations as reps
         from emdpo_ray.train.sft import train_sft
 
-        model = self.base
+        model = self.base if plan is None else copy.deepcopy(self.base).float()
         if plan is not None:
-            model = copy.deepcopy(self.base).float()
             train_sft(model, self.shard, plan, steps, lr, self.cfg.dpo.max_grad_norm,
                       self.device, seed)
-        model.eval()
-        return reps(model, self.shard, self.device, segments, dims, 256, self.cfg.start_layers, end_ids)
+        return reps(model.eval(), self.shard, self.device, segments, dims,
+                    layers=self.cfg.start_layers, end_ids=end_ids)
 
     def fit(self, job: dict, weights: np.ndarray, score_mask: np.ndarray, progress=None):
         import copy
