@@ -43,7 +43,8 @@ def timed_starts(family: str, users: int, per_user: int, pairs: int) -> tuple[fl
     rng = np.random.default_rng(0)
     rep = Representations(rng.normal(size=(len(recs), 3, 144)).astype(np.float32),
                           rng.normal(size=(len(recs), 48)).astype(np.float32))
-    em, usable = Config().em, linear_mixture.usable_cpus
+    cfg, usable = Config(), linear_mixture.usable_cpus
+    em = cfg.em
     cpus = usable()
     times: dict[int, list[float]] = {1: [], cpus: []}
     chosen = {}
@@ -54,7 +55,7 @@ def timed_starts(family: str, users: int, per_user: int, pairs: int) -> tuple[fl
                 t = time.perf_counter()
                 g = start.kmeans_init(recs, ui, len(ids), 3, 0, em.init_smoothing,
                                       em.init_refine_iterations, "auto", lambda: rep, {}, None,
-                                      em.init_restarts, tuple(em.init_l2), em.init_split_merge)
+                                      em.init_restarts, cfg.start_l2s, em.init_split_merge)
                 times[n].append(time.perf_counter() - t)
                 chosen.setdefault(n, g)
     finally:

@@ -115,20 +115,19 @@ class EMConfig(_Section):
     init_refine_iterations: int = Field(20, ge=0, description=(
         "After k-means, EM iterations of a linear Plackett-Luce mixture on the same "
         "features (cheap, no language model); 0 keeps plain k-means."))
-    init_features: Literal["auto", "tokens", "tokens_by_prompt", "tokens_by_prompt_state",
-                           "reference", "both"] = Field(
-        "auto", description=(
+    init_features: Literal["auto", "language", "tokens", "tokens_by_prompt",
+                           "tokens_by_prompt_state", "reference", "reference_by_prompt_state",
+                           "both"] = Field("auto", description=(
             "What the kmeans start clusters on: 'tokens' (bag-of-tokens counts), "
-            "'tokens_by_prompt' (the counts, and the same counts times the prompt's "
-            "coordinates on the directions of its words along which users' preferences "
-            "co-vary: preferences that change with the prompt), 'tokens_by_prompt_state' "
-            "(the same with the reference's last-layer state of the prompt in place of its "
-            "words, which sees their order), 'reference' (the reference "
-            "model's middle-layer states and token embeddings (em.init_layers) pooled over "
-            "each response's first sentence, middle sentences and last sentence: "
-            "em.init_pooling), 'both' "
-            "(tokens and reference), or 'auto': the one of the five whose start best predicts "
-            "held-out rankings (train/start.py)."))
+            "'tokens_by_prompt' (the counts, and the same counts times the prompt's words' "
+            "coordinates along which users' preferences co-vary: preferences that change with "
+            "the prompt), 'tokens_by_prompt_state' (the same with the reference's state of the "
+            "prompt, which sees word order), 'reference' (the reference's middle-layer states "
+            "and token embeddings, em.init_layers, pooled by em.init_pooling), "
+            "'reference_by_prompt_state' (those crossed with the prompt's state), 'both' "
+            "(tokens and reference); 'auto': the one of tokens, the two *_by_prompt*, "
+            "reference and both whose start best predicts held-out rankings (train/start.py); "
+            "'language': the same of reference and reference_by_prompt_state, no counts."))
     init_pooling: Literal["sentences", "thirds"] = Field("sentences", description=(
         "How the start's 'reference' features pool a response's states: 'sentences', over "
         "its first sentence, its middle sentences and its last (sentences end at '.', '!', "
@@ -156,11 +155,12 @@ class EMConfig(_Section):
         "Split-and-merge moves of the kmeans start's linear mixture tried per round (merge "
         "two alike types, split another; kept when the log-likelihood rises by more than a "
         "nat; train/linear_mixture.py). 0: none."))
-    init_l2: list[NonNegativeFloat] = Field(
-        default_factory=lambda: [1e-2, 1e-3, 1e-4], min_length=1, description=(
+    init_l2: list[NonNegativeFloat] | None = Field(None, min_length=1, description=(
         "L2 penalties of the kmeans start's linear mixture, walked from the strongest down, "
         "each fit continuing from the last; the one whose mixture best predicts held-out "
-        "rankings is kept (train/start.py)."))
+        "rankings is kept (train/start.py). None: 1e-2, 1e-3, 1e-4, and 1 and 0.1 before "
+        "them for reference_by_prompt_state (language), whose 1,440 dense dimensions "
+        "overfit at 1e-2 (docs/start_language.md)."))
     max_types: int = Field(6, ge=1, description=(
         "Largest K that `train --types auto` tries: K grows from 1 while one more type of the "
         "start's linear mixture predicts held-out rankings better beyond noise, on each of "
@@ -172,34 +172,28 @@ class EMConfig(_Section):
         "Stop when |delta log-likelihood| / |log-likelihood| falls below this ..."))
     tol_posterior: float = Field(1e-3, ge=0, description="... and max |delta gamma| below this.")
     guard_holdout: float = Field(0.2, ge=0, lt=1, description=(
-        "Share of each user's rankings kept out of every M-step's training. An E-step's new "
-        "types are kept only if its policies predict these rankings (from the user's other "
-        "rankings) better than the model behind the current types did, beyond noise "
-        "(em.guard_level): the start's mixture, or the previous iteration's policies; "
-        "otherwise EM stops with the current types and the policies trained on them. 0: no "
-        "check, train on every ranking."))
+        "Share of each user's rankings kept out of every M-step. New types are kept only if "
+        "their policies predict these (from the user's other rankings) better beyond noise "
+        "(em.guard_level) than the model behind the current types (the start's mixture or "
+        "the last policies); else EM stops there. 0: no check, train on every ranking."))
     guard_level: float = Field(0.9, ge=0, lt=1, description=(
         "The guard keeps new types when the lower end of this interval (resampling users) of "
         "their gain in held-out log-likelihood per ranking, paired per user, is above 0: at "
         "0.9, a one-sided test at 5%. 0: any gain in the mean, as before this test existed."))
     reward_temperature: Literal["fit"] | PositiveFloat = Field(1.0, description=(
-        "Scale of the policies' rewards when the E-step and the guard score rankings. 1: "
-        "the rewards as trained. 'fit': each iteration, the scale that best predicts the "
-        "guard's held-out rankings (temperature scaling, core/calibration.py; the guard's "
-        "own figure scores each half of the users at the scale fitted on the other half; "
-        "without held-out rankings, em.guard_holdout=0, it is 1). Measured on contextual "
-        "types from the labels it predicts held-out rankings a little better and recovers "
-        "the types a little worse (docs/type_recovery.md: 'Is the E-step too sure?'), so it is off."))
+        "Scale of the policies' rewards when the E-step and the guard score rankings. 1: as "
+        "trained. 'fit': each iteration, the scale that best predicts the guard's held-out "
+        "rankings (core/calibration.py; the guard scores each half of the users at the other "
+        "half's scale; 1 without held-out rankings). Off: on contextual types it predicts a "
+        "little better and recovers a little worse (docs/type_recovery.md)."))
     warm_start: bool = Field(True, description=(
         "Start each M-step from the previous iteration's policies (else from the base)."))
     warm_epochs: float = Field(1.0, gt=0, description=(
         "Passes over the records in warm-started M-steps (after the first)."))
     final_epochs: float = Field(4.0, ge=0, description=(
-        "After EM: passes over every record (the guard's held-out rankings included) that "
-        "train the policies on the final types, warm from the last M-step, before they are "
-        "installed. EM's M-steps are kept short so they do not memorise the current types; "
-        "the served policies need more (README: 'Do the policies serve their types?'). "
-        "0: install the last M-step's policies."))
+        "After EM: passes over every record (held-out ones included) training the policies "
+        "on the final types, warm from the last M-step: EM's M-steps are kept short, the "
+        "served policies need more (README: 'Do the policies serve their types?'). 0: none."))
     cross_fit: bool = Field(False, description=(
         "Score each user with policies trained without that user (two folds), so a policy "
         "cannot simply confirm the users it was trained on. Doubles compute, not fits; pays "
@@ -333,6 +327,13 @@ class Config(_Section):
         if self.em.init_sft_epochs is not None:
             return self.em.init_sft_epochs
         return 0.0 if self.model.name_or_path else 1.0
+
+    @property
+    def start_l2s(self) -> tuple[float, ...]:  # em.init_l2 as it applies to em.init_features
+        if self.em.init_l2 is not None:
+            return tuple(self.em.init_l2)
+        wide = self.em.init_features in ("language", "reference_by_prompt_state")
+        return (1.0, 0.1) * wide + (1e-2, 1e-3, 1e-4)
 
     @property
     def generation_tokens(self) -> int:

@@ -18,6 +18,9 @@ candidate's held-out log-likelihood per ranking. Each setting against the first 
 `--restarts` on the same family and seed: paired differences with 95% t-intervals over
 seeds. `--layers`: settings of em.init_layers (`;` between settings), the layers whose
 pooled states the copy's features put side by side, each run at every `--restarts`.
+`--features`: settings of em.init_features (`,` between them), e.g. `language`, the start
+on the language model's features alone (the copy's states, and the same crossed with the
+prompt's state), each at its own default L2 path (Config.start_l2s).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def one(family: str, k: int, seed: int, runs: str, restarts: list[int],
-        layers: list[str] = ("middle,embeddings",)) -> dict:
+        layers: list[str] = ("middle,embeddings",), features: list[str] = ("auto",)) -> dict:
     import torch
     from sklearn.metrics import adjusted_rand_score
 
@@ -71,30 +74,32 @@ def one(family: str, k: int, seed: int, runs: str, restarts: list[int],
         reps = reference_representations(copy, enc.arrays(), torch.device("cpu"),
                                          layers=load_config(None, sets).start_layers,
                                          end_ids=sentence_end_ids(tok))
-        cands, mask = st.feature_candidates("auto", records, ui, num_users, lambda: reps)
-        for make in cands.values():   # built (and cached) before any timing
-            make()
-        for r in restarts:
-            c = load_config(None, [*sets, f"em.init_restarts={r}"])
-            info: dict = {}
-            t = time.perf_counter()
-            gamma = st.initial_gamma(c, k, records, ui, num_users, info=info, held=held,
-                                     candidates=(cands, mask))
-            secs = time.perf_counter() - t
-            row = {"layers": lay, "restarts": r, "seconds": round(secs, 2),
-                   "features": info["features"], "l2": info["l2"],
-                   "ari": round(float(adjusted_rand_score(truth, gamma.argmax(1))), 3),
-                   "loglik": round(max(info["final_logliks"].values()), 1),
-                   "heldout_chosen": round(info["heldout_loglik_chosen"], 4),
-                   "split_merge_moves": len(info["split_merge"])}
-            print(family, seed, row, flush=True)
-            out["runs"].append(row)
+        for feat in features:
+            cands, mask = st.feature_candidates(feat, records, ui, num_users, lambda: reps)
+            for make in cands.values():   # built (and cached) before any timing
+                make()
+            for r in restarts:
+                c = load_config(None, [*sets, f"em.init_restarts={r}", f"em.init_features={feat}"])
+                info: dict = {}
+                t = time.perf_counter()
+                gamma = st.initial_gamma(c, k, records, ui, num_users, info=info, held=held,
+                                         candidates=(cands, mask))
+                secs = time.perf_counter() - t
+                row = {"layers": lay, "init_features": feat, "restarts": r, "seconds": round(secs, 2),
+                       "features": info["features"], "l2": info["l2"],
+                       "ari": round(float(adjusted_rand_score(truth, gamma.argmax(1))), 3),
+                       "loglik": round(max(info["final_logliks"].values()), 1),
+                       "heldout_chosen": round(info["heldout_loglik_chosen"], 4),
+                       "split_merge_moves": len(info["split_merge"])}
+                print(family, seed, row, flush=True)
+                out["runs"].append(row)
     return out
 
 
 def setting(r: dict) -> str:
-    """A run's settings: its restarts, and its layers where a run names them."""
-    return f"{r['restarts']}" + (f", layers {r['layers']}" if "layers" in r else "")
+    """A run's settings: its restarts, and its layers and candidates where a run names them."""
+    return (f"{r['restarts']}" + (f", layers {r['layers']}" if "layers" in r else "")
+            + (f", {r['init_features']}" if r.get("init_features", "auto") != "auto" else ""))
 
 
 def table(results: list[dict]) -> str:
@@ -143,9 +148,11 @@ def write(out: str, results: list[dict], command: str) -> None:
 
     atomic_write_json(out, results)
     name = os.path.basename(out)
-    layered = len({r.get("layers") for res in results for r in res["runs"]}) > 1
+    runs = [r for res in results for r in res["runs"]]
+    what = ("layers" if len({r.get("layers") for r in runs}) > 1 else "features"
+            if {r.get("init_features", "auto") for r in runs} != {"auto"} else "restarts")
     atomic_write_text(out[:-5] + ".md", (
-        f"# What the start's {'layers' if layered else 'restarts'} cost and buy\n\n"
+        f"# What the start's {what} cost and buy\n\n"
         f"`{command}` ([`experiments/start_cost.py`](../experiments/start_cost.py), figures in "
         f"[`{name}`]({name})). " + " ".join(__doc__.split("\n\n")[2].split()) + "\n\n"
         + table(results) + paired(results) + "\n"))
@@ -162,6 +169,9 @@ def main() -> int:
     p.add_argument("--layers", default="middle,embeddings",
                    help="em.init_layers settings, ';' between them (each run at every "
                         "--restarts)")
+    p.add_argument("--features", default="auto",
+                   help="em.init_features settings, ',' between them (each run at every "
+                        "--layers and --restarts)")
     p.add_argument("--out", default=os.path.join(REPO, "docs", "start_cost.json"))
     a = p.parse_args()
     warnings.filterwarnings("ignore")
@@ -172,7 +182,8 @@ def main() -> int:
     for family in a.families.split(","):
         for k in map(int, a.types.split(",")):
             for seed in map(int, a.seeds.split(",")):
-                results.append(one(family, k, seed, runs, restarts, a.layers.split(";")))
+                results.append(one(family, k, seed, runs, restarts, a.layers.split(";"),
+                                   a.features.split(",")))
                 write(a.out, results, command)
     return 0
 

@@ -140,6 +140,7 @@ COPIES = 3  # copies of the further-trained reference in the ensembles, each on 
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
             "reference + tokens by position", "policies' states", "reference output gradients",
             "reference trained further", "reference trained further by sentence",
+            "reference by prompt state", "reference within 48 by prompt state",
             "reference trained further by sentence + embeddings",
             "reference trained further by sentence summed",
             "reference trained further by sentence within records",
@@ -196,16 +197,6 @@ def signal_projected(x, mask, user_index, num_users, r: int, ridge: float = 1e-3
     values, vectors = eigh(b, w + ridge * np.trace(w) / len(w) * np.eye(len(w)))
     print("signal eigenvalues", np.round(np.sort(values)[::-1][:12], 1), flush=True)
     return st.standardized((x @ vectors[:, np.argsort(-values)[:r]]).astype(np.float32), mask)
-
-
-def within_projected(x, mask, r: int) -> np.ndarray:
-    """x projected on the top r principal directions of the responses' deviations from
-    their record's mean (the directions in which a record's responses differ), standardised."""
-    from emdpo_ray.report.evaluate import record_centred
-    from emdpo_ray.train import start as st
-
-    _, _, vt = np.linalg.svd(record_centred(x, mask)[mask], full_matrices=False)
-    return st.standardized((x @ vt[:r].T).astype(np.float32), mask)
 
 
 def positional_counts(records, parts: int = 3) -> np.ndarray:
@@ -538,10 +529,22 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
                                       (g - g.mean(0)) / (g.std(0) + 1e-6), cf.state_covariation,
                                       ui, num_users)
 
+    def states_by_prompt_state(r: int | None) -> np.ndarray:
+        x = states((None, 0), of=further_model(), by_sentence=True)
+        if r is not None:
+            x = lm.principal_within_records(x, mask, r)
+        g = reference_representations(further_model(), enc.arrays(), torch.device("cpu")).prompts
+        return cf.crossed_with_prompt(x, mask, cf.whitened(g), cf.state_covariation, ui,
+                                      num_users)
+
     makers.update({
         "tokens by prompt state": lambda: by_prompt_state(further_model()),
         "tokens by prompt state (reference's own)": lambda: by_prompt_state(model),
         "tokens by prompt state (not whitened)": lambda: by_prompt_state(further_model(), False),
+        # no counts: the copy's response states (the default start's layers) crossed with
+        # the prompt-state directions along which users' preferences co-vary
+        "reference by prompt state": lambda: states_by_prompt_state(None),
+        "reference within 48 by prompt state": lambda: states_by_prompt_state(48),
         "reference in users' subspace": lambda: preference_subspace(
             states(None), mask, ui, num_users),
         "tokens by position in users' subspace": lambda: preference_subspace(
@@ -593,13 +596,13 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         makers[f"reference trained further signal {r}"] = lambda r=r: signal_projected(
             states(None, of=further_model()), mask, ui, num_users, r)
     for r in WITHIN_DIMS:
-        makers[f"reference trained further within {r}"] = lambda r=r: within_projected(
+        makers[f"reference trained further within {r}"] = lambda r=r: lm.principal_within_records(
             states(None, of=further_model()), mask, r)
     # the reference's own states by sentence, whole or reduced (with --reference: a wider
     # published model's, whose 3 x 576 coordinates a mixture cannot fit from 300 users)
     makers["reference by sentence"] = lambda: states(None, by_sentence=True)
     for r in WIDE_DIMS:
-        makers[f"reference by sentence within {r}"] = lambda r=r: within_projected(
+        makers[f"reference by sentence within {r}"] = lambda r=r: lm.principal_within_records(
             states(None, by_sentence=True), mask, r)
     # --further: one set per number of further passes, in place of the default's one
     for e in further or ():

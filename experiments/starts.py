@@ -1,13 +1,14 @@
 """`make starts`: which start recovers the types, per synthetic family, and what EM adds.
 
     .venv/bin/python experiments/starts.py [--families linear,contextual,order]
-        [--configs auto,tokens,reference,labels,auto-types] [--seeds 0,1] [--users 300]
+        [--configs auto,language,tokens,reference,labels,auto-types] [--seeds 0,1] [--users 300]
         [--set KEY=VALUE ...] [--runs runs/starts] [--out docs/starts.json]
     .venv/bin/python experiments/starts.py --summary FILE.json [FILE.json ...] \
         [--out docs/starts-summary.json]
 
 Each run: 300 users with 10 rankings of 3 each, three unbalanced types (shares 0.5/0.3/0.2),
-up to 3 EM iterations, default settings but for the start (`em.init`, `em.init_features`;
+up to 3 EM iterations, default settings but for the start (`em.init`, `em.init_features`:
+`language`, the language model's features alone, no counts;
 `auto-types`: the default start, and K chosen by it, `train --types auto`, not given). Per
 iteration the ARI against the true types and the log-likelihood; after EM the held-out
 predictive log-likelihood: 4 new rankings per user, drawn from the user's true type, scored
@@ -38,6 +39,7 @@ CONFIGS = {
     "tokens": ["em.init_features=tokens"],
     "reference": ["em.init_features=reference"],
     "auto": ["em.init_features=auto"],
+    "language": ["em.init_features=language"],   # the language model's features alone
     "labels": ["em.init=labels"],
     "auto-types": ["em.init_features=auto"],   # and K chosen by the start (--types auto)
 }

@@ -8,7 +8,8 @@ their preferences under prompts on the other side, though over all users the fli
 (docs/start_features-contextual.md). The prompt is read as its words
 (`tokens_by_prompt`) or as the reference's last-layer state of it (`tokens_by_prompt_state`,
 which sees what the words as a bag cannot, such as their order;
-docs/start_features-lead-topic.md).
+docs/start_features-lead-topic.md); `reference_by_prompt_state` crosses the reference's
+states of the responses, not their counts, with the latter.
 """
 
 from __future__ import annotations
@@ -158,3 +159,15 @@ def tokens_by_prompt_state(x_tok: np.ndarray, mask: np.ndarray, prompt_states: n
     as which of two topics a prompt names first (the `lead_topic` family)."""
     return crossed_with_prompt(frequent_words(x_tok), mask, whitened(prompt_states),
                                state_covariation, user_index, num_users)
+
+
+def reference_by_prompt_state(x_ref: np.ndarray, mask: np.ndarray, prompt_states: np.ndarray,
+                              user_index: np.ndarray, num_users: int) -> np.ndarray:
+    """tokens_by_prompt_state with the reference's reading of the responses in place of
+    their counts: the start's `reference` features x_ref [N, m, F] crossed with the prompt's
+    coordinates on the directions of its whitened state along which users' preferences
+    co-vary. The language model alone, no counts, on both sides: on `contextual` it starts
+    near the counts' exact model (docs/start_language.md)."""
+    return crossed_with_prompt(x_ref, mask, whitened(prompt_states), state_covariation,
+                               user_index, num_users)
+

@@ -28,8 +28,8 @@ from emdpo_ray.run.storage import checkpoint_from
 from emdpo_ray.train.num_types import choose_num_types
 from emdpo_ray.train.prepare import prepare_data
 from emdpo_ray.train.sft import sft_plans
-from emdpo_ray.train.start import (HELDOUT_PER_USER, feature_candidates, heldout_records,
-                                   initial_gamma)
+from emdpo_ray.train.start import (COUNTS_ONLY, HELDOUT_PER_USER, feature_candidates,
+                                   heldout_records, initial_gamma)
 from emdpo_ray.utils import fault_point
 
 log = logging.getLogger(__name__)
@@ -209,8 +209,8 @@ def train(cfg: Config, data_path: str, k: int | str, run_dir: str, *, overwrite:
         else:
             # the workers compute the reference's features while the driver fits the tokens'
             # (auto compares candidates only for k > 1: with one type nothing asks for them)
-            wanted = cfg.em.init_features in ("reference", "both", "tokens_by_prompt_state") or (
-                cfg.em.init_features == "auto" and (auto or k > 1))
+            wanted = cfg.em.init_features not in COUNTS_ONLY and (
+                cfg.em.init_features != "auto" or auto or k > 1)
             if (cfg.em.init == "kmeans" or auto) and wanted:
                 # a copy of the reference trained further gives the states (em.init_sft_epochs)
                 sft = (sft_plans(cfg, prep.index.resp_mask, prep.sizes, cfg.start_sft_passes)

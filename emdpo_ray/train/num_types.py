@@ -149,7 +149,7 @@ def choose_num_types(cfg, candidates: dict[str, Callable[[], np.ndarray]], mask:
         raise ConfigError("--types auto: no user has two rankings, so no K can be tested on "
                           "held-out rankings; give --types")
     return types_across_features(candidates, mask, user_index, num_users, cfg.em.max_types,
-                                 held, cfg.seed, cfg.em.init_restarts, tuple(cfg.em.init_l2),
+                                 held, cfg.seed, cfg.em.init_restarts, cfg.start_l2s,
                                  max(cfg.em.init_refine_iterations, 1))
 
 
@@ -205,7 +205,7 @@ def types_report(records, cfg, max_types: int, model_path: str | None = None,
         None if model_path is None else lambda: model_states(records, model_path, cfg))
     x = candidates[name]()
     chosen, rows, labels, _ = grow_types(x, mask, ui, num_users, max_types, held, cfg.seed,
-                                      cfg.em.init_restarts, tuple(cfg.em.init_l2),
+                                      cfg.em.init_restarts, cfg.start_l2s,
                                       max(cfg.em.init_refine_iterations, 1))
     if all(r.true_type is not None for r in records):
         truth = np.zeros(num_users, int)

@@ -24,7 +24,11 @@ own states (docs/start_features-order-levers.md, docs/start_features-order-passe
 `both` (tokens and reference); or `auto`
 (default), each of the five tried on 80% of every user's rankings and the one whose mixture
 best predicts the other 20% kept (held-out predictive log-likelihood), or the simplest
-within noise of it (one-standard-error rule).
+within noise of it (one-standard-error rule). `reference_by_prompt_state` crosses the
+`reference` features with the prompt's state as `tokens_by_prompt_state` crosses the counts;
+`language` chooses as `auto` does between it and `reference`: the language model alone, no
+counts (docs/start_language.md). It is not among `auto`'s: wider than the rest (5 x 288),
+it costs the start most of its time again and on no family predicts better than they do.
 
 The linear mixture is fitted from `em.init_restarts` starts (the k-means split, then random
 hard partitions), the one of highest log-likelihood kept: k-means settles on the split that
@@ -54,8 +58,8 @@ from emdpo_ray.config import Config
 from emdpo_ray.core.estep import (per_ranking_interval, predictive_user_logliks,
                                    smoothed_onehot)
 from emdpo_ray.data.records import Record
-from emdpo_ray.train.context_features import (TOKEN_PATTERN, tokens_by_prompt,
-                                              tokens_by_prompt_state)
+from emdpo_ray.train.context_features import (TOKEN_PATTERN, reference_by_prompt_state,
+                                              tokens_by_prompt, tokens_by_prompt_state)
 from emdpo_ray.train.linear_mixture import (feature_start, l2_path, mixture_loglik,
                                             parallel_map, record_logliks, split_merge)
 
@@ -65,6 +69,7 @@ if TYPE_CHECKING:
 HELDOUT_PER_USER = "heldout_loglik_per_user"  # the start's `info` key of its [U] figures
 T = TypeVar("T")
 RESPONSE_WORDS = 2048  # the token counts' vocabulary: the most frequent words of the responses
+COUNTS_ONLY = ("tokens", "tokens_by_prompt")  # em.init_features that never read the reference
 
 
 
@@ -187,16 +192,14 @@ def once(fn: Callable[[], T]) -> Callable[[], T]:
 def feature_candidates(features: str, records: list[Record], user_index: np.ndarray,
                        num_users: int, reference_features: Callable[[], "Representations"] | None = None,
                        ) -> tuple[dict[str, Callable[[], np.ndarray]], np.ndarray]:
-    """The start's candidate feature sets for `em.init_features` (`auto`: all five, simplest
-    first), each a cached function giving [N, m, V], and the response mask [N, m]. The
-    reference model's representations (models/features.py's Representations) come from
-    `reference_features()`, asked for only when a candidate needs them (the workers may
-    still be computing them)."""
-    names = {"tokens": ["tokens"], "tokens_by_prompt": ["tokens_by_prompt"],
-             "tokens_by_prompt_state": ["tokens_by_prompt_state"],
-             "reference": ["reference"], "both": ["both"],
-             "auto": ["tokens", "tokens_by_prompt", "tokens_by_prompt_state", "reference",
-                      "both"]}[features]
+    """The start's candidate feature sets for `em.init_features` (`auto`: five, simplest
+    first; `language`: the language model's alone, no counts), each a cached function
+    giving [N, m, V], and the response mask [N, m]. The reference model's representations
+    (models/features.py's Representations) come from `reference_features()`, asked for only
+    when a candidate needs them (the workers may still be computing them)."""
+    names = {"auto": ["tokens", "tokens_by_prompt", "tokens_by_prompt_state", "reference",
+                      "both"],
+             "language": ["reference", "reference_by_prompt_state"]}.get(features, [features])
     x_tok, mask = response_features(records)
 
     @once
@@ -215,6 +218,9 @@ def feature_candidates(features: str, records: list[Record], user_index: np.ndar
               "tokens_by_prompt_state": once(
                   lambda: tokens_by_prompt_state(x_tok, mask, reference().prompts, user_index,
                                                  num_users)),
+              "reference_by_prompt_state": once(
+                  lambda: reference_by_prompt_state(x_ref(), mask, reference().prompts,
+                                                    user_index, num_users)),
               "both": lambda: np.concatenate([x_tok, x_ref()], -1)}
     return {n: makers[n] for n in names}, mask
 
@@ -309,7 +315,7 @@ def initial_gamma(cfg: Config, k: int, records: list[Record], user_index: np.nda
         return kmeans_init(records, user_index, num_users, k, cfg.seed,
                            cfg.em.init_smoothing, cfg.em.init_refine_iterations,
                            cfg.em.init_features, reference_features, info, held,
-                           cfg.em.init_restarts, tuple(cfg.em.init_l2),
+                           cfg.em.init_restarts, cfg.start_l2s,
                            cfg.em.init_split_merge, candidates)
     if cfg.em.init == "labels":
         labels = labels_from_records(records, user_index, num_users, k)

@@ -467,6 +467,98 @@ def test_counts_crossed_with_the_prompts_state_see_what_its_words_as_a_bag_canno
     assert ari["tokens_by_prompt"] < 0.3 and ari["tokens_by_prompt_state"] > 0.5, ari
 
 
+def test_response_states_crossed_with_the_prompts_state_need_no_counts():
+    from sklearn.metrics import adjusted_rand_score
+
+    from emdpo_ray.data import synth
+    from emdpo_ray.data.records import group_by_user
+    from emdpo_ray.models.features import Representations
+
+    # lead_topic again, with the counts nowhere: each response read as a dense vector (the
+    # sum of a random vector per word, a stand-in for the reference's pooled states)
+    recs, _ = synth.generate(users=120, types=2, rankings_per_user=8, seed=4, family="lead_topic")
+    parsed = [parse_record(r, f"s:{i}") for i, r in enumerate(recs)]
+    users, ui = group_by_user(parsed)
+    truth = [{r.user_id: r.true_type for r in parsed}[u] for u in users]
+    counts, _ = response_features(parsed)
+    mix = np.random.default_rng(1).normal(size=(counts.shape[-1], counts.shape[-1] + 8))
+    reps = Representations((counts @ mix).astype(np.float32), _lead_topic_states(parsed))
+    ari, infos = {}, {}
+    for features in ("reference", "reference_by_prompt_state"):
+        infos[features] = {}
+        g = kmeans_init(parsed, np.asarray(ui), len(users), 2, 0, 0.05, 10, features=features,
+                        restarts=4, reference_features=lambda: reps, info=infos[features])
+        ari[features] = adjusted_rand_score(truth, g.argmax(1))
+    assert ari["reference"] < 0.3 and ari["reference_by_prompt_state"] > 0.5, ari
+    # `language` (the config's, through initial_gamma) chooses between the two by held-out
+    # rankings
+    infos["language"] = {}
+    g = initial_gamma(load_config(None, ["em.init_features=language"]), 2, parsed,
+                      np.asarray(ui), len(users), reference_features=lambda: reps,
+                      info=infos["language"])
+    assert adjusted_rand_score(truth, g.argmax(1)) > 0.5
+    assert infos["language"]["features"] == "reference_by_prompt_state"
+    assert set(infos["language"]["heldout_loglik_per_ranking"]) == {
+        "reference", "reference_by_prompt_state"}
+
+
+def test_the_driver_computes_the_reference_features_for_every_start_that_reads_them():
+    from typing import get_args
+
+    from emdpo_ray.config import EMConfig
+    from emdpo_ray.models.features import Representations
+    from emdpo_ray.train.start import COUNTS_ONLY, feature_candidates
+
+    recs, ui, _ = _two_opposite_types(8, 5)
+    reps = Representations(np.ones((len(recs), 3, 4), np.float32),
+                           np.arange(len(recs) * 2, dtype=np.float32).reshape(-1, 2))
+    for features in get_args(EMConfig.model_fields["init_features"].annotation):
+        asked = []
+        cands, _ = feature_candidates(features, recs, ui, 8,
+                                      lambda: asked.append(1) or reps)
+        for make in cands.values():
+            make()
+        # the driver asks the workers for them unless the setting is COUNTS_ONLY
+        assert bool(asked) == (features not in COUNTS_ONLY), features
+
+
+def test_principal_within_records_by_hand():
+    from emdpo_ray.train.linear_mixture import principal_within_records
+
+    # the second coordinate is the same within each record, so the responses differ only
+    # along the first; the padded third response takes no part and stays 0
+    x = np.array([[[1, 5], [-1, 5], [9, 9]], [[2, 7], [-2, 7], [9, 9]]], np.float32)
+    mask = np.array([[1, 1, 0], [1, 1, 0]], bool)
+    z = principal_within_records(x, mask, 1)
+    assert z.shape == (2, 3, 1) and (z[:, 2] == 0).all()
+    # x[..., 0] = 1, -1, 2, -2: mean 0, variance 2.5, up to the direction's sign
+    expect = np.array([[1, -1], [2, -2]]) / np.sqrt(2.5)
+    assert np.allclose(np.abs(z[:, :2, 0]), np.abs(expect), atol=1e-5)
+    assert np.allclose(z[:, :2, 0] * np.sign(z[0, 0, 0]), expect, atol=1e-5)
+
+
+def test_wide_features_search_their_principal_directions_first(monkeypatch):
+    from emdpo_ray.train import linear_mixture as lm
+
+    recs, ui, truth = _two_opposite_types(20, 5)
+    x, mask = response_features(recs)
+    monkeypatch.setattr(lm, "COARSE_ABOVE", x.shape[-1] - 1)
+    monkeypatch.setattr(lm, "COARSE_DIMS", 1)
+    wide, coarse = {}, {}
+    mix = lm.feature_start(x, mask, ui, 20, 2, seed=0, refine_iterations=3, restarts=3,
+                           info=wide)
+    lm.feature_start(lm.principal_within_records(x, mask, 1), mask, ui, 20, 2, seed=0,
+                     refine_iterations=3, restarts=3, info=coarse)
+    # the restarts ran on the one principal direction; the likeliest went on over all of x
+    assert wide["restart_logliks"] == coarse["restart_logliks"]
+    assert mix.theta.shape == (2, x.shape[-1])
+    labels = mix.gamma.argmax(1)
+    assert (labels == truth).all() or (labels == 1 - truth).all()
+    # continuing a given split needs no search: it runs on x itself
+    given = lm.feature_start(x, mask, ui, 20, 2, seed=0, refine_iterations=3, gamma=mix.gamma)
+    assert given.theta.shape == (2, x.shape[-1])
+
+
 def test_integer_counts_and_float32_features_give_the_float64_objective():
     # the matmul runs in x's dtype: integer counts must not truncate theta to integers
     from emdpo_ray.train.linear_mixture import weighted_objective
