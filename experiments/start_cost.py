@@ -20,7 +20,8 @@ seeds. `--layers`: settings of em.init_layers (`;` between settings), the layers
 pooled states the copy's features put side by side, each run at every `--restarts`.
 `--features`: settings of em.init_features (`,` between them), e.g. `language`, the start
 on the language model's features alone (the copy's states, and the same crossed with the
-prompt's state), each at its own default L2 path (Config.start_l2s).
+prompt's state), each at its own default L2 path (Config.start_l2s) unless `--l2s` sets one
+for every run.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def one(family: str, k: int, seed: int, runs: str, restarts: list[int],
-        layers: list[str] = ("middle,embeddings",), features: list[str] = ("auto",)) -> dict:
+        layers: list[str] = ("middle,embeddings",), features: list[str] = ("auto",),
+        l2s: str | None = None) -> dict:
     import torch
     from sklearn.metrics import adjusted_rand_score
 
@@ -79,7 +81,8 @@ def one(family: str, k: int, seed: int, runs: str, restarts: list[int],
             for make in cands.values():   # built (and cached) before any timing
                 make()
             for r in restarts:
-                c = load_config(None, [*sets, f"em.init_restarts={r}", f"em.init_features={feat}"])
+                c = load_config(None, [*sets, f"em.init_restarts={r}", f"em.init_features={feat}",
+                                       *([f"em.init_l2=[{l2s}]"] if l2s else [])])
                 info: dict = {}
                 t = time.perf_counter()
                 gamma = st.initial_gamma(c, k, records, ui, num_users, info=info, held=held,
@@ -90,7 +93,8 @@ def one(family: str, k: int, seed: int, runs: str, restarts: list[int],
                        "ari": round(float(adjusted_rand_score(truth, gamma.argmax(1))), 3),
                        "loglik": round(max(info["final_logliks"].values()), 1),
                        "heldout_chosen": round(info["heldout_loglik_chosen"], 4),
-                       "split_merge_moves": len(info["split_merge"])}
+                       "split_merge_moves": len(info["split_merge"]),
+                       **({"init_l2": l2s} if l2s else {})}
                 print(family, seed, row, flush=True)
                 out["runs"].append(row)
     return out
@@ -99,7 +103,8 @@ def one(family: str, k: int, seed: int, runs: str, restarts: list[int],
 def setting(r: dict) -> str:
     """A run's settings: its restarts, and its layers and candidates where a run names them."""
     return (f"{r['restarts']}" + (f", layers {r['layers']}" if "layers" in r else "")
-            + (f", {r['init_features']}" if r.get("init_features", "auto") != "auto" else ""))
+            + (f", {r['init_features']}" if r.get("init_features", "auto") != "auto" else "")
+            + (f", L2 path {r['init_l2']}" if "init_l2" in r else ""))
 
 
 def table(results: list[dict]) -> str:
@@ -128,7 +133,7 @@ def paired(results: list[dict]) -> str:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for family, k in dict.fromkeys((r["family"], r["types"]) for r in results):
         runs = [r["runs"] for r in results if (r["family"], r["types"]) == (family, k)]
-        if len(runs) < 2:
+        if len(runs) < 2 or len(runs[0]) < 2:   # one seed or one setting: nothing to pair
             continue
         for i, run in enumerate(runs[0]):
             ari = [rs[i]["ari"] for rs in runs]
@@ -139,6 +144,8 @@ def paired(results: list[dict]) -> str:
             rows.append(f"| {family} | {k} | {setting(run)} | {len(runs)} | "
                         f"{np.mean(ari):.3f} | {fmt(t_interval(d_ari), 3)} | {same} of "
                         f"{len(runs)} | {np.mean(secs):.1f} | {fmt(t_interval(d_secs), 1)} |")
+    if len(rows) == 2:
+        return ""
     return ("\n\nEach setting against the first on the same family and seed (mean, "
             "paired difference [95% t-interval over seeds]):\n\n" + "\n".join(rows))
 
@@ -172,6 +179,8 @@ def main() -> int:
     p.add_argument("--features", default="auto",
                    help="em.init_features settings, ',' between them (each run at every "
                         "--layers and --restarts)")
+    p.add_argument("--l2s", default=None,
+                   help="em.init_l2 for every run (default: Config.start_l2s of its features)")
     p.add_argument("--out", default=os.path.join(REPO, "docs", "start_cost.json"))
     a = p.parse_args()
     warnings.filterwarnings("ignore")
@@ -183,7 +192,7 @@ def main() -> int:
         for k in map(int, a.types.split(",")):
             for seed in map(int, a.seeds.split(",")):
                 results.append(one(family, k, seed, runs, restarts, a.layers.split(";"),
-                                   a.features.split(",")))
+                                   a.features.split(","), a.l2s))
                 write(a.out, results, command)
     return 0
 

@@ -111,8 +111,13 @@ here). Other tiny backbones (`--tiny`, `--sft-lr`: width 96 at three SFT rates, 
 beside the default's states and the first sentence's word shares (the bound of a pooling
 whose states kept every word), on `order` seeds 0 to 9, one run per backbone and seeds,
 put side by side by `--merge` in docs/start_features-order-backbones.{json,md} (the
-commands there; about 40 minutes here in all). Data and references that `make starts` has
-not made are built here first (the same data; the reference's SFT in this process).
+commands there; about 40 minutes here in all). The copy's states crossed with the prompt's
+state (`reference by prompt state`, no counts) on `contextual`, at the L2 path of the
+`language` start, docs/start_features-contextual-language.{json,md} (`--families contextual
+--seeds 0,1,2 --features "reference by prompt state" --l2s 1,0.1,1e-2,1e-3,1e-4 --out
+docs/start_features-contextual-language.json`, 6 minutes here). Data and references that
+`make starts` has not made are built here first (the same data; the reference's SFT in
+this process).
 """
 
 from __future__ import annotations
@@ -197,6 +202,16 @@ def signal_projected(x, mask, user_index, num_users, r: int, ridge: float = 1e-3
     values, vectors = eigh(b, w + ridge * np.trace(w) / len(w) * np.eye(len(w)))
     print("signal eigenvalues", np.round(np.sort(values)[::-1][:12], 1), flush=True)
     return st.standardized((x @ vectors[:, np.argsort(-values)[:r]]).astype(np.float32), mask)
+
+
+def within_projected(x, mask, r: int) -> np.ndarray:
+    """x projected on the top r principal directions of the responses' deviations from
+    their record's mean (the directions in which a record's responses differ), standardised."""
+    from emdpo_ray.report.evaluate import record_centred
+    from emdpo_ray.train import start as st
+
+    _, _, vt = np.linalg.svd(record_centred(x, mask)[mask], full_matrices=False)
+    return st.standardized((x @ vt[:r].T).astype(np.float32), mask)
 
 
 def positional_counts(records, parts: int = 3) -> np.ndarray:
@@ -532,7 +547,7 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
     def states_by_prompt_state(r: int | None) -> np.ndarray:
         x = states((None, 0), of=further_model(), by_sentence=True)
         if r is not None:
-            x = lm.principal_within_records(x, mask, r)
+            x = within_projected(x, mask, r)
         g = reference_representations(further_model(), enc.arrays(), torch.device("cpu")).prompts
         return cf.crossed_with_prompt(x, mask, cf.whitened(g), cf.state_covariation, ui,
                                       num_users)
@@ -596,13 +611,13 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         makers[f"reference trained further signal {r}"] = lambda r=r: signal_projected(
             states(None, of=further_model()), mask, ui, num_users, r)
     for r in WITHIN_DIMS:
-        makers[f"reference trained further within {r}"] = lambda r=r: lm.principal_within_records(
+        makers[f"reference trained further within {r}"] = lambda r=r: within_projected(
             states(None, of=further_model()), mask, r)
     # the reference's own states by sentence, whole or reduced (with --reference: a wider
     # published model's, whose 3 x 576 coordinates a mixture cannot fit from 300 users)
     makers["reference by sentence"] = lambda: states(None, by_sentence=True)
     for r in WIDE_DIMS:
-        makers[f"reference by sentence within {r}"] = lambda r=r: lm.principal_within_records(
+        makers[f"reference by sentence within {r}"] = lambda r=r: within_projected(
             states(None, by_sentence=True), mask, r)
     # --further: one set per number of further passes, in place of the default's one
     for e in further or ():
@@ -725,6 +740,11 @@ reads (near `order`'s exact model, as `generator`: a bound for the pooling, not 
 A feature set named with settings in brackets is on another tiny backbone (`--tiny`,
 `--sft-lr`): its own SFT reference, built with those `model.tiny` settings and SFT learning
 rate, and its copy trained further at that rate.
+`reference by prompt state`: the start's `reference_by_prompt_state`, the copy's states by
+sentence with its token embeddings (the default `reference`) crossed with the directions of
+its whitened state of the prompt along which users' preferences co-vary: no counts on
+either side; `reference within 48 by prompt state`, the same states first reduced to their
+top 48 principal directions within records.
 
 """
 

@@ -23,7 +23,6 @@ import numpy as np
 
 from emdpo_ray.data.sources import load_records
 from emdpo_ray.run.rundir import RunDir
-from emdpo_ray.train.linear_mixture import record_centred
 from emdpo_ray.utils import read_json
 
 
@@ -37,6 +36,12 @@ def match_types(true_types: np.ndarray, gamma: np.ndarray, k_true: int) -> np.nd
     match = np.full(k_true, -1)
     match[rows] = cols
     return match
+
+
+def record_centred(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """x [N, m, ...] minus its record's mean over the unpadded responses (mask [N, m])."""
+    w = mask.reshape(mask.shape + (1,) * (x.ndim - 2)).astype(float)
+    return x - (x * w).sum(1, keepdims=True) / np.maximum(w.sum(1, keepdims=True), 1)
 
 
 def within_record_r2(x: np.ndarray, mask: np.ndarray, y: np.ndarray, ridge: float = 1.0,

@@ -18,7 +18,6 @@ from scipy.special import logsumexp
 from emdpo_ray.core.estep import e_step, smoothed_onehot, user_loglik
 
 SHORT_RUN = 5   # iterations of each start before the likeliest runs on
-COARSE_ABOVE, COARSE_DIMS = 512, 256   # wider features: restarts on fewer (feature_start)
 
 
 def rank_weighted(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -35,22 +34,6 @@ def preference_embeddings(x: np.ndarray, mask: np.ndarray, user_index: np.ndarra
     emb = np.zeros((num_users, x.shape[-1]))
     np.add.at(emb, user_index, rank_weighted(x, mask))
     return emb / np.maximum(np.bincount(user_index, minlength=num_users), 1)[:, None]
-
-
-def record_centred(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """x [N, m, ...] minus its record's mean over the unpadded responses (mask [N, m])."""
-    w = mask.reshape(mask.shape + (1,) * (x.ndim - 2)).astype(float)
-    return x - (x * w).sum(1, keepdims=True) / np.maximum(w.sum(1, keepdims=True), 1)
-
-
-def principal_within_records(x: np.ndarray, mask: np.ndarray, r: int) -> np.ndarray:
-    """[N, m, r]: x on the top r principal directions of its responses' deviations from
-    their record's mean (all Plackett-Luce sees), each at unit variance; padding stays 0."""
-    d = record_centred(x, mask)[mask.astype(bool)].astype(np.float64)
-    values, vectors = np.linalg.eigh(d.T @ d)
-    z = x @ vectors[:, np.argsort(-values)[:r]]
-    real = z[mask.astype(bool)]
-    return np.where(mask[..., None], (z - real.mean(0)) / (real.std(0) + 1e-6), 0).astype(np.float32)
 
 
 def kmeans_labels(emb: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -185,11 +168,13 @@ def usable_cpus() -> int:
 
 
 def parallel_map(fn: Callable, items: Iterable, threads: int | None = None) -> list:
-    """[fn(item) for item in items], up to `threads` at a time (default: usable_cpus), BLAS
-    on one thread, the limit held by the calling thread for the whole map (one set from the
-    pool's threads was not applied by OpenBLAS 0.3.31, and their BLAS threads made the start
-    8 times slower on 2 cores). The fits are independent and seed their own generators, so
-    the results are the loop's; NumPy and L-BFGS-B release the GIL (bench/start_speed.py)."""
+    """[fn(item) for item in items], up to `threads` at a time (default: usable_cpus), with
+    BLAS on one thread. The limit is set here, by the calling thread, and held for the whole
+    map: a thread count set from the pool's threads was not applied (OpenBLAS 0.3.31), and on
+    2 cores their BLAS threads made the start 8 times slower. The start's fits are
+    independent and each seeds its own generator, so the results are those of the loop;
+    NumPy's loops and scipy's L-BFGS-B release the GIL, so threads are enough (the start of
+    300 users on 2 cores: 1.8 times faster side by side, bench/start_speed.py)."""
     from concurrent.futures import ThreadPoolExecutor
 
     items = list(items)
@@ -258,16 +243,7 @@ def feature_start(x: np.ndarray, mask: np.ndarray, user_index: np.ndarray, num_u
     find the others. With several starts each runs `short` iterations and the likeliest
     runs on to `refine_iterations` (short-run EM: a few iterations per start, the full
     refinement for one); the starts run side by side on `threads` (parallel_map; None: every
-    usable CPU). `info` gets each start's log-likelihood. On features wider than
-    COARSE_ABOVE the starts run on their principal_within_records(COARSE_DIMS) and the
-    likeliest is continued on x: from a few directions the search finds a split that it
-    misses on all of them (docs/start_language.md)."""
-    if x.shape[-1] > COARSE_ABOVE and (gamma is None or restarts > 1):
-        mix = feature_start(principal_within_records(x, mask, COARSE_DIMS), mask, user_index,
-                            num_users, k, seed, refine_iterations, restarts, l2, gamma, info,
-                            short, threads)
-        return fit_linear_mixture(x, mask, user_index, num_users, mix.gamma,
-                                  refine_iterations, l2)
+    usable CPU). `info` gets each start's log-likelihood."""
     if gamma is None:
         gamma = smoothed_onehot(kmeans_labels(
             preference_embeddings(x, mask, user_index, num_users), k, seed), k, 0.05)

@@ -522,43 +522,6 @@ def test_the_driver_computes_the_reference_features_for_every_start_that_reads_t
         assert bool(asked) == (features not in COUNTS_ONLY), features
 
 
-def test_principal_within_records_by_hand():
-    from emdpo_ray.train.linear_mixture import principal_within_records
-
-    # the second coordinate is the same within each record, so the responses differ only
-    # along the first; the padded third response takes no part and stays 0
-    x = np.array([[[1, 5], [-1, 5], [9, 9]], [[2, 7], [-2, 7], [9, 9]]], np.float32)
-    mask = np.array([[1, 1, 0], [1, 1, 0]], bool)
-    z = principal_within_records(x, mask, 1)
-    assert z.shape == (2, 3, 1) and (z[:, 2] == 0).all()
-    # x[..., 0] = 1, -1, 2, -2: mean 0, variance 2.5, up to the direction's sign
-    expect = np.array([[1, -1], [2, -2]]) / np.sqrt(2.5)
-    assert np.allclose(np.abs(z[:, :2, 0]), np.abs(expect), atol=1e-5)
-    assert np.allclose(z[:, :2, 0] * np.sign(z[0, 0, 0]), expect, atol=1e-5)
-
-
-def test_wide_features_search_their_principal_directions_first(monkeypatch):
-    from emdpo_ray.train import linear_mixture as lm
-
-    recs, ui, truth = _two_opposite_types(20, 5)
-    x, mask = response_features(recs)
-    monkeypatch.setattr(lm, "COARSE_ABOVE", x.shape[-1] - 1)
-    monkeypatch.setattr(lm, "COARSE_DIMS", 1)
-    wide, coarse = {}, {}
-    mix = lm.feature_start(x, mask, ui, 20, 2, seed=0, refine_iterations=3, restarts=3,
-                           info=wide)
-    lm.feature_start(lm.principal_within_records(x, mask, 1), mask, ui, 20, 2, seed=0,
-                     refine_iterations=3, restarts=3, info=coarse)
-    # the restarts ran on the one principal direction; the likeliest went on over all of x
-    assert wide["restart_logliks"] == coarse["restart_logliks"]
-    assert mix.theta.shape == (2, x.shape[-1])
-    labels = mix.gamma.argmax(1)
-    assert (labels == truth).all() or (labels == 1 - truth).all()
-    # continuing a given split needs no search: it runs on x itself
-    given = lm.feature_start(x, mask, ui, 20, 2, seed=0, refine_iterations=3, gamma=mix.gamma)
-    assert given.theta.shape == (2, x.shape[-1])
-
-
 def test_integer_counts_and_float32_features_give_the_float64_objective():
     # the matmul runs in x's dtype: integer counts must not truncate theta to integers
     from emdpo_ray.train.linear_mixture import weighted_objective
