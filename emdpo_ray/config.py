@@ -160,7 +160,7 @@ class EMConfig(_Section):
         "each fit continuing from the last; the one whose mixture best predicts held-out "
         "rankings is kept (train/start.py). None: 1e-2, 1e-3, 1e-4, and 1 and 0.1 before "
         "them for reference_by_prompt_state (language), whose 1,440 dense dimensions "
-        "overfit at 1e-2 (docs/start_language.md)."))
+        "overfit at 1e-2 (docs/start_language-weak-l2.md)."))
     max_types: int = Field(6, ge=1, description=(
         "Largest K that `train --types auto` tries: K grows from 1 while one more type of the "
         "start's linear mixture predicts held-out rankings better beyond noise, on each of "

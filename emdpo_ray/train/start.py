@@ -27,8 +27,9 @@ best predicts the other 20% kept (held-out predictive log-likelihood), or the si
 within noise of it (one-standard-error rule). `reference_by_prompt_state` crosses the
 `reference` features with the prompt's state as `tokens_by_prompt_state` crosses the counts;
 `language` chooses as `auto` does between it and `reference`: the language model alone, no
-counts (docs/start_language.md). It is not among `auto`'s: wider than the rest (5 x 288),
-it costs the start most of its time again and on no family predicts better than they do.
+counts (docs/start_language.md). It is not among `auto`'s: the widest set (5 x 288), it
+costs the start half as much again, and where chosen it predicted held-out rankings worse
+than `auto`'s choice.
 
 The linear mixture is fitted from `em.init_restarts` starts (the k-means split, then random
 hard partitions), the one of highest log-likelihood kept: k-means settles on the split that
