@@ -333,7 +333,7 @@ class Config(_Section):
         if self.em.init_l2 is not None:
             return tuple(self.em.init_l2)
         wide = self.em.init_features in ("language", "reference_by_prompt_state")
-        return (1.0, 0.1) * wide + (1e-2, 1e-3, 1e-4)
+        return ((1.0, 0.1) if wide else ()) + (1e-2, 1e-3, 1e-4)
 
     @property
     def generation_tokens(self) -> int:

@@ -166,8 +166,7 @@ def reference_by_prompt_state(x_ref: np.ndarray, mask: np.ndarray, prompt_states
     """tokens_by_prompt_state with the reference's reading of the responses in place of
     their counts: the start's `reference` features x_ref [N, m, F] crossed with the prompt's
     coordinates on the directions of its whitened state along which users' preferences
-    co-vary. The language model alone, no counts, on both sides: on `contextual` it starts
-    near the counts' exact model (docs/start_language.md)."""
+    co-vary. The language model alone, no counts on either side: on `contextual` it finds
+    the types that counts alone cannot (docs/start_language.md)."""
     return crossed_with_prompt(x_ref, mask, whitened(prompt_states), state_covariation,
                                user_index, num_users)
-

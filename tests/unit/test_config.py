@@ -84,3 +84,15 @@ def test_start_features_train_a_copy_further_only_for_the_tiny_model_by_default(
     assert load_config(None, ["model.name_or_path=some/model"]).start_sft_passes == 0.0
     assert load_config(None, ["em.init_sft_epochs=0"]).start_sft_passes == 0.0
     assert load_config(None, ["model.name_or_path=m", "em.init_sft_epochs=1.5"]).start_sft_passes == 1.5
+
+
+def test_the_start_l2_path_is_stronger_for_the_language_models_wide_features_by_default():
+    assert load_config(None, []).start_l2s == (1e-2, 1e-3, 1e-4)
+    for features in ("language", "reference_by_prompt_state"):
+        assert load_config(None, [f"em.init_features={features}"]).start_l2s == (
+            1.0, 0.1, 1e-2, 1e-3, 1e-4)
+    # a path given is used as given, whatever the features
+    assert load_config(None, ["em.init_features=language", "em.init_l2=[0.5, 0.05]"]
+                       ).start_l2s == (0.5, 0.05)
+    with pytest.raises(ConfigError, match="em.init_l2"):
+        load_config(None, ["em.init_l2=[]"])
