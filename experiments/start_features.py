@@ -145,7 +145,7 @@ COPIES = 3  # copies of the further-trained reference in the ensembles, each on 
 VARIANTS = ["reference in users' subspace", "tokens by position in users' subspace",
             "reference + tokens by position", "policies' states", "reference output gradients",
             "reference trained further", "reference trained further by sentence",
-            "reference by prompt state", "reference within 48 by prompt state",
+            "reference by prompt state",
             "reference trained further by sentence + embeddings",
             "reference trained further by sentence summed",
             "reference trained further by sentence within records",
@@ -544,13 +544,10 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
                                       (g - g.mean(0)) / (g.std(0) + 1e-6), cf.state_covariation,
                                       ui, num_users)
 
-    def states_by_prompt_state(r: int | None) -> np.ndarray:
-        x = states((None, 0), of=further_model(), by_sentence=True)
-        if r is not None:
-            x = within_projected(x, mask, r)
+    def states_by_prompt_state() -> np.ndarray:   # the start's reference_by_prompt_state
         g = reference_representations(further_model(), enc.arrays(), torch.device("cpu")).prompts
-        return cf.crossed_with_prompt(x, mask, cf.whitened(g), cf.state_covariation, ui,
-                                      num_users)
+        return cf.reference_by_prompt_state(
+            states((None, 0), of=further_model(), by_sentence=True), mask, g, ui, num_users)
 
     makers.update({
         "tokens by prompt state": lambda: by_prompt_state(further_model()),
@@ -558,8 +555,7 @@ def one(family: str, seed: int, runs: str, features: list[str] = FEATURES,
         "tokens by prompt state (not whitened)": lambda: by_prompt_state(further_model(), False),
         # no counts: the copy's response states (the default start's layers) crossed with
         # the prompt-state directions along which users' preferences co-vary
-        "reference by prompt state": lambda: states_by_prompt_state(None),
-        "reference within 48 by prompt state": lambda: states_by_prompt_state(48),
+        "reference by prompt state": states_by_prompt_state,
         "reference in users' subspace": lambda: preference_subspace(
             states(None), mask, ui, num_users),
         "tokens by position in users' subspace": lambda: preference_subspace(
@@ -743,8 +739,7 @@ rate, and its copy trained further at that rate.
 `reference by prompt state`: the start's `reference_by_prompt_state`, the copy's states by
 sentence with its token embeddings (the default `reference`) crossed with the directions of
 its whitened state of the prompt along which users' preferences co-vary: no counts on
-either side; `reference within 48 by prompt state`, the same states first reduced to their
-top 48 principal directions within records.
+either side.
 
 """
 

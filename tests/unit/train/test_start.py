@@ -502,7 +502,7 @@ def test_response_states_crossed_with_the_prompts_state_need_no_counts():
         "reference", "reference_by_prompt_state"}
 
 
-def test_the_driver_computes_the_reference_features_for_every_start_that_reads_them():
+def test_counts_only_names_exactly_the_starts_that_never_read_the_reference():
     from typing import get_args
 
     from emdpo_ray.config import EMConfig
@@ -518,7 +518,7 @@ def test_the_driver_computes_the_reference_features_for_every_start_that_reads_t
                                       lambda: asked.append(1) or reps)
         for make in cands.values():
             make()
-        # the driver asks the workers for them unless the setting is COUNTS_ONLY
+        # the driver asks the workers for the reference's features unless COUNTS_ONLY
         assert bool(asked) == (features not in COUNTS_ONLY), features
 
 
