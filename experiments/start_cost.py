@@ -20,8 +20,8 @@ seeds. `--layers`: settings of em.init_layers (`;` between settings), the layers
 pooled states the copy's features put side by side, each run at every `--restarts`.
 `--features`: settings of em.init_features (`,` between them), e.g. `language`, the start
 on the language model's features alone (the copy's states, and the same crossed with the
-prompt's state), each at its own default L2 path (Config.start_l2s) unless `--l2s` sets one
-for every run.
+prompt's state), each at its own default L2 path (Config.start_l2s) unless `--l2s` sets
+others (`;` between paths, `default` for that one), each run at every `--restarts`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def one(family: str, k: int, seed: int, runs: str, restarts: list[int],
         layers: list[str] = ("middle,embeddings",), features: list[str] = ("auto",),
-        l2s: str | None = None) -> dict:
+        l2s: list[str | None] = (None,)) -> dict:
     import torch
     from sklearn.metrics import adjusted_rand_score
 
@@ -80,9 +80,9 @@ def one(family: str, k: int, seed: int, runs: str, restarts: list[int],
             cands, mask = st.feature_candidates(feat, records, ui, num_users, lambda: reps)
             for make in cands.values():   # built (and cached) before any timing
                 make()
-            for r in restarts:
+            for r, path in [(r, path) for r in restarts for path in l2s]:
                 c = load_config(None, [*sets, f"em.init_restarts={r}", f"em.init_features={feat}",
-                                       *([f"em.init_l2=[{l2s}]"] if l2s else [])])
+                                       *([f"em.init_l2=[{path}]"] if path else [])])
                 info: dict = {}
                 t = time.perf_counter()
                 gamma = st.initial_gamma(c, k, records, ui, num_users, info=info, held=held,
@@ -94,7 +94,7 @@ def one(family: str, k: int, seed: int, runs: str, restarts: list[int],
                        "loglik": round(max(info["final_logliks"].values()), 1),
                        "heldout_chosen": round(info["heldout_loglik_chosen"], 4),
                        "split_merge_moves": len(info["split_merge"]),
-                       **({"init_l2": l2s} if l2s else {})}
+                       **({"init_l2": path} if path else {})}
                 print(family, seed, row, flush=True)
                 out["runs"].append(row)
     return out
@@ -156,7 +156,8 @@ def write(out: str, results: list[dict], command: str) -> None:
     atomic_write_json(out, results)
     name = os.path.basename(out)
     runs = [r for res in results for r in res["runs"]]
-    what = ("layers" if len({r.get("layers") for r in runs}) > 1 else "features"
+    what = ("layers" if len({r.get("layers") for r in runs}) > 1 else "L2 paths"
+            if len({r.get("init_l2") for r in runs}) > 1 else "features"
             if {r.get("init_features", "auto") for r in runs} != {"auto"} else "restarts")
     atomic_write_text(out[:-5] + ".md", (
         f"# What the start's {what} cost and buy\n\n"
@@ -179,8 +180,9 @@ def main() -> int:
     p.add_argument("--features", default="auto",
                    help="em.init_features settings, ',' between them (each run at every "
                         "--layers and --restarts)")
-    p.add_argument("--l2s", default=None,
-                   help="em.init_l2 for every run (default: Config.start_l2s of its features)")
+    p.add_argument("--l2s", default="default",
+                   help="em.init_l2 settings, ';' between them, each a path ('default': "
+                        "Config.start_l2s of its features; each run at every --restarts)")
     p.add_argument("--out", default=os.path.join(REPO, "docs", "start_cost.json"))
     a = p.parse_args()
     warnings.filterwarnings("ignore")
@@ -192,7 +194,8 @@ def main() -> int:
         for k in map(int, a.types.split(",")):
             for seed in map(int, a.seeds.split(",")):
                 results.append(one(family, k, seed, runs, restarts, a.layers.split(";"),
-                                   a.features.split(","), a.l2s))
+                                   a.features.split(","),
+                                   [None if x == "default" else x for x in a.l2s.split(";")]))
                 write(a.out, results, command)
     return 0
 
