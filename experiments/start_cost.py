@@ -2,7 +2,7 @@
 
     .venv/bin/python experiments/start_cost.py [--families linear,contextual,order,lead_topic]
         [--types 3] [--seeds 0,1,2] [--restarts 8,4,2] [--layers "middle,embeddings;middle"]
-        [--out docs/start_cost.json]
+        [--features auto,language] [--l2s "default;1,0.1,0.01"] [--out docs/start_cost.json]
 
 The default start alone (`em.init=kmeans`, `em.init_features=auto`: five candidate feature
 sets, each a linear Plackett-Luce mixture from `em.init_restarts` starts walked down the L2
@@ -27,6 +27,7 @@ others (`;` between paths, `default` for that one), each run at every `--restart
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -80,7 +81,7 @@ def one(family: str, k: int, seed: int, runs: str, restarts: list[int],
             cands, mask = st.feature_candidates(feat, records, ui, num_users, lambda: reps)
             for make in cands.values():   # built (and cached) before any timing
                 make()
-            for r, path in [(r, path) for r in restarts for path in l2s]:
+            for r, path in itertools.product(restarts, l2s):
                 c = load_config(None, [*sets, f"em.init_restarts={r}", f"em.init_features={feat}",
                                        *([f"em.init_l2=[{path}]"] if path else [])])
                 info: dict = {}
