@@ -37,6 +37,7 @@ SETTINGS = {
     "learning rate 3e-4": ["dpo.learning_rate=3e-4"],
     "beta 4": ["dpo.beta=4"],
     "beta 0.25": ["dpo.beta=0.25"],
+    "beta 0.1": ["dpo.beta=0.1"],
     "LoRA rank 2": ["model.lora.r=2", "model.lora.alpha=4"],
     "weight decay 1": ["dpo.weight_decay=1.0"],
     "SFT term 0.5": ["dpo.sft_weight=0.5"],
