@@ -4,8 +4,8 @@
         [--types 3] [--seeds 0,1,2] [--restarts 8,4,2] [--layers "middle,embeddings;middle"]
         [--features auto,language] [--l2s "default;1,0.1,0.01"] [--out docs/start_cost.json]
 
-The default start alone (`em.init=kmeans`, `em.init_features=auto`: five candidate feature
-sets, each a linear Plackett-Luce mixture from `em.init_restarts` starts walked down the L2
+The start alone (`em.init=kmeans`; at the default `em.init_features=auto`, five candidate
+feature sets, each a linear Plackett-Luce mixture from `em.init_restarts` starts walked down the L2
 path, the chosen one refitted on every record, then split-and-merge), on the data and SFT
 references of `make starts` (built here when missing; 300 users, 10 rankings of 3, shares
 0.5/0.3/0.2; with `--types 4`, `make num-types`' shares 0.4/0.3/0.2/0.1), once per number
