@@ -1,7 +1,7 @@
 """`make policies-serve-types`: does each type's policy write what that type prefers?
 
     .venv/bin/python experiments/policies_serve_types.py [--seeds 0 1] [--prompts 48]
-        [--samples 16]
+        [--samples 16] [--set KEY=VALUE] [--reuse]
 
 For each typed set and seed: synthesise users, `emdpo-ray train` with the demo's config
 (SFT reference, EM-DPO, MMRA; `--prompts` held-out prompts x `--samples` samples per
@@ -17,7 +17,9 @@ type (report/generations.py).
 Also each type's true regret (in its true reward, against its own policy) when an unknown
 user is served by MMRA's mixture, the uniform one, the learned shares (eta), the single-DPO
 policy or the reference: the largest over types, with its interval over resampled prompts and
-its paired difference from uniform's.
+its paired difference from uniform's, and how closely the regrets MMRA solved for (its
+estimated log-ratio rewards) track the true ones: their Pearson correlation over every type
+and rival policy ("fidelity").
 
 Writes docs/policies_serve_types.json, .md (the README's tables) and .png.
 """
@@ -52,15 +54,37 @@ def make_data(name: str, seed: int, path: str) -> int:
     return 4
 
 
-def run_one(name: str, seed: int, out: str, extra: list[str]) -> dict:
+def text_quality(run: str) -> dict:
+    """Per policy, over its generations: the share of words in the synthetic data's vocabulary
+    and the share of generations holding a broken character (U+FFFD or a control character,
+    from sampling a partial UTF-8 sequence): how far sampling strays from the data's text."""
+    import re
+
+    from emdpo_ray.data import synth
+
+    vocab = (set(synth.FILLER) | synth.ALL_TOPICS
+             | {w.lower() for ws in synth.WORDS.values() for w in ws})
+    rows = [json.loads(line) for line in open(os.path.join(run, "mmra_samples.jsonl"))]
+    out = {}
+    for pol in sorted({r["policy"] for r in rows}):
+        texts = [r["text"] for r in rows if r["policy"] == pol]
+        words = [w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t)]
+        out[pol] = {"in_vocabulary": float(np.mean([w in vocab for w in words])) if words else 0.0,
+                    "broken": float(np.mean([bool(re.search(r"[\ufffd\x00-\x08\x0b-\x1f]", t))
+                                             for t in texts]))}
+    return out
+
+
+def run_one(name: str, seed: int, out: str, extra: list[str], reuse: bool = False) -> dict:
     data = os.path.join(out, f"{name}-{seed}.jsonl")
     run = os.path.join(out, f"{name}-{seed}")
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     k = make_data(name, seed, data)
-    subprocess.run([f"{BIN}/emdpo-ray", "train", "--data", data, "--types", str(k), "--out", run,
-                    "--config", os.path.join(REPO, "jobs", "demo.yaml"), "--overwrite",
-                    "--set", f"seed={seed}", *extra, "--format", "json"],
-                   check=True, env=env, capture_output=True)
+    if not (reuse and os.path.exists(os.path.join(run, "mmra_samples.jsonl"))):
+        subprocess.run([f"{BIN}/emdpo-ray", "train", "--data", data, "--types", str(k), "--out", run,
+                        "--config", os.path.join(REPO, "jobs", "demo.yaml"), "--overwrite",
+                        "--set", f"seed={seed}", *extra, "--format", "json"],
+                       check=True, env=env, capture_output=True)
     p = subprocess.run([f"{BIN}/emdpo-ray", "eval", "--run", run, "--data", data, "--format",
                         "json"], check=True, env=env, capture_output=True, text=True)
     ev = json.loads(p.stdout)
@@ -85,7 +109,8 @@ def run_one(name: str, seed: int, out: str, extra: list[str]) -> dict:
                                        if key in v}
                                 for name, v in ev["true_regret"].items()
                                 if name in ("mmra", "uniform", "eta", "single_dpo", "reference")},
-            "types_served": gen["types_served"]}
+            "regret_fidelity": (gen.get("regret_fidelity") or {}).get("pearson"),
+            "text": text_quality(run), "types_served": gen["types_served"]}
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -136,7 +161,8 @@ def tables(results: list[dict]) -> str:
             + ", ".join(map(_ci, r["own_minus_single_dpo"], r["own_minus_single_dpo_ci"])) + " |")
     names = ["mmra", "uniform", "eta", "single_dpo", "reference"]
     out += ["", "| typed set (seed) | MMRA weights | MMRA | uniform | eta | single DPO | reference "
-            "| MMRA - uniform (paired) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| MMRA - uniform (paired) | fidelity |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         t = r["true_max_regret"]
         cells = [f"{t[n]['max_regret']:.2f} [{t[n]['max_regret_ci'][0]:.2f}, "
@@ -144,7 +170,36 @@ def tables(results: list[dict]) -> str:
         diff = t["mmra"]["max_regret"] - t["uniform"]["max_regret"]
         out.append(f"| {r['set']} ({r['seed']}) | "
                    + ", ".join(f"{w:.2f}" for w in r["mmra_weights"]) + " | " + " | ".join(cells)
-                   + f" | {_ci(diff, t['mmra']['max_regret_minus_uniform_ci'])} |")
+                   + f" | {_ci(diff, t['mmra']['max_regret_minus_uniform_ci'])} | "
+                   + ("-" if r.get("regret_fidelity") is None else f"{r['regret_fidelity']:.2f}")
+                   + " |")
+    return "\n".join(out) + "\n"
+
+
+def compare(files: list[str], labels: list[str]) -> str:
+    """One row per setting, typed set and seed, from several runs of this script."""
+    out = ["| setting | typed set (seed) | ARI | types served (intervals apart) | own - reference, "
+           "mean over types | MMRA - uniform, largest true regret [paired] | fidelity | "
+           "MMRA, worst type: true reward - reference's | type policies' words in the "
+           "vocabulary, generations broken |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for f, label in zip(files, labels):
+        for r in json.load(open(f)):
+            t = r["true_max_regret"]
+            diff = t["mmra"]["max_regret"] - t["uniform"]["max_regret"]
+            own = [v for n, v in r["text"].items() if n.startswith("type_")]
+            fid = r.get("regret_fidelity")
+            R = np.asarray(r["reward"])
+            mix = R[:, :r["types"]] @ np.asarray(r["mmra_weights"])
+            worst = (mix - R[:, r["policies"].index("reference")]).min()
+            out.append(
+                f"| {label} | {r['set']} ({r['seed']}) | {r['ari']:.3f} | {r['types_served']} of "
+                f"{r['types']} ({sum(r['own_is_best_separated'])}) | "
+                f"{np.mean(r['own_minus_reference']):+.2f} | "
+                f"{_ci(diff, t['mmra']['max_regret_minus_uniform_ci'])} | "
+                + ("-" if fid is None else f"{fid:.2f}") + f" | {worst:+.2f} | "
+                f"{np.mean([v['in_vocabulary'] for v in own]):.2f}, "
+                f"{np.mean([v['broken'] for v in own]):.2f} |")
     return "\n".join(out) + "\n"
 
 
@@ -159,7 +214,15 @@ def main() -> int:
                    help="a config override for every run, as in `emdpo-ray train --set`")
     p.add_argument("--json", default=os.path.join(REPO, "docs", "policies_serve_types.json"),
                    help="where the figures go (the plot goes beside it, .png)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep runs already trained under --out (evaluate them again only)")
+    p.add_argument("--compare", nargs="+", metavar="LABEL=JSON",
+                   help="print one table over earlier runs' JSON files instead of running")
     a = p.parse_args()
+    if a.compare:
+        labels, files = zip(*(c.split("=", 1) for c in a.compare))
+        print(compare(list(files), list(labels)), end="")
+        return 0
     extra = [arg for key, v in (("mmra.num_prompts", a.prompts),
                                 ("mmra.samples_per_prompt", a.samples)) if v is not None
              for arg in ("--set", f"{key}={v}")]
@@ -168,7 +231,7 @@ def main() -> int:
     results = []
     for name in a.sets:
         for seed in a.seeds:
-            r = run_one(name, seed, a.out, extra)
+            r = run_one(name, seed, a.out, extra, a.reuse)
             results.append(r)
             print(f"{name} seed {seed}: ARI {r['ari']:.3f}, own policy best for "
                   f"{r['types_served']}/{r['types']} types (intervals apart for "

@@ -286,6 +286,12 @@ def test_eval_reward_matrix_of_generations(finished_run, synth_data):
     assert gen["types_served"] == sum(gen["own_is_best"])
     assert os.path.exists(os.path.join(run, "plots", "rewards.png"))
     assert json.load(open(os.path.join(run, "eval.json")))["generations"]["reward"] == gen["reward"]
+    # the LP's regrets (mmra.json's L) against the true ones of the same generations
+    from emdpo_ray.report.generations import regret_fidelity
+
+    fid = gen["regret_fidelity"]
+    assert fid == regret_fidelity(RunDir(run).mmra()["L"], R, np.asarray(out["match"]))
+    assert fid["pairs"] == 6 and -1 <= fid["pearson"] <= 1
 
 
 

@@ -10,7 +10,9 @@ Prints JSON with
   their own policy serves (report/generations.py); plots/rewards.png;
 - `true_regret`: each true type's regret against its own policy under the true reward, for
   MMRA and every baseline, from the same generations; the largest over types with its
-  interval over resampled prompts, and its paired difference from the uniform mixture's.
+  interval over resampled prompts, and its paired difference from the uniform mixture's;
+  `generations.regret_fidelity`: how closely the regrets MMRA solved for (its estimated
+  log-ratio rewards) track these true ones.
 
 The result is also written to the run directory (`eval.json`).
 """
@@ -90,7 +92,7 @@ def policy_rewards(rd: RunDir, cfg, records, k: int) -> np.ndarray:
 def generations_report(rd: RunDir, data_path: str, match: np.ndarray, k: int) -> dict | None:
     """report/generations.py on MMRA's samples, when the data has its synthetic sidecar."""
     from emdpo_ray.data import synth
-    from emdpo_ray.report.generations import generation_eval
+    from emdpo_ray.report.generations import generation_eval, regret_fidelity
 
     meta_file = synth.meta_path(data_path)
     samples = rd.mmra_samples()
@@ -101,7 +103,10 @@ def generations_report(rd: RunDir, data_path: str, match: np.ndarray, k: int) ->
                 **{f"policy_{j}": np.eye(k)[j] for j in range(k)}}
     out = generation_eval(samples, read_json(meta_file), match, k, mixtures,
                           seed=rd.config().seed)
-    out["prompt_source"] = (rd.mmra() or {}).get("prompt_source")
+    mm = rd.mmra() or {}
+    out["prompt_source"] = mm.get("prompt_source")
+    if "L" in mm:
+        out["regret_fidelity"] = regret_fidelity(mm["L"], out["reward"], match)
     return out
 
 

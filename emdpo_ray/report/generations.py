@@ -167,3 +167,23 @@ def true_regret(mean: np.ndarray, reps: np.ndarray, own: np.ndarray, k: int,
             out[label]["max_regret_minus_uniform_ci"] = [float(np.nanpercentile(d, lo)),
                                                          float(np.nanpercentile(d, hi))]
     return out
+
+
+def regret_fidelity(L: np.ndarray, mean: np.ndarray, own: np.ndarray) -> dict | None:
+    """How well the LP's estimated regrets track the true ones: the Pearson correlation, over
+    every true type i with an own policy o and every other policy j < K, of the estimate
+    L[o, o] - L[o, j] (type o's log-ratio rewards, mmra.json) with the truth
+    mean[i, o] - mean[i, j]. MMRA can only be as good as this; None with under 3 pairs."""
+    L, mean, own = np.asarray(L, float), np.asarray(mean, float), np.asarray(own)
+    k = len(L)
+    est, true = [], []
+    for i, o in enumerate(own):
+        if o < 0:
+            continue
+        for j in range(k):
+            if j != o:
+                est.append(L[o, o] - L[o, j])
+                true.append(mean[i, o] - mean[i, j])
+    if len(est) < 3 or np.std(est) == 0 or np.std(true) == 0:
+        return None
+    return {"pearson": float(np.corrcoef(est, true)[0, 1]), "pairs": len(est)}

@@ -121,3 +121,26 @@ def test_true_regret_max_and_its_paired_interval_against_uniform_by_hand():
     # policy 0 alone: type 1 loses all of its 2 on both replicates; minus uniform: 1, then 0
     assert out["policy_0"]["regret"] == [0.0, 2.0] and out["policy_0"]["max_regret_ci"] == [2.0, 2.0]
     assert out["policy_0"]["max_regret_minus_uniform_ci"] == [0.0, 1.0]
+
+
+def test_regret_fidelity_by_hand():
+    from emdpo_ray.report.generations import regret_fidelity
+
+    # 2 learned types; true type 0 owns policy 1, true type 1 owns policy 0
+    L = np.array([[3.0, 1.0],    # type 0's estimate: policy 1 costs it 2
+                  [0.0, 4.0]])   # type 1's estimate: policy 0 costs it 4
+    mean = np.array([[0.0, 5.0, 9.0],    # true type 0: own policy 1 (5), policy 0 costs 5
+                     [7.0, 6.0, 9.0]])   # true type 1: own policy 0 (7), policy 1 costs 1
+    # pairs (estimate, truth): type 0 owns 1: (4 - 0, 5 - 0) = (4, 5); type 1 owns 0:
+    # (3 - 1, 7 - 6) = (2, 1); with a third type the correlation is defined
+    assert regret_fidelity(L, mean, np.array([1, 0])) is None   # 2 pairs: no correlation
+    L3 = np.array([[3.0, 1.0, 0.0], [0.0, 4.0, 1.0], [0.0, 0.0, 2.0]])
+    mean3 = np.array([[4.0, 2.0, 1.0], [0.0, 3.0, 3.0], [1.0, 1.0, 1.0]])
+    # estimates (type o, policy j): (0,1) 2, (0,2) 3, (1,0) 4, (1,2) 3, (2,0) 2, (2,1) 2
+    # truths: 2, 3, 3, 0, 0, 0 -> Pearson of these six pairs
+    got = regret_fidelity(L3, mean3, np.array([0, 1, 2]))
+    est, true = [2, 3, 4, 3, 2, 2], [2, 3, 3, 0, 0, 0]
+    assert got["pairs"] == 6
+    np.testing.assert_allclose(got["pearson"], np.corrcoef(est, true)[0, 1])
+    # a type with no own policy adds no pair
+    assert regret_fidelity(L3, mean3, np.array([0, -1, 2]))["pairs"] == 4
