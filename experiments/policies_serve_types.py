@@ -176,13 +176,29 @@ def tables(results: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def true_l_bound(R: np.ndarray, policies: list[str], own: list, k: int) -> float | None:
+    """The largest true regret of MMRA solved on the true rewards of the same generations
+    (in-sample: a bound on what a faithful L could reach); None unless every learned type
+    is some true type's own policy."""
+    from emdpo_ray.core.mmra import solve
+
+    rows = {policies.index(o): i for i, o in enumerate(own) if o}
+    if sorted(rows) != list(range(k)):
+        return None
+    true_l = np.array([R[rows[j], :k] for j in range(k)])
+    w = solve(true_l).weights
+    regret = [R[i, policies.index(o)] - R[i, :k] @ w for i, o in enumerate(own) if o]
+    return float(max(0.0, max(regret)))
+
+
 def compare(files: list[str], labels: list[str]) -> str:
     """One row per setting, typed set and seed, from several runs of this script."""
     out = ["| setting | typed set (seed) | ARI | types served (intervals apart) | own - reference, "
            "mean over types | MMRA - uniform, largest true regret [paired] | fidelity | "
+           "largest true regret: MMRA, MMRA solved on the true regrets | "
            "MMRA, worst type: true reward - reference's | type policies' words in the "
            "vocabulary, generations broken |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for f, label in zip(files, labels):
         for r in json.load(open(f)):
             t = r["true_max_regret"]
@@ -192,12 +208,14 @@ def compare(files: list[str], labels: list[str]) -> str:
             R = np.asarray(r["reward"])
             mix = R[:, :r["types"]] @ np.asarray(r["mmra_weights"])
             worst = (mix - R[:, r["policies"].index("reference")]).min()
+            bound = true_l_bound(R, r["policies"], r["own_policy"], r["types"])
             out.append(
                 f"| {label} | {r['set']} ({r['seed']}) | {r['ari']:.3f} | {r['types_served']} of "
                 f"{r['types']} ({sum(r['own_is_best_separated'])}) | "
                 f"{np.mean(r['own_minus_reference']):+.2f} | "
                 f"{_ci(diff, t['mmra']['max_regret_minus_uniform_ci'])} | "
-                + ("-" if fid is None else f"{fid:.2f}") + f" | {worst:+.2f} | "
+                + ("-" if fid is None else f"{fid:.2f}") + f" | {t['mmra']['max_regret']:.2f}, "
+                + ("-" if bound is None else f"{bound:.2f}") + f" | {worst:+.2f} | "
                 f"{np.mean([v['in_vocabulary'] for v in own]):.2f}, "
                 f"{np.mean([v['broken'] for v in own]):.2f} |")
     return "\n".join(out) + "\n"

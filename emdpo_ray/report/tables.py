@@ -145,5 +145,9 @@ def evaluation(ev: dict) -> list[Table]:
             r.add_row(name, *[_f(x, 2) for x in v["regret"]],
                       _f(v["max_regret"], 2) + (f" {_vec(lo_hi)}" if lo_hi else ""),
                       _vec(vs) if vs else "-")
+        fid = (ev.get("generations") or {}).get("regret_fidelity")
+        if fid:
+            r.caption = (f"L's regrets against these true ones: Pearson {fid['pearson']:.2f} "
+                         f"over {fid['pairs']} (type, rival policy) pairs")
         out.append(r)
     return out

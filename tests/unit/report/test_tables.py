@@ -32,6 +32,12 @@ def test_eval_table_shows_own_minus_single_dpo_and_what_own_best_means():
     gen2 = {k: v for k, v in gen.items() if not k.startswith("own_minus_single")
             and k != "own_above_single_dpo_paired"}
     assert "own - single_dpo" not in _render({**ev, "generations": gen2})
+    # the true-regret table says how closely L's regrets track the true ones, when known
+    tr = {"uniform": {"regret": [0.5, 0.4], "max_regret": 0.5}}
+    assert "Pearson" not in _render({**ev, "true_regret": tr})
+    fid = {**gen, "regret_fidelity": {"pearson": 0.91, "pairs": 2}}
+    assert "Pearson 0.91 over 2 (type, rival policy) pairs" in _render(
+        {**ev, "true_regret": tr, "generations": fid})
 
 
 def test_training_table_says_whether_each_iterations_types_were_kept():
