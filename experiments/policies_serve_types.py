@@ -233,7 +233,8 @@ def main() -> int:
     p.add_argument("--json", default=os.path.join(REPO, "docs", "policies_serve_types.json"),
                    help="where the figures go (the plot goes beside it, .png)")
     p.add_argument("--reuse", action="store_true",
-                   help="keep runs already trained under --out (evaluate them again only)")
+                   help="keep the runs already trained under --out, whatever their settings, and "
+                        "only evaluate them again")
     p.add_argument("--compare", nargs="+", metavar="LABEL=JSON",
                    help="print one table over earlier runs' JSON files instead of running")
     a = p.parse_args()
