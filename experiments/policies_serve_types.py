@@ -12,7 +12,9 @@ type (report/generations.py).
 - `demo`: the project's own three types (the data of `make demo`), equal shares;
 - `unseen`: four types in unbalanced shares (0.4, 0.3, 0.2, 0.1) whose preferences are
   seeded random directions over the synthetic features, which the project was never tuned
-  on; 160 users.
+  on; 160 users;
+- `order`, `contextual`, `lead_topic` (not by default): the families of `make starts`, drawn
+  as it draws them (300 users, 10 rankings of 3, shares 0.5/0.3/0.2).
 
 Also each type's true regret (in its true reward, against its own policy) when an unknown
 user is served by MMRA's mixture, the uniform one, the learned shares (eta), the single-DPO
@@ -37,12 +39,17 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, ".venv", "bin")
 SETS = ["demo", "unseen"]
+FAMILY_SETS = ["order", "contextual", "lead_topic"]   # as `make starts` draws them
 
 
 def make_data(name: str, seed: int, path: str) -> int:
     """Write the typed set; returns its number of types."""
     from emdpo_ray.data import synth
 
+    if name in FAMILY_SETS:
+        synth.write(path, *synth.generate(users=300, types=3, rankings_per_user=10, seed=seed,
+                                          shares=[0.5, 0.3, 0.2], family=name))
+        return 3
     if name == "demo":
         synth.write(path, *synth.generate(users=90, types=3, rankings_per_user=8, seed=seed))
         return 3
@@ -224,7 +231,7 @@ def compare(files: list[str], labels: list[str]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--sets", nargs="+", default=SETS, choices=SETS)
+    p.add_argument("--sets", nargs="+", default=SETS, choices=SETS + FAMILY_SETS)
     p.add_argument("--out", default=os.path.join(REPO, "runs", "policies-serve-types"))
     p.add_argument("--prompts", type=int, help="held-out prompts (mmra.num_prompts, of 48)")
     p.add_argument("--samples", type=int, help="samples per prompt and policy")
