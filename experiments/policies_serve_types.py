@@ -192,10 +192,8 @@ def true_l_bound(R: np.ndarray, policies: list[str], own: list, k: int) -> float
     rows = {policies.index(o): i for i, o in enumerate(own) if o}
     if sorted(rows) != list(range(k)):
         return None
-    true_l = np.array([R[rows[j], :k] for j in range(k)])
-    w = solve(true_l).weights
-    regret = [R[i, policies.index(o)] - R[i, :k] @ w for i, o in enumerate(own) if o]
-    return float(max(0.0, max(regret)))
+    # row j: the true type whose own policy is j, so the LP's diagonal is its own reward
+    return solve(np.array([R[rows[j], :k] for j in range(k)])).max_regret
 
 
 def compare(files: list[str], labels: list[str]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from emdpo_ray.core.mmra import regret_matrix
 from emdpo_ray.run.rundir import REFERENCE_NAME, SINGLE_DPO, type_name
 
 
@@ -174,15 +175,15 @@ def regret_fidelity(L: np.ndarray, mean: np.ndarray, own: np.ndarray) -> dict | 
     every true type i with an own policy o and every other policy j < K, of the estimate
     L[o, o] - L[o, j] (type o's log-ratio rewards, mmra.json) with the truth
     mean[i, o] - mean[i, j]. MMRA can only be as good as this; None with under 3 pairs."""
-    L, mean, own = np.asarray(L, float), np.asarray(mean, float), np.asarray(own)
-    k = len(L)
+    est_regret, mean = regret_matrix(L), np.asarray(mean, float)
+    k = len(est_regret)
     est, true = [], []
-    for i, o in enumerate(own):
+    for i, o in enumerate(np.asarray(own)):
         if o < 0:
             continue
         for j in range(k):
             if j != o:
-                est.append(L[o, o] - L[o, j])
+                est.append(est_regret[o, j])
                 true.append(mean[i, o] - mean[i, j])
     if len(est) < 3 or np.std(est) == 0 or np.std(true) == 0:
         return None
